@@ -1,0 +1,74 @@
+"""The demo: a ~1M-parameter Llama trained on the embedded Shakespeare corpus on a CPU.
+
+  python train.py --config configs/tiny.py --workdir runs/tiny
+  python eval.py --workdir runs/tiny
+
+On a 2-core CPU this trains in about 5 minutes (plus ~1 minute of compilation and evaluation)
+and reaches about BPB_TBD bits/byte on the 4 held-out plays (a unigram model of the same
+tokens: UNIGRAM_TBD bits/byte). The tokenizer (BPE, byte fallback) is trained on the training
+plays at the start of the run and saved as runs/tiny/tokenizer.model.
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # parameter initialisation
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 1024  # must equal the tokenizer's vocabulary
+  c.model.dim = 128  # D
+  c.model.n_layers = 4  # L
+  c.model.n_heads = 4  # N
+  c.model.n_kv_heads = 2  # K: grouped-query attention
+  c.model.ffw_dim = 384  # F, SwiGLU hidden size
+  c.model.norm_eps = 1e-5  # RMSNorm epsilon
+  c.model.rope_theta = 10000.0  # RoPE base
+  c.model.rope_scaling = None  # or a dict of model.RopeScaling fields (Llama-3.1 style)
+  c.model.tie_embeddings = True  # LM head = embedding transposed
+  c.model.max_seq_len = 256  # longest sequence the model is meant for
+  c.model.dtype = "float32"  # compute dtype ("bfloat16" for mixed precision)
+  c.model.param_dtype = "float32"  # storage dtype of params and optimizer state
+  c.model.scan_layers = True  # lax.scan over layers (fast compile) instead of unrolling
+  c.model.remat = "none"  # rematerialisation policy: none, full, save_dots, ...
+  c.model.init_std = 0.02  # std of the normal initialisation (output projections / sqrt(2L))
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train_corpus = "shakespeare:train"  # corpus spec (see llama_jax/corpus.py)
+  c.data.eval_corpus = "shakespeare:heldout"  # scored by eval.py and the in-training eval
+  c.data.tokenizer_path = ""  # a tokenizer file; "" trains one on train_corpus into the workdir
+  c.data.seq_len = 256  # T, tokens per training window
+  c.data.batch_size = 32  # global batch size B (windows per step, all processes together)
+  c.data.shuffle_seed = 0  # window order; a new permutation each epoch
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 3e-3  # peak learning rate
+  c.optim.warmup_steps = 50  # linear warmup from 0
+  c.optim.min_lr_ratio = 0.1  # cosine decays to learning_rate * min_lr_ratio at train.steps
+  c.optim.b1 = 0.9  # AdamW
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.1  # not applied to norms and the embedding
+  c.optim.grad_clip = 1.0  # global-norm clipping
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000  # total optimizer steps
+  c.train.grad_accum_steps = 1  # micro-batches per step (data.batch_size must divide evenly)
+  c.train.log_every = 50  # steps between log lines / metrics.jsonl train events
+  c.train.eval_every = 0  # steps between held-out evaluations (0: only at the end)
+  c.train.checkpoint_every = 500  # steps between checkpoints (and one at the end)
+  c.train.keep_checkpoints = 3  # newest checkpoints kept
+  c.train.async_checkpoint = True  # save in the background while training goes on
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1  # data-parallel replicas
+  c.mesh.fsdp = -1  # params and optimizer state sharded over this axis (-1: all other devices)
+  c.mesh.tensor = 1  # heads / ffw / vocab split over this axis
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.prompt = "ROMEO.\n"  # printed continuation at the end of training
+  c.sample.max_new_tokens = 200
+  c.sample.temperature = 0.8  # 0: greedy
+  c.sample.seed = 0
+  return c

@@ -1,0 +1,74 @@
+"""From the training config (ml_collections) to the objects it describes, and its checks.
+
+Every check here runs before anything is compiled and raises ConfigError with one line
+naming the culprit (config key, file or sizes).
+"""
+
+import dataclasses
+import os
+
+import ml_collections
+
+from llama_jax import model as model_lib
+
+
+class ConfigError(ValueError):
+  """Bad input named in one line; entry points print it and exit non-zero."""
+
+
+def llama_config(model_config: ml_collections.ConfigDict) -> model_lib.LlamaConfig:
+  """LlamaConfig from `config.model` (a ConfigDict or a dict)."""
+  fields = dict(model_config)
+  known = {f.name for f in dataclasses.fields(model_lib.LlamaConfig)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ConfigError(f"config.model.{unknown[0]} is not a LlamaConfig field")
+  scaling = fields.get("rope_scaling")
+  if scaling is not None:
+    try:
+      fields["rope_scaling"] = model_lib.RopeScaling(**dict(scaling))
+    except TypeError as e:
+      raise ConfigError(f"config.model.rope_scaling: {e}") from None
+  try:
+    return model_lib.LlamaConfig(**fields)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(str(e)) from None
+
+
+def model_config_dict(config: model_lib.LlamaConfig) -> ml_collections.ConfigDict:
+  """The inverse of `llama_config`: `config.model` for a LlamaConfig (e.g. a preset)."""
+  fields = dataclasses.asdict(config)
+  return ml_collections.ConfigDict(fields)
+
+
+def check_workdir(workdir: str):
+  parent = os.path.dirname(os.path.abspath(workdir))
+  if not os.path.isdir(parent):
+    raise ConfigError(f"--workdir {workdir}: parent directory {parent} does not exist")
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int):
+  """Cross-field checks of the training config that need no data and no compilation."""
+  llama = llama_config(config.model)
+  if config.data.seq_len > llama.max_seq_len:
+    raise ConfigError(f"config.data.seq_len={config.data.seq_len} exceeds "
+                      f"config.model.max_seq_len={llama.max_seq_len}")
+  for key in ("train.steps", "data.batch_size", "data.seq_len", "train.grad_accum_steps",
+              "train.log_every", "train.checkpoint_every"):
+    section, name = key.split(".")
+    if config[section][name] < 1:
+      raise ConfigError(f"config.{key}={config[section][name]} must be >= 1")
+  k = config.train.grad_accum_steps
+  if config.data.batch_size % k:
+    raise ConfigError(f"config.data.batch_size={config.data.batch_size} is not divisible by "
+                      f"config.train.grad_accum_steps={k}")
+  path = config.data.tokenizer_path
+  if path and not os.path.isfile(path):
+    raise ConfigError(f"config.data.tokenizer_path: tokenizer file not found: {path}")
+  return llama
+
+
+def check_vocab(tokenizer, llama: model_lib.LlamaConfig, source: str):
+  if tokenizer.vocab_size != llama.vocab_size:
+    raise ConfigError(f"tokenizer {source} has vocab size {tokenizer.vocab_size}, but "
+                      f"config.model.vocab_size={llama.vocab_size}")

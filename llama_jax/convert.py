@@ -1,0 +1,428 @@
+"""Hugging Face Llama checkpoints <-> our params (the pure dict of `nnx.state(model, nnx.Param)`).
+
+  config, params = from_hf("Llama-3.2-1B")          # a dir with config.json + *.safetensors
+  to_hf(config, params, "out_dir", dtype="bfloat16")  # loads in LlamaForCausalLM.from_pretrained
+
+Only reshapes and transposes are needed: model.py uses HF's rotate-half RoPE layout, so the
+q/k projections are not permuted. Conversion streams one tensor at a time into (or out of)
+preallocated stacked arrays, so peak host memory stays near one copy of the model. Needs
+numpy, ml_dtypes and safetensors, not torch.
+"""
+
+import dataclasses
+import glob
+import json
+import os
+from typing import Callable
+
+import ml_dtypes  # registers bfloat16 with numpy: safetensors' numpy reader needs it
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from llama_jax.model import LlamaConfig, RopeScaling
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+          "float16": np.dtype(np.float16)}
+# Tensors some HF checkpoints carry that hold no weights (old transformers saved RoPE buffers).
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
+  """Our config from an HF config.json dict; `overrides` replace compute fields (dtype...)."""
+  if hf.get("model_type") != "llama":
+    raise ValueError(f"config.json has model_type={hf.get('model_type')!r}, expected 'llama'")
+  for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads"):
+    if key not in hf:
+      raise ValueError(f"config.json lacks {key!r}")
+  _check_unsupported(hf)
+  dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
+  head_dim = hf.get("head_dim") or dim // n_heads
+  if head_dim * n_heads != dim:
+    raise ValueError(f"config.json head_dim={head_dim} != hidden_size / num_attention_heads "
+                     f"= {dim} / {n_heads}: a decoupled head dim is not supported")
+  max_seq_len = hf.get("max_position_embeddings", 2048)
+  theta, scaling = _rope_from_hf(hf, max_seq_len)
+  config = LlamaConfig(
+      vocab_size=hf["vocab_size"],
+      dim=dim,
+      n_layers=hf["num_hidden_layers"],
+      n_heads=n_heads,
+      n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+      ffw_dim=hf["intermediate_size"],
+      norm_eps=hf.get("rms_norm_eps", 1e-6),  # HF's default when absent
+      rope_theta=theta,
+      rope_scaling=scaling,
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      max_seq_len=max_seq_len,
+  )
+  return _replace(config, overrides)
+
+
+def _check_unsupported(hf: dict):
+  """Rejects Llama variants model.py does not compute, rather than converting them wrongly."""
+  if hf.get("hidden_act", "silu") != "silu":
+    raise ValueError(f"config.json hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
+  for key in ("attention_bias", "mlp_bias"):
+    if hf.get(key):
+      raise ValueError(f"config.json {key}=true is not supported (model.py has no biases)")
+
+
+def _rope_from_hf(hf: dict, max_seq_len: int) -> tuple[float, RopeScaling | None]:
+  """(theta, scaling) from either transformers 5's `rope_parameters` or 4's `rope_scaling`.
+
+  Like transformers, a non-null `rope_scaling` wins over `rope_parameters`; theta may sit
+  inside either dict or at the top level.
+  """
+  rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+  key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+  theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type == "default":
+    return theta, None
+  if rope_type != "llama3":
+    raise ValueError(f"config.json {key} has rope_type={rope_type!r}: only 'default' and "
+                     "'llama3' are supported")
+  for field in ("factor", "low_freq_factor", "high_freq_factor"):
+    if field not in rope:
+      raise ValueError(f"config.json {key} (rope_type 'llama3') lacks {field!r}")
+  scaling = RopeScaling(
+      factor=float(rope["factor"]),
+      low_freq_factor=float(rope["low_freq_factor"]),
+      high_freq_factor=float(rope["high_freq_factor"]),
+      original_max_seq_len=int(rope.get("original_max_position_embeddings", max_seq_len)),
+  )
+  return theta, scaling
+
+
+def config_to_hf(config: LlamaConfig, **extra) -> dict:
+  """The HF config.json dict of `config`; `extra` adds or replaces fields (bos_token_id...).
+
+  Both spellings of RoPE are written: `rope_parameters` for transformers >= 5 and
+  `rope_theta` + `rope_scaling` for transformers 4.
+  """
+  c = config
+  rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+  scaling = None
+  if c.rope_scaling is not None:
+    s = c.rope_scaling
+    scaling = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+               "high_freq_factor": s.high_freq_factor,
+               "original_max_position_embeddings": s.original_max_seq_len}
+    rope = {**scaling, "rope_theta": c.rope_theta}
+  hf = {
+      "architectures": ["LlamaForCausalLM"],
+      "model_type": "llama",
+      "vocab_size": c.vocab_size,
+      "hidden_size": c.dim,
+      "intermediate_size": c.ffw_dim,
+      "num_hidden_layers": c.n_layers,
+      "num_attention_heads": c.n_heads,
+      "num_key_value_heads": c.n_kv_heads,
+      "head_dim": c.head_dim,
+      "hidden_act": "silu",
+      "max_position_embeddings": c.max_seq_len,
+      "rms_norm_eps": c.norm_eps,
+      "rope_theta": c.rope_theta,
+      "rope_scaling": scaling,
+      "rope_parameters": rope,
+      "tie_word_embeddings": c.tie_embeddings,
+      "attention_bias": False,
+      "mlp_bias": False,
+  }
+  hf.update(extra)
+  return hf
+
+
+def _replace(config: LlamaConfig, overrides: dict) -> LlamaConfig:
+  names = {f.name for f in dataclasses.fields(LlamaConfig)}
+  unknown = sorted(set(overrides) - names)
+  if unknown:
+    raise ValueError(f"unknown LlamaConfig field(s) {unknown}; fields are {sorted(names)}")
+  return dataclasses.replace(config, **overrides)
+
+
+# ---------------------------------------------------------------------------- names and layouts
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mapping:
+  """One HF tensor <-> one of our params (or one layer of a stacked param)."""
+
+  hf_name: str
+  path: tuple[str, ...]  # key path in our params pure dict
+  layer: int | None  # index into the leading L axis of a stacked param
+  hf_shape: tuple[int, ...]
+  to_ours: Callable  # HF array -> our layout (a view, no copy)
+  to_hf: Callable  # our layout -> HF array (a view, no copy)
+
+
+def _mappings(config: LlamaConfig) -> list[_Mapping]:
+  """Every HF tensor of `config`'s model, in the order HF checkpoints list them."""
+  V, D, F = config.vocab_size, config.dim, config.ffw_dim
+  N, K, H = config.n_heads, config.n_kv_heads, config.head_dim
+  # HF Linear weights are (out, in); heads are the outer factor of the flattened N*H axis.
+  def heads_in(n):  # (n*H, D) <-> (D, n, H)
+    return (lambda w: w.reshape(n, H, D).transpose(2, 0, 1),
+            lambda p: p.transpose(1, 2, 0).reshape(n * H, D))
+  heads_out = (lambda w: w.reshape(D, N, H).transpose(1, 2, 0),  # (D, N*H) <-> (N, H, D)
+               lambda p: p.transpose(2, 0, 1).reshape(D, N * H))
+  same = (lambda w: w, lambda p: p)
+  transposed = (lambda w: w.T, lambda p: p.T)
+
+  maps = [_Mapping("model.embed_tokens.weight", ("embed_VD",), None, (V, D), *same)]
+  per_layer = [
+      ("self_attn.q_proj.weight", ("attn", "wq_DNH"), (N * H, D), heads_in(N)),
+      ("self_attn.k_proj.weight", ("attn", "wk_DKH"), (K * H, D), heads_in(K)),
+      ("self_attn.v_proj.weight", ("attn", "wv_DKH"), (K * H, D), heads_in(K)),
+      ("self_attn.o_proj.weight", ("attn", "wo_NHD"), (D, N * H), heads_out),
+      ("mlp.gate_proj.weight", ("mlp", "w_gate_DF"), (F, D), transposed),
+      ("mlp.up_proj.weight", ("mlp", "w_up_DF"), (F, D), transposed),
+      ("mlp.down_proj.weight", ("mlp", "w_down_FD"), (D, F), transposed),
+      ("input_layernorm.weight", ("attn_norm", "scale"), (D,), same),
+      ("post_attention_layernorm.weight", ("mlp_norm", "scale"), (D,), same),
+  ]
+  for i in range(config.n_layers):
+    for suffix, path, shape, (to_ours, to_hf) in per_layer:
+      maps.append(_Mapping(f"model.layers.{i}.{suffix}", ("blocks", *path), i, shape, to_ours, to_hf))
+  maps.append(_Mapping("model.norm.weight", ("final_norm", "scale"), None, (D,), *same))
+  if not config.tie_embeddings:
+    maps.append(_Mapping("lm_head.weight", ("lm_head_DV",), None, (V, D), *transposed))
+  return maps
+
+
+def _param_shapes(config: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Shape of every param of our model, by key path, from the abstract model (no memory)."""
+  import jax
+  from flax import nnx
+  from llama_jax import model as model_lib
+
+  state = nnx.to_pure_dict(nnx.state(model_lib.abstract_model(config), nnx.Param))
+  flat = jax.tree_util.tree_flatten_with_path(state)[0]
+  return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+# ---------------------------------------------------------------------------- HF -> ours
+
+
+def from_hf(hf_dir: str, **overrides) -> tuple[LlamaConfig, dict]:
+  """Reads an HF Llama checkpoint dir: (config, params pure dict of numpy arrays).
+
+  Params come out in `config.param_dtype` (float32 unless overridden, e.g.
+  param_dtype="bfloat16"), on the host, so a caller can `jax.device_put` them with whatever
+  sharding it wants. Every name and shape is checked before anything big is allocated.
+  """
+  config = config_from_hf(read_hf_config(hf_dir), **overrides)
+  tensors = _index_tensors(hf_dir)  # hf name -> (file, shape)
+  maps = _mappings(config)
+  _check_tensors(config, maps, tensors)
+
+  dtype = DTYPES[_dtype_name(config.param_dtype)]
+  params = {}
+  for path, shape in _param_shapes(config).items():
+    _set(params, path, np.empty(shape, dtype))
+  by_file = {}
+  for m in maps:
+    by_file.setdefault(tensors[m.hf_name][0], []).append(m)
+  for file, file_maps in by_file.items():
+    with _open(file) as f:
+      for m in file_maps:
+        dst = _get(params, m.path)
+        if m.layer is not None:
+          dst = dst[m.layer]
+        # One source tensor is alive at a time; the cast happens during the copy.
+        dst[...] = m.to_ours(f.get_tensor(m.hf_name))
+  return config, params
+
+
+def from_hf_model(hf_dir: str, **overrides):
+  """The NNX `Llama` of an HF checkpoint dir (params moved to the default device)."""
+  import jax
+  from flax import nnx
+  from llama_jax import model as model_lib
+
+  config, params = from_hf(hf_dir, **overrides)
+  graphdef, _ = nnx.split(model_lib.abstract_model(config))
+  # Leaf by leaf, dropping each host copy once it is on device, so the two don't coexist.
+  leaves, treedef = jax.tree.flatten(params)
+  del params
+  for i in range(len(leaves)):
+    leaves[i] = jax.device_put(leaves[i])
+  return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+
+def read_hf_config(hf_dir: str) -> dict:
+  if not os.path.isdir(hf_dir):
+    raise FileNotFoundError(f"HF checkpoint dir not found: {hf_dir}")
+  path = os.path.join(hf_dir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{hf_dir} is not an HF checkpoint: no config.json")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _index_tensors(hf_dir: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+  """hf tensor name -> (file, shape), from the safetensors headers only."""
+  index = os.path.join(hf_dir, INDEX_FILE)
+  if os.path.isfile(index):
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    files = sorted({os.path.join(hf_dir, name) for name in weight_map.values()})
+    for file in files:
+      if not os.path.isfile(file):
+        raise FileNotFoundError(f"{INDEX_FILE} in {hf_dir} names {os.path.basename(file)}, "
+                                "which is missing")
+  else:
+    files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+  if not files:
+    others = [n for n in os.listdir(hf_dir) if n.endswith((".bin", ".pth", ".pt"))]
+    hint = f" (found {others}: convert them to safetensors first)" if others else ""
+    raise FileNotFoundError(f"no *.safetensors files in {hf_dir}{hint}")
+  tensors = {}
+  for file in files:
+    with _open(file) as f:
+      for name in f.keys():
+        tensors[name] = (file, tuple(f.get_slice(name).get_shape()))
+  return tensors
+
+
+def _check_tensors(config, maps, tensors):
+  """Every expected tensor present with its shape, nothing unexpected; else name the culprit."""
+  expected = {m.hf_name for m in maps}
+  for m in maps:
+    if m.hf_name not in tensors:
+      raise ValueError(f"checkpoint lacks tensor {m.hf_name!r} (expected shape {m.hf_shape})")
+    shape = tensors[m.hf_name][1]
+    if shape != m.hf_shape:
+      raise ValueError(f"tensor {m.hf_name!r} has shape {shape}, but config.json implies "
+                       f"{m.hf_shape}")
+  # A tied checkpoint may still carry lm_head.weight (a copy of the embedding).
+  allowed = {"lm_head.weight"} if config.tie_embeddings else set()
+  unexpected = sorted(n for n in tensors if n not in expected and n not in allowed
+                      and not n.endswith(IGNORED_SUFFIXES))
+  if unexpected:
+    more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+    raise ValueError(f"checkpoint has tensors this Llama config does not use: "
+                     f"{unexpected[:5]}{more}")
+
+
+def _open(file):
+  # pread copies each tensor into its own buffer: RSS does not grow with mapped file pages.
+  try:
+    return safetensors.safe_open(file, framework="numpy", backend="pread")
+  except TypeError:  # safetensors < 0.8 has no backend argument
+    return safetensors.safe_open(file, framework="numpy")
+
+
+# ---------------------------------------------------------------------------- ours -> HF
+
+
+def to_hf(config: LlamaConfig, params: dict, hf_dir: str, dtype: str | None = None,
+          max_shard_bytes: int = 2 * 2**30, **extra_config) -> list[str]:
+  """Writes config.json and safetensors that `LlamaForCausalLM.from_pretrained` loads.
+
+  params: our pure dict (numpy or jax arrays, stacked over layers). dtype: of the written
+  tensors ("bfloat16", "float16", "float32"); None keeps each param's own dtype.
+  Checkpoints over `max_shard_bytes` are split into shards plus model.safetensors.index.json;
+  only one shard's tensors are materialised at a time. extra_config: more config.json fields,
+  e.g. bos_token_id/eos_token_id of the tokenizer. Returns the files written.
+  """
+  maps = _mappings(config)
+  _check_params(config, params)
+  out_dtype = None if dtype is None else DTYPES[_dtype_name(dtype)]
+
+  def tensor_dtype(m):
+    return out_dtype or np.dtype(_get(params, m.path).dtype)
+
+  def nbytes(m):
+    return int(np.prod(m.hf_shape)) * tensor_dtype(m).itemsize
+
+  shards = _plan_shards(maps, nbytes, max_shard_bytes)
+  os.makedirs(hf_dir, exist_ok=True)
+  names = ([SINGLE_FILE] if len(shards) == 1 else
+           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  for name, shard in zip(names, shards):
+    tensors = {m.hf_name: _hf_tensor(params, m, tensor_dtype(m)) for m in shard}
+    safetensors.numpy.save_file(tensors, os.path.join(hf_dir, name), metadata={"format": "pt"})
+    del tensors
+  written = list(names)
+  if len(shards) > 1:
+    index = {"metadata": {"total_size": sum(nbytes(m) for m in maps)},
+             "weight_map": {m.hf_name: name for name, shard in zip(names, shards) for m in shard}}
+    _write_json(os.path.join(hf_dir, INDEX_FILE), index)
+    written.append(INDEX_FILE)
+  dtypes = {tensor_dtype(m).name for m in maps}
+  hf_config = config_to_hf(config, **({"dtype": dtypes.pop()} if len(dtypes) == 1 else {}))
+  hf_config.update(extra_config)
+  _write_json(os.path.join(hf_dir, "config.json"), hf_config)
+  written.append("config.json")
+  return written
+
+
+def _check_params(config, params):
+  expected = _param_shapes(config)
+  for path, shape in expected.items():
+    try:
+      value = _get(params, path)
+    except (KeyError, TypeError):
+      raise ValueError(f"params lack {'/'.join(path)} (expected shape {shape})") from None
+    if tuple(value.shape) != shape:
+      raise ValueError(f"param {'/'.join(path)} has shape {tuple(value.shape)}, but the config "
+                       f"implies {shape}")
+
+
+def _plan_shards(maps, nbytes, max_shard_bytes):
+  """Consecutive groups of tensors, each under max_shard_bytes unless one tensor is larger."""
+  shards, size = [[]], 0
+  for m in maps:
+    if shards[-1] and size + nbytes(m) > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(m)
+    size += nbytes(m)
+  return shards
+
+
+def _hf_tensor(params, m, dtype):
+  """The HF tensor of mapping m, contiguous, in `dtype`; copies only one layer's slice."""
+  value = _get(params, m.path)
+  if m.layer is not None:
+    value = value[m.layer]
+  value = np.asarray(value)  # a jax array comes to the host one layer at a time
+  return np.ascontiguousarray(m.to_hf(value).astype(dtype, copy=False))
+
+
+def _write_json(path, obj):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _dtype_name(dtype) -> str:
+  name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+  if name not in DTYPES:
+    raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+  return name
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value):
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value

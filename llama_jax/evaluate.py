@@ -1,0 +1,67 @@
+"""Held-out loss, perplexity and bits per byte of a checkpoint.
+
+bits/byte = (total NLL of the document tokens, in bits) / (UTF-8 bytes of the documents), which
+compares models across tokenizers. It needs a lossless tokenizer (decode(encode(x)) == x); the
+ones trained here are, and the count uses the documents' own bytes.
+"""
+
+import json
+import math
+
+import jax
+
+from llama_jax import config_lib
+from llama_jax import corpus
+from llama_jax import data as data_lib
+from llama_jax import metrics as metrics_lib
+
+
+class Evaluator:
+  """Scores params on fixed held-out batches: evaluator(params) -> loss, perplexity, bits/byte."""
+
+  def __init__(self, setup, tok, docs):
+    config = setup.config
+    self._setup = setup
+    ids = tok.encode_batch(docs)
+    self._num_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    batch_size = max(config.data.batch_size // config.train.grad_accum_steps, 1)
+    batches = data_lib.eval_batches(ids, config.data.seq_len, batch_size, tok.bos_id, tok.pad_id)
+    # Each process feeds its rows of every batch.
+    p, n = jax.process_index(), jax.process_count()
+    rows = batch_size // n if batch_size % n == 0 else None
+    if rows is None:
+      raise config_lib.ConfigError(f"eval batch size {batch_size} is not divisible by {n} processes")
+    self._batches = [{k: v[p * rows:(p + 1) * rows] for k, v in b.items()} for b in batches]
+    self._eval_step = setup.jit_eval_step()
+
+  def __call__(self, params) -> dict:
+    nll, count = 0.0, 0.0
+    with jax.set_mesh(self._setup.mesh):
+      for batch in self._batches:
+        batch_nll, batch_count = self._eval_step(params, self._setup.global_batch(batch))
+        nll += float(batch_nll)
+        count += float(batch_count)
+    loss = nll / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(loss),
+            "bits_per_byte": nll / math.log(2) / self._num_bytes, "num_tokens": int(count)}
+
+
+def as_eval_metrics(result: dict) -> dict:
+  return {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"],
+          "eval_bits_per_byte": result["bits_per_byte"], "eval_num_tokens": result["num_tokens"]}
+
+
+def evaluate_checkpoint(workdir: str, step: int | None = None, corpus_spec: str | None = None) -> dict:
+  """Loads WORKDIR's checkpoint (latest by default) and its config, and scores the eval corpus."""
+  from llama_jax import trainer  # the Setup lives with the training loop
+
+  setup, params, tok, step = trainer.load_run(workdir, step)
+  docs = corpus.load_documents(corpus_spec or setup.config.data.eval_corpus)
+  return {"step": int(step), **Evaluator(setup, tok, docs)(params)}
+
+
+def write_json(result: dict, path: str):
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(result, f, indent=2)
+    metrics_lib.log(f"wrote {path}")

@@ -1,0 +1,286 @@
+"""Llama in Flax NNX, top to bottom: RMSNorm, RoPE, Attention, MLP, Block, Llama.
+
+Dimension letters: B batch, T query positions, S key positions, D model, F ffw, N query
+heads, K kv heads, G query heads per kv head (N = K * G), H head dim, L layers, V vocab.
+Parameters are stored in float32 (`param_dtype`) and cast to `dtype` for compute. The
+layers are stored stacked (leading L axis) and run with `jax.lax.scan` or unrolled.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from llama_jax import sharding as sh
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama-3.1 frequency-dependent RoPE scaling."""
+
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_seq_len: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """The architecture, plus how to compute it (dtype, scan, remat)."""
+
+  vocab_size: int
+  dim: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  ffw_dim: int
+  norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  tie_embeddings: bool = False
+  max_seq_len: int = 2048
+  dtype: str = "float32"  # compute dtype of matmuls and activations
+  param_dtype: str = "float32"
+  scan_layers: bool = True  # lax.scan over the stacked layers (fast compile) or unroll
+  remat: str = "none"  # one of REMAT_POLICIES
+  init_std: float = 0.02
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.n_heads
+
+  def __post_init__(self):
+    if self.dim % self.n_heads:
+      raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(
+          f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"head dim {self.head_dim} (model.dim / model.n_heads) must be even for RoPE")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+
+
+# What the backward pass may keep from the forward pass of a block; the rest is recomputed.
+REMAT_POLICIES = {
+    "none": None,  # no remat: keep everything
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_block_inputs": jax.checkpoint_policies.save_only_these_names("block_input"),
+    "save_attn_out": jax.checkpoint_policies.save_only_these_names("block_input", "attn_out"),
+}
+
+
+def _param(rngs, shape, names, std, dtype):
+  """A normally initialised parameter annotated with logical axis names."""
+  value = std * jax.random.normal(rngs.params(), shape, dtype)
+  return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, param_dtype):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(sh.EMBED,),
+                           eager_sharding=False)
+
+  def __call__(self, x_BTD):
+    x = x_BTD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(x_BTD.dtype) * x.astype(x_BTD.dtype)
+
+
+def rope_frequencies(config: LlamaConfig):
+  """Inverse frequencies (H/2,) of the rotary embedding, with Llama-3.1 scaling if set."""
+  H = config.head_dim
+  inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+  s = config.rope_scaling
+  if s is None:
+    return inv_freq
+  # Long wavelengths are slowed down by `factor`, short ones kept, the band between blended.
+  wavelen = 2 * math.pi / inv_freq
+  blend = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (
+      s.high_freq_factor - s.low_freq_factor)
+  blended = (1 - blend) * inv_freq / s.factor + blend * inv_freq
+  low_freq = wavelen > s.original_max_seq_len / s.low_freq_factor
+  high_freq = wavelen < s.original_max_seq_len / s.high_freq_factor
+  return jnp.where(low_freq, inv_freq / s.factor, jnp.where(high_freq, inv_freq, blended))
+
+
+def apply_rope(x_BTNH, positions_BT, inv_freq):
+  """Rotates pairs (x[i], x[i + H/2]) by angle position * inv_freq[i] (the HF layout)."""
+  angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  cos = jnp.cos(angles_BTh)[:, :, None, :].astype(x_BTNH.dtype)
+  sin = jnp.sin(angles_BTh)[:, :, None, :].astype(x_BTNH.dtype)
+  x1, x2 = jnp.split(x_BTNH, 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class Attention(nnx.Module):
+  """Causal self-attention with grouped-query heads (K kv heads shared by G = N/K queries)."""
+
+  def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+    D, N, K, H = config.dim, config.n_heads, config.n_kv_heads, config.head_dim
+    std, out_std, pd = config.init_std, config.init_std / math.sqrt(2 * config.n_layers), config.param_dtype
+    self.config = config
+    self.wq_DNH = _param(rngs, (D, N, H), (sh.EMBED, sh.HEADS, sh.HEAD_DIM), std, pd)
+    self.wk_DKH = _param(rngs, (D, K, H), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), std, pd)
+    self.wv_DKH = _param(rngs, (D, K, H), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), std, pd)
+    self.wo_NHD = _param(rngs, (N, H, D), (sh.HEADS, sh.HEAD_DIM, sh.EMBED), out_std, pd)
+
+  def __call__(self, x_BTD, positions_BT, mask_BTS):
+    c = self.config
+    dt = x_BTD.dtype
+    q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...].astype(dt))
+    k_BSKH = jnp.einsum("BSD,DKH->BSKH", x_BTD, self.wk_DKH[...].astype(dt))
+    v_BSKH = jnp.einsum("BSD,DKH->BSKH", x_BTD, self.wv_DKH[...].astype(dt))
+    inv_freq = rope_frequencies(c)
+    q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
+    k_BSKH = apply_rope(k_BSKH, positions_BT, inv_freq)
+
+    B, T, N, H = q_BTNH.shape
+    K = c.n_kv_heads
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)  # query head n uses kv head n // G
+    scores_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH).astype(jnp.float32)
+    scores_BKGTS = scores_BKGTS / math.sqrt(H)
+    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dt)
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+    out_BTNH = out_BTKGH.reshape(B, T, N, H)
+    return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.wo_NHD[...].astype(dt))
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+    D, F, pd = config.dim, config.ffw_dim, config.param_dtype
+    std, out_std = config.init_std, config.init_std / math.sqrt(2 * config.n_layers)
+    self.w_gate_DF = _param(rngs, (D, F), (sh.EMBED, sh.MLP), std, pd)
+    self.w_up_DF = _param(rngs, (D, F), (sh.EMBED, sh.MLP), std, pd)
+    self.w_down_FD = _param(rngs, (F, D), (sh.MLP, sh.EMBED), out_std, pd)
+
+  def __call__(self, x_BTD):
+    dt = x_BTD.dtype
+    gate_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.w_gate_DF[...].astype(dt))
+    up_BTF = jnp.einsum("BTD,DF->BTF", x_BTD, self.w_up_DF[...].astype(dt))
+    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_BTF) * up_BTF, self.w_down_FD[...].astype(dt))
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then h + mlp(norm(h))."""
+
+  def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(config.dim, config.norm_eps, config.param_dtype)
+    self.attn = Attention(config, rngs)
+    self.mlp_norm = RMSNorm(config.dim, config.norm_eps, config.param_dtype)
+    self.mlp = MLP(config, rngs)
+
+  def __call__(self, x_BTD, positions_BT, mask_BTS):
+    x_BTD = sh.constrain(x_BTD, (sh.BATCH, sh.SEQ, sh.ACT_EMBED))
+    x_BTD = checkpoint_name(x_BTD, "block_input")
+    attn_BTD = self.attn(self.attn_norm(x_BTD), positions_BT, mask_BTS)
+    h_BTD = x_BTD + checkpoint_name(attn_BTD, "attn_out")
+    return h_BTD + self.mlp(self.mlp_norm(h_BTD))
+
+
+def attention_mask(segment_ids_BT):
+  """Causal mask, restricted to within a document when segment ids are given."""
+  B, T = segment_ids_BT.shape
+  causal_TS = jnp.tril(jnp.ones((T, T), bool))
+  same_doc_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+  return causal_TS[None] & same_doc_BTS
+
+
+class Llama(nnx.Module):
+  """tokens_BT -> logits_BTV."""
+
+  def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+    self.config = config
+    V, D, pd = config.vocab_size, config.dim, config.param_dtype
+    self.embed_VD = _param(rngs, (V, D), (sh.VOCAB, sh.EMBED), config.init_std, pd)
+
+    @nnx.split_rngs(splits=config.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: sh.LAYERS})
+    def make_blocks(rngs):
+      return Block(config, rngs)
+
+    self.blocks = make_blocks(rngs)  # every parameter has a leading L axis
+    self.final_norm = RMSNorm(D, config.norm_eps, pd)
+    if not config.tie_embeddings:
+      self.lm_head_DV = _param(rngs, (D, V), (sh.EMBED, sh.VOCAB), config.init_std, pd)
+
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+    c = self.config
+    dt = jnp.dtype(c.dtype)
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.zeros_like(tokens_BT)
+    mask_BTS = attention_mask(segment_ids_BT)
+    x_BTD = self.embed_VD[...].astype(dt)[tokens_BT]
+
+    block_graph, block_params = nnx.split(self.blocks)
+
+    def block_fn(x_BTD, params):
+      return nnx.merge(block_graph, params)(x_BTD, positions_BT, mask_BTS), None
+
+    if c.remat != "none":
+      block_fn = jax.checkpoint(block_fn, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+    if c.scan_layers:
+      x_BTD, _ = jax.lax.scan(block_fn, x_BTD, block_params)
+    else:
+      for i in range(c.n_layers):
+        x_BTD, _ = block_fn(x_BTD, jax.tree.map(lambda p: p[i], block_params))
+
+    x_BTD = self.final_norm(sh.constrain(x_BTD, (sh.BATCH, sh.SEQ, sh.ACT_EMBED)))
+    lm_head_DV = self.embed_VD[...].T if c.tie_embeddings else self.lm_head_DV[...]
+    logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, lm_head_DV.astype(dt))
+    return sh.constrain(logits_BTV, (sh.BATCH, sh.SEQ, sh.VOCAB))
+
+
+def init_model(config: LlamaConfig, seed: int) -> Llama:
+  return Llama(config, nnx.Rngs(params=seed))
+
+
+def abstract_model(config: LlamaConfig) -> Llama:
+  """The model with ShapeDtypeStructs for parameters: nothing is allocated."""
+  return nnx.eval_shape(lambda: init_model(config, 0))
+
+
+def count_params(config: LlamaConfig) -> int:
+  params = nnx.state(abstract_model(config), nnx.Param)
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(params))
+
+
+# Published Llama sizes by name: architecture fields only, the compute fields (dtype, scan,
+# remat) stay at their defaults. Dims follow Meta's params.json / the HF config.json of each
+# release; Llama-1 33B is the model Meta's repo calls 30B.
+_LLAMA1 = dict(vocab_size=32000, norm_eps=1e-6, max_seq_len=2048)
+_LLAMA2 = dict(vocab_size=32000, norm_eps=1e-5, max_seq_len=4096)
+_LLAMA3 = dict(vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192)
+_LLAMA31 = dict(_LLAMA3, rope_scaling=RopeScaling(factor=8.0), max_seq_len=131072)
+_LLAMA32 = dict(_LLAMA3, rope_scaling=RopeScaling(factor=32.0), max_seq_len=131072,
+                tie_embeddings=True)
+
+PRESETS: dict[str, LlamaConfig] = {
+    "llama1-7b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffw_dim=11008, **_LLAMA1),
+    "llama1-13b": LlamaConfig(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffw_dim=13824, **_LLAMA1),
+    "llama1-33b": LlamaConfig(dim=6656, n_layers=60, n_heads=52, n_kv_heads=52, ffw_dim=17920, **_LLAMA1),
+    "llama1-65b": LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=64, ffw_dim=22016,
+                              **dict(_LLAMA1, norm_eps=1e-5)),
+    "llama2-7b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffw_dim=11008, **_LLAMA2),
+    "llama2-13b": LlamaConfig(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffw_dim=13824, **_LLAMA2),
+    "llama2-70b": LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffw_dim=28672, **_LLAMA2),
+    "llama3-8b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffw_dim=14336, **_LLAMA3),
+    "llama3-70b": LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffw_dim=28672, **_LLAMA3),
+    "llama3.1-8b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffw_dim=14336, **_LLAMA31),
+    "llama3.1-70b": LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffw_dim=28672, **_LLAMA31),
+    "llama3.1-405b": LlamaConfig(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffw_dim=53248,
+                                 **_LLAMA31),
+    "llama3.2-1b": LlamaConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffw_dim=8192, **_LLAMA32),
+    "llama3.2-3b": LlamaConfig(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffw_dim=8192, **_LLAMA32),
+}

@@ -1,0 +1,111 @@
+"""Logical axis names, the one table that maps them onto mesh axes, and mesh helpers.
+
+Parameters and activations are annotated with the logical names below where they are
+made (model.py); nothing else in the code base names a mesh axis. Changing how a model is
+laid out over devices means changing `LOGICAL_AXIS_RULES`, nothing more.
+"""
+
+import math
+
+import jax
+import optax
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+# Logical axis names (dimension letters of STYLE: B T D F N K H L V).
+BATCH = "batch"  # B
+SEQ = "seq"  # T
+EMBED = "embed"  # D, on parameters
+ACT_EMBED = "act_embed"  # D, on activations
+MLP = "mlp"  # F
+HEADS = "heads"  # N
+KV_HEADS = "kv_heads"  # K
+HEAD_DIM = "head_dim"  # H
+LAYERS = "layers"  # L
+VOCAB = "vocab"  # V
+
+# Mesh axes.
+DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
+MESH_AXES = (DATA, FSDP, TENSOR)
+
+# logical name -> mesh axis (or tuple of mesh axes, or None = replicated).
+LOGICAL_AXIS_RULES = {
+    BATCH: (DATA, FSDP),
+    SEQ: None,
+    EMBED: FSDP,
+    ACT_EMBED: None,
+    MLP: TENSOR,
+    HEADS: TENSOR,
+    KV_HEADS: TENSOR,
+    HEAD_DIM: None,
+    LAYERS: None,
+    VOCAB: TENSOR,
+}
+
+
+def logical_to_mesh(names) -> P:
+  """Maps a tuple of logical axis names to a mesh PartitionSpec."""
+  if names is None:
+    return P()
+  return P(*(LOGICAL_AXIS_RULES[n] if n is not None else None for n in names))
+
+
+def constrain(x, names):
+  """Constrains an activation's sharding by logical names; a no-op outside a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_mesh(names))
+
+
+def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
+  """Mesh (data, fsdp, tensor) from `config.mesh`; one axis may be -1: the remaining devices."""
+  devices = jax.devices() if devices is None else devices
+  sizes = [mesh_config[a] for a in MESH_AXES]
+  asked = ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
+  if sizes.count(-1) > 1 or any(s < 1 and s != -1 for s in sizes):
+    raise ValueError(f"config.mesh ({asked}): sizes must be >= 1, and at most one may be -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    sizes[sizes.index(-1)] = max(len(devices) // known, 1)
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"config.mesh ({asked}) needs {math.prod(sizes)} devices, but there are {len(devices)}")
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+def named(mesh, logical_names) -> jax.sharding.NamedSharding:
+  return jax.sharding.NamedSharding(mesh, logical_to_mesh(logical_names))
+
+
+def batch_sharding(mesh) -> jax.sharding.NamedSharding:
+  return named(mesh, (BATCH, SEQ))
+
+
+def check_divisible(mesh, shapes_and_names):
+  """Raises one line naming the array, dim and mesh axis where a dim does not split evenly."""
+  for what, shape, names in shapes_and_names:
+    for dim, name in zip(shape, names):
+      axes = LOGICAL_AXIS_RULES.get(name) if name else None
+      axes = (axes,) if isinstance(axes, str) else (axes or ())
+      n = math.prod(mesh.shape[a] for a in axes)
+      if dim % n:
+        raise ValueError(f"{what}: dim '{name}' of size {dim} is not divisible by mesh axes "
+                         f"{'x'.join(axes)} = {n}")
+
+
+def param_shardings(mesh, abstract_model):
+  """NamedShardings of the params (pure dict), from the logical names the model gave them."""
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(abstract_model, nnx.Param)))
+  return jax.tree.map(lambda spec: named(mesh, tuple(spec)), specs,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def state_shardings(mesh, abstract_state, params_sharding, tx):
+  """Shardings of the train state: optimizer moments follow their params, the rest is replicated."""
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  opt_sharding = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_state["opt_state"], params_sharding,
+      transform_non_params=lambda _: replicated,
+      is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+  return {"step": replicated, "params": params_sharding, "opt_state": opt_sharding}

@@ -1,0 +1,281 @@
+"""Tokenizers behind one interface: encode, decode, bos/eos/pad ids, vocab size.
+
+`SentencePieceTokenizer` loads any sentencepiece `.model` (the Llama-1/2 tokenizer, or one
+trained here); `TiktokenTokenizer` loads Llama 3's tiktoken ranks file. `load_tokenizer`
+picks the class from the file's contents. `train_sentencepiece` trains a BPE model with byte fallback on a corpus:
+
+  python -m llama_jax.tokenizer train --input shakespeare:train --vocab_size 512 --output tok.model
+
+`--input` is a corpus spec (see corpus.py) or a text file.
+"""
+
+import argparse
+import base64
+import concurrent.futures
+import io
+import os
+import re
+import sys
+
+import sentencepiece as spm
+
+
+class SentencePieceTokenizer:
+  """A sentencepiece model: Llama-1/2's `tokenizer.model`, or one trained by this module."""
+
+  def __init__(self, path: str):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"tokenizer file not found: {path}")
+    self.path = path
+    self._sp = spm.SentencePieceProcessor(model_file=path)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  @property
+  def bos_id(self) -> int:
+    return self._sp.bos_id()
+
+  @property
+  def eos_id(self) -> int:
+    return self._sp.eos_id()
+
+  @property
+  def pad_id(self) -> int:
+    """Padding id; falls back to eos where the model defines none (Llama-2 has none)."""
+    pad = self._sp.pad_id()
+    return pad if pad >= 0 else self.eos_id
+
+  def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+    ids = self._sp.encode(text)
+    return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    return self._sp.encode(texts, num_threads=os.cpu_count())
+
+  def decode(self, ids) -> str:
+    return self._sp.decode([int(i) for i in ids])
+
+
+def load_tokenizer(path: str):
+  """Loads the tokenizer file at `path`: a sentencepiece model or a tiktoken ranks file."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"tokenizer file not found: {path}")
+  if is_tiktoken_file(path):
+    return TiktokenTokenizer(path)
+  return SentencePieceTokenizer(path)
+
+
+def train_sentencepiece(texts, vocab_size: int, output: str) -> SentencePieceTokenizer:
+  """Trains a BPE sentencepiece model with byte fallback, lossless on the text it encodes.
+
+  Identity normalisation and kept whitespace make decode(encode(text)) == text, so bits per
+  byte can be measured against the raw UTF-8 bytes.
+  """
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(texts),
+      model_writer=model,
+      model_type="bpe",
+      vocab_size=vocab_size,
+      byte_fallback=True,
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      split_digits=True,
+      add_dummy_prefix=False,
+      allow_whitespace_only_pieces=True,
+      max_sentence_length=1 << 16,
+      character_coverage=0.9995,
+      unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+      num_threads=os.cpu_count(),
+      minloglevel=2,
+  )
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  tmp = output + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(model.getvalue())
+  os.replace(tmp, output)
+  return SentencePieceTokenizer(output)
+
+
+def training_lines(texts):
+  """Splits documents into lines (sentencepiece trains on sentences), keeping the newlines."""
+  for text in texts:
+    yield from text.splitlines(keepends=True)
+
+
+def main(argv=None):
+  from llama_jax import corpus
+
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  train = sub.add_parser("train", help="train a BPE sentencepiece model")
+  train.add_argument("--input", required=True, help="corpus spec (e.g. shakespeare:train) or a text file")
+  train.add_argument("--vocab_size", type=int, required=True)
+  train.add_argument("--output", required=True, help="path of the .model file to write")
+  args = parser.parse_args(argv)
+  try:
+    texts = corpus.load_documents(args.input)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  tok = train_sentencepiece(training_lines(texts), args.vocab_size, args.output)
+  print(f"wrote {args.output} (vocab {tok.vocab_size})")
+
+
+if __name__ == "__main__":
+  main()
+
+
+# ---------------------------------------------------------------------------- Llama 3
+
+
+# Llama-3's pre-tokenizer: contractions, words with one leading non-letter, 1-3 digit groups,
+# punctuation runs, newlines, other whitespace.
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_NUM_SPECIAL = 256
+# Named special tokens from id 128000 on (Llama 3.1 onward; 3.0 called the same ids
+# reserved, except bos/eos, the header ids and eot). The other ids are reserved tokens.
+LLAMA3_NAMED_SPECIAL = {
+    0: "<|begin_of_text|>", 1: "<|end_of_text|>", 4: "<|finetune_right_pad_id|>",
+    6: "<|start_header_id|>", 7: "<|end_header_id|>", 8: "<|eom_id|>", 9: "<|eot_id|>",
+    10: "<|python_tag|>",
+}
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+\r?\n")
+
+
+def llama3_special_tokens(first_id: int) -> dict[str, int]:
+  """Llama 3's 256 special tokens: the named ones, and <|reserved_special_token_N|> in between."""
+  tokens, n_reserved = {}, 0
+  for i in range(LLAMA3_NUM_SPECIAL):
+    name = LLAMA3_NAMED_SPECIAL.get(i)
+    if name is None:
+      name = f"<|reserved_special_token_{n_reserved}|>"
+      n_reserved += 1
+    tokens[name] = first_id + i
+  return tokens
+
+
+def is_tiktoken_file(path: str) -> bool:
+  """A tiktoken ranks file is text lines `<base64 token> <rank>`; a sentencepiece one is protobuf."""
+  with open(path, "rb") as f:
+    head = f.read(1024)
+  return _TIKTOKEN_LINE.match(head) is not None
+
+
+def load_tiktoken_ranks(path: str) -> dict[bytes, int]:
+  ranks = {}
+  with open(path, "rb") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        token, rank = line.split()
+        ranks[base64.b64decode(token, validate=True)] = int(rank)
+      except ValueError as e:
+        raise ValueError(f"{path}:{n} is not a '<base64 token> <rank>' line: {line[:80]!r}") from e
+  return ranks
+
+
+class TiktokenTokenizer:
+  """Llama 3's tokenizer: byte-level BPE over a tiktoken ranks file, plus 256 special tokens.
+
+  encode() treats special-token text in its input ("<|eot_id|>") as ordinary text, as Meta's
+  tokenizer does by default, so documents cannot inject control tokens.
+  """
+
+  # tiktoken slows down (quadratically) on very long pre-tokens and very long inputs; Meta's
+  # reference cuts inputs at these sizes, so do we.
+  max_chars = 400_000
+  max_run = 25_000
+
+  def __init__(self, path: str):
+    import tiktoken
+
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"tokenizer file not found: {path}")
+    self.path = path
+    ranks = load_tiktoken_ranks(path)
+    self.special_tokens = llama3_special_tokens(len(ranks))
+    self._enc = tiktoken.Encoding(
+        name=os.path.basename(path), pat_str=LLAMA3_SPLIT_PATTERN, mergeable_ranks=ranks,
+        special_tokens=self.special_tokens)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._enc.n_vocab
+
+  @property
+  def bos_id(self) -> int:
+    return self.special_tokens["<|begin_of_text|>"]
+
+  @property
+  def eos_id(self) -> int:
+    return self.special_tokens["<|end_of_text|>"]
+
+  @property
+  def eot_id(self) -> int:
+    """End of a chat turn (Llama-3 instruct models stop on it)."""
+    return self.special_tokens["<|eot_id|>"]
+
+  @property
+  def pad_id(self) -> int:
+    """<|finetune_right_pad_id|>: Llama 3 reserves an id for padding, distinct from eos."""
+    return self.special_tokens["<|finetune_right_pad_id|>"]
+
+  def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+    ids = []
+    for piece in self._pieces(text):
+      ids.extend(self._enc.encode_ordinary(piece))
+    return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    # tiktoken releases the GIL while encoding, so threads run in parallel.
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+      return list(pool.map(self.encode, texts))
+
+  def decode(self, ids) -> str:
+    return self._enc.decode([int(i) for i in ids])
+
+  def _pieces(self, text: str):
+    """Cuts text so no piece is over max_chars long or has a same-class run over max_run.
+
+    Long inputs are cut where a space follows a non-space: no pre-token spans such a point,
+    so the tokens are those of the uncut text. Over-long runs (a 25k-character "word") are
+    cut anywhere, as in Meta's reference.
+    """
+    if len(text) <= self.max_run:
+      yield text
+      return
+    start = 0
+    for run in self._long_runs(text):
+      yield from self._cut_long(text[start:run.start()])
+      for i in range(run.start(), run.end(), self.max_run):
+        yield text[i:min(i + self.max_run, run.end())]
+      start = run.end()
+    yield from self._cut_long(text[start:])
+
+  def _long_runs(self, text: str):
+    # The lookbehinds make each match start at the beginning of a run: one linear scan.
+    n = self.max_run + 1
+    return re.finditer(rf"(?<!\S)\S{{{n},}}|(?<!\s)\s{{{n},}}", text)
+
+  def _cut_long(self, text: str):
+    while len(text) > self.max_chars:
+      cut = _last_word_start(text, self.max_chars)
+      yield text[:cut]
+      text = text[cut:]
+    if text:
+      yield text
+
+
+def _last_word_start(text: str, limit: int) -> int:
+  """The last i <= limit where text[i] is a space after a non-space, else limit."""
+  i = text.rfind(" ", 1, limit + 1)
+  while i > 0:
+    if not text[i - 1].isspace():
+      return i
+    i = text.rfind(" ", 1, i)
+  return limit

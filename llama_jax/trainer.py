@@ -1,0 +1,203 @@
+"""train_and_evaluate(config, workdir): the training loop, from config to checkpoints and metrics."""
+
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from llama_jax import checkpoint as ckpt_lib
+from llama_jax import config_lib
+from llama_jax import corpus
+from llama_jax import data as data_lib
+from llama_jax import evaluate as eval_lib
+from llama_jax import generate as generate_lib
+from llama_jax import metrics as metrics_lib
+from llama_jax import model as model_lib
+from llama_jax import optim
+from llama_jax import sharding as sh
+from llama_jax import tokenizer as tok_lib
+from llama_jax import train_step as step_lib
+
+
+def tokenizer_path(workdir: str) -> str:
+  return os.path.join(workdir, "tokenizer.model")
+
+
+def prepare_tokenizer(config, workdir: str, train_docs):
+  """The run's tokenizer, kept as WORKDIR/tokenizer.model so the workdir is self-contained."""
+  path = tokenizer_path(workdir)
+  if not os.path.exists(path):
+    if config.data.tokenizer_path:
+      if jax.process_index() == 0:
+        shutil.copyfile(config.data.tokenizer_path, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    else:
+      metrics_lib.log(f"training a {config.model.vocab_size}-piece tokenizer on {config.data.train_corpus}")
+      if jax.process_index() == 0:
+        tok_lib.train_sentencepiece(tok_lib.training_lines(train_docs), config.model.vocab_size, path)
+  _wait_for_file(path)
+  return tok_lib.load_tokenizer(path)
+
+
+def _wait_for_file(path, timeout_s=600):
+  deadline = time.time() + timeout_s
+  while not os.path.exists(path):
+    if time.time() > deadline:
+      raise TimeoutError(f"{path} did not appear (written by process 0)")
+    time.sleep(0.5)
+
+
+class Setup:
+  """Everything a run needs that follows from the config: mesh, model structure, optimizer,
+  shardings, jitted steps. Shared by training, eval.py and generation."""
+
+  def __init__(self, config: ml_collections.ConfigDict, total_steps: int | None = None):
+    self.config = config
+    self.llama = config_lib.llama_config(config.model)
+    self.mesh = sh.make_mesh(config.mesh)
+    abstract_model = model_lib.abstract_model(self.llama)
+    self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    abstract_params = nnx.to_pure_dict(abstract_params)
+    sh.check_divisible(self.mesh, _param_shapes_and_names(abstract_model))
+    self.tx, self.schedule = optim.make_optimizer(config.optim, total_steps or config.train.steps)
+
+    def init_state():
+      params = nnx.to_pure_dict(nnx.state(model_lib.init_model(self.llama, config.seed), nnx.Param))
+      return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
+
+    self._init_state = init_state
+    abstract_state = jax.eval_shape(init_state)
+    self.params_sharding = sh.param_shardings(self.mesh, abstract_model)
+    self.state_sharding = sh.state_shardings(self.mesh, abstract_state, self.params_sharding, self.tx)
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, self.state_sharding)
+    self.batch_sharding = sh.batch_sharding(self.mesh)
+
+  def init_state(self):
+    """The initial train state, created directly sharded over the mesh."""
+    with jax.set_mesh(self.mesh):
+      return jax.jit(self._init_state, out_shardings=self.state_sharding)()
+
+  def jit_train_step(self):
+    step = step_lib.make_train_step(self.graphdef, self.tx, self.schedule, self.config.train.grad_accum_steps)
+    return jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
+                   out_shardings=(self.state_sharding, None), donate_argnums=0)
+
+  def jit_eval_step(self):
+    return jax.jit(step_lib.make_eval_step(self.graphdef), in_shardings=(self.params_sharding, self.batch_sharding))
+
+  def global_batch(self, local_batch):
+    """Assembles this process's rows into global arrays sharded over (data, fsdp)."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local_batch.items()}
+
+
+def _param_shapes_and_names(abstract_model):
+  state = nnx.state(abstract_model, nnx.Param)
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
+  shapes = nnx.to_pure_dict(state)
+  paths = jax.tree_util.tree_flatten_with_path(shapes)[0]
+  spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  return [(f"param {jax.tree_util.keystr(p, simple=True, separator='/')}", a.shape, tuple(s))
+          for (p, a), s in zip(paths, spec_leaves)]
+
+
+def check_batch(config, mesh):
+  shards = mesh.shape[sh.DATA] * mesh.shape[sh.FSDP]
+  micro = config.data.batch_size // config.train.grad_accum_steps
+  if micro % shards:
+    raise config_lib.ConfigError(
+        f"config.data.batch_size={config.data.batch_size} / train.grad_accum_steps="
+        f"{config.train.grad_accum_steps} = {micro} rows per micro-batch is not divisible by the "
+        f"{shards} batch shards (mesh data x fsdp)")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+  """Trains per `config` in `workdir`, resuming from its latest checkpoint; returns the final eval."""
+  config_lib.check_workdir(workdir)
+  llama = config_lib.check_config(config, jax.device_count())
+  setup = Setup(config)
+  check_batch(config, setup.mesh)
+  os.makedirs(workdir, exist_ok=True)
+
+  train_docs = corpus.load_documents(config.data.train_corpus)
+  eval_docs = corpus.load_documents(config.data.eval_corpus)
+  tok = prepare_tokenizer(config, workdir, train_docs)
+  config_lib.check_vocab(tok, llama, tokenizer_path(workdir))
+
+  train_tokens = data_lib.concat_documents(tok.encode_batch(train_docs), tok.bos_id, tok.eos_id)
+  train_data = data_lib.TrainData(train_tokens, config.data.seq_len, config.data.batch_size,
+                                  config.data.shuffle_seed, tok.bos_id,
+                                  jax.process_index(), jax.process_count())
+  evaluator = eval_lib.Evaluator(setup, tok, eval_docs)
+
+  checkpointer = ckpt_lib.Checkpointer(workdir, config.train.keep_checkpoints, config.train.async_checkpoint)
+  start = checkpointer.latest_step()
+  if start is None:
+    state = setup.init_state()
+    start = 0
+    metrics_lib.log(f"{model_lib.count_params(llama):,} parameters; training from scratch")
+  else:
+    state = checkpointer.restore_state(start, setup.abstract_state)
+    metrics_lib.log(f"resumed from step {start} in {ckpt_lib.checkpoint_dir(workdir)}")
+
+  writer = metrics_lib.MetricWriter(workdir)
+  total = config.train.steps
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  progress = metrics_lib.ProgressLogger(start, total)
+  train_step = setup.jit_train_step()
+  with jax.set_mesh(setup.mesh):
+    for step in range(start, total):
+      state, metrics = train_step(state, setup.global_batch(train_data.batch(step)))
+      done = step + 1
+      if done % config.train.log_every == 0 or done == total:
+        metrics = jax.device_get(metrics)
+        if not np.isfinite(metrics["loss"]):
+          raise FloatingPointError(f"loss is {metrics['loss']} at step {done}; last good checkpoint: "
+                                   f"{checkpointer.latest_step()}")
+        metrics["tokens_per_sec"] = progress.tokens_per_sec(done, tokens_per_step)
+        writer.write(done, metrics)
+        metrics_lib.log(progress.line(done, metrics))
+      if config.train.eval_every and done % config.train.eval_every == 0 and done != total:
+        writer.write(done, eval_lib.as_eval_metrics(evaluator(state["params"])))
+      if done % config.train.checkpoint_every == 0 or done == total:
+        checkpointer.save(done, state, config)
+
+  result = evaluator(state["params"])
+  if start < total:
+    writer.write(total, eval_lib.as_eval_metrics(result))
+  metrics_lib.log(f"held-out: loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
+                  f"{result['bits_per_byte']:.4f} bits/byte over {result['num_tokens']:,} tokens")
+  if config.sample.max_new_tokens > 0:
+    text = generate_lib.sample_text(setup, state["params"], tok, config.sample)
+    metrics_lib.log(f"sample:\n{text}")
+  checkpointer.wait()
+  checkpointer.close()
+  writer.close()
+  return {"step": total, **result}
+
+
+def load_run(workdir: str, step: int | None = None):
+  """(setup, params, tokenizer, step) of WORKDIR's checkpoint (latest by default), for eval/sampling."""
+  if not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
+    raise config_lib.ConfigError(f"--workdir {workdir}: no checkpoints directory")
+  checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
+  steps = checkpointer.all_steps()
+  if not steps:
+    raise config_lib.ConfigError(f"--workdir {workdir}: no checkpoint saved yet")
+  if step is None:
+    step = max(steps)
+  elif step not in steps:
+    raise config_lib.ConfigError(f"--step {step}: no such checkpoint in {workdir} (have {sorted(steps)})")
+  config = checkpointer.restore_config(step)
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1  # whatever devices are here
+  setup = Setup(config)
+  tok = tok_lib.load_tokenizer(tokenizer_path(workdir))
+  config_lib.check_vocab(tok, setup.llama, tokenizer_path(workdir))
+  params = checkpointer.restore_state(step, setup.abstract_state)["params"]
+  checkpointer.close()
+  return setup, params, tok, step
