@@ -28,4 +28,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  entry.main(app.run, main)
+  entry.main(main)

@@ -47,7 +47,7 @@ def check_workdir(workdir: str):
     raise ConfigError(f"--workdir {workdir}: parent directory {parent} does not exist")
 
 
-def check_config(config: ml_collections.ConfigDict, num_devices: int):
+def check_config(config: ml_collections.ConfigDict):
   """Cross-field checks of the training config that need no data and no compilation."""
   llama = llama_config(config.model)
   if config.data.seq_len > llama.max_seq_len:

@@ -1,25 +1,39 @@
-"""What train.py and eval.py share: bad input as one line and a non-zero exit, never a traceback."""
+"""What train.py and eval.py share: bad input is one line on stderr and a non-zero exit."""
 
+import re
 import sys
 
-from absl import flags, logging
+from absl import app, flags, logging
 
 
-# Errors that mean "the input is wrong", reported as one line naming the culprit.
-BAD_INPUT = (ValueError, FileNotFoundError, KeyError, TypeError)
+def parse_flags(argv):
+  """absl flag parsing, with an unknown or mistyped --config.* key reported in one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {e}")
+  except (AttributeError, KeyError) as e:  # ml_collections' answer to an unknown config key
+    culprit = next((a.split("=")[0] for a in argv[1:] if _names_missing_key(a, str(e))), "in --config.*")
+    hint = re.search(r'Did you mean "([^"]+)"', str(e))
+    sys.exit(f"error: unknown config key {culprit}" + (f' (did you mean "{hint.group(1)}"?)' if hint else ""))
+
+
+def _names_missing_key(arg, message):
+  if not arg.startswith("--config."):
+    return False
+  return any(part in message for part in arg.split("=")[0].split(".")[1:])
 
 
 def run(fn):
+  """Runs fn with library logs at WARNING; a ConfigError or missing file ends it in one line."""
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   from llama_jax import config_lib
   try:
     return fn()
-  except config_lib.ConfigError as e:
-    sys.exit(f"error: {e}")
-  except FileNotFoundError as e:
+  except (config_lib.ConfigError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
 
 
-def main(app_run, main_fn):
-  app_run(main_fn)
+def main(main_fn):
+  app.run(main_fn, flags_parser=parse_flags)

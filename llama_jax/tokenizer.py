@@ -2,7 +2,8 @@
 
 `SentencePieceTokenizer` loads any sentencepiece `.model` (the Llama-1/2 tokenizer, or one
 trained here); `TiktokenTokenizer` loads Llama 3's tiktoken ranks file. `load_tokenizer`
-picks the class from the file's contents. `train_sentencepiece` trains a BPE model with byte fallback on a corpus:
+picks the class from the file's contents. `train_sentencepiece` trains a BPE model with byte
+fallback on a corpus:
 
   python -m llama_jax.tokenizer train --input shakespeare:train --vocab_size 512 --output tok.model
 

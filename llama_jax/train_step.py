@@ -47,7 +47,7 @@ def make_train_step(graphdef, tx, schedule, grad_accum_steps: int = 1):
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                  "opt_state": opt_state}
-    metrics = {"loss": loss_sum / n_targets, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss_sum / n_targets, "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state["step"]), "num_targets": n_targets}
     return new_state, metrics
 

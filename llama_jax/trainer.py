@@ -56,15 +56,15 @@ class Setup:
   """Everything a run needs that follows from the config: mesh, model structure, optimizer,
   shardings, jitted steps. Shared by training, eval.py and generation."""
 
-  def __init__(self, config: ml_collections.ConfigDict, total_steps: int | None = None):
+  def __init__(self, config: ml_collections.ConfigDict, devices=None):
     self.config = config
     self.llama = config_lib.llama_config(config.model)
-    self.mesh = sh.make_mesh(config.mesh)
+    self.mesh = sh.make_mesh(config.mesh, devices)
     abstract_model = model_lib.abstract_model(self.llama)
     self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     abstract_params = nnx.to_pure_dict(abstract_params)
     sh.check_divisible(self.mesh, _param_shapes_and_names(abstract_model))
-    self.tx, self.schedule = optim.make_optimizer(config.optim, total_steps or config.train.steps)
+    self.tx, self.schedule = optim.make_optimizer(config.optim, config.train.steps)
 
     def init_state():
       params = nnx.to_pure_dict(nnx.state(model_lib.init_model(self.llama, config.seed), nnx.Param))
@@ -116,11 +116,17 @@ def check_batch(config, mesh):
         f"{shards} batch shards (mesh data x fsdp)")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
-  """Trains per `config` in `workdir`, resuming from its latest checkpoint; returns the final eval."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None,
+                       stop_after: int | None = None):
+  """Trains per `config` in `workdir`, resuming from its latest checkpoint; returns the final eval.
+
+  Args:
+    devices: the devices of the mesh (default: all).
+    stop_after: end this run (with a checkpoint) after this step, as a preempted job would.
+  """
   config_lib.check_workdir(workdir)
-  llama = config_lib.check_config(config, jax.device_count())
-  setup = Setup(config)
+  llama = config_lib.check_config(config)
+  setup = Setup(config, devices)
   check_batch(config, setup.mesh)
   os.makedirs(workdir, exist_ok=True)
 
@@ -150,11 +156,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   tokens_per_step = config.data.batch_size * config.data.seq_len
   progress = metrics_lib.ProgressLogger(start, total)
   train_step = setup.jit_train_step()
+  end = total if stop_after is None else min(stop_after, total)
   with jax.set_mesh(setup.mesh):
-    for step in range(start, total):
+    for step in range(start, end):
       state, metrics = train_step(state, setup.global_batch(train_data.batch(step)))
       done = step + 1
-      if done % config.train.log_every == 0 or done == total:
+      if done % config.train.log_every == 0 or done in (total, end):
         metrics = jax.device_get(metrics)
         if not np.isfinite(metrics["loss"]):
           raise FloatingPointError(f"loss is {metrics['loss']} at step {done}; last good checkpoint: "
@@ -164,24 +171,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         metrics_lib.log(progress.line(done, metrics))
       if config.train.eval_every and done % config.train.eval_every == 0 and done != total:
         writer.write(done, eval_lib.as_eval_metrics(evaluator(state["params"])))
-      if done % config.train.checkpoint_every == 0 or done == total:
+      if done % config.train.checkpoint_every == 0 or done in (total, end):
         checkpointer.save(done, state, config)
-
-  result = evaluator(state["params"])
-  if start < total:
-    writer.write(total, eval_lib.as_eval_metrics(result))
-  metrics_lib.log(f"held-out: loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
-                  f"{result['bits_per_byte']:.4f} bits/byte over {result['num_tokens']:,} tokens")
-  if config.sample.max_new_tokens > 0:
-    text = generate_lib.sample_text(setup, state["params"], tok, config.sample)
-    metrics_lib.log(f"sample:\n{text}")
+  result = None
+  if end == total:
+    result = evaluator(state["params"])
+    if start < total:
+      writer.write(total, eval_lib.as_eval_metrics(result))
+    metrics_lib.log(f"held-out: loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
+                    f"{result['bits_per_byte']:.4f} bits/byte over {result['num_tokens']:,} tokens")
+    if config.sample.max_new_tokens > 0:
+      metrics_lib.log(f"sample:\n{generate_lib.sample_text(setup, state['params'], tok, config.sample)}")
+    result = {"step": total, **result}
   checkpointer.wait()
   checkpointer.close()
   writer.close()
-  return {"step": total, **result}
+  return result
 
 
-def load_run(workdir: str, step: int | None = None):
+def load_run(workdir: str, step: int | None = None, devices=None):
   """(setup, params, tokenizer, step) of WORKDIR's checkpoint (latest by default), for eval/sampling."""
   if not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
     raise config_lib.ConfigError(f"--workdir {workdir}: no checkpoints directory")
@@ -195,7 +203,7 @@ def load_run(workdir: str, step: int | None = None):
     raise config_lib.ConfigError(f"--step {step}: no such checkpoint in {workdir} (have {sorted(steps)})")
   config = checkpointer.restore_config(step)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1  # whatever devices are here
-  setup = Setup(config)
+  setup = Setup(config, devices)
   tok = tok_lib.load_tokenizer(tokenizer_path(workdir))
   config_lib.check_vocab(tok, setup.llama, tokenizer_path(workdir))
   params = checkpointer.restore_state(step, setup.abstract_state)["params"]

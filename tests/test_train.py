@@ -1,0 +1,134 @@
+"""End to end: train_and_evaluate, exact resume, eval.py, and bad input on the command line."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_test_config
+from llama_jax import corpus, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def eval_corpus(tmp_path_factory):
+  """The first 3,000 characters of each held-out play: scored in a second."""
+  path = tmp_path_factory.mktemp("corpus") / "heldout.txt"
+  path.write_text("".join(doc[:3000] for doc in corpus.load_documents("shakespeare:heldout")))
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, eval_corpus):
+  """One tiny run of 8 steps on one device; its workdir and result."""
+  workdir = str(tmp_path_factory.mktemp("run") / "tiny")
+  config = tiny_test_config(**{"data.eval_corpus": eval_corpus})
+  result = trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  return workdir, config, result
+
+
+def _events(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_train_and_evaluate_logs_falling_loss_and_eval(trained):
+  workdir, _, result = trained
+  events = _events(workdir)
+  train = [e for e in events if "loss" in e]
+  assert [e["step"] for e in train] == list(range(1, 9))
+  assert all({"learning_rate", "tokens_per_sec", "grad_norm"} <= set(e) for e in train)
+  assert train[-1]["loss"] < train[0]["loss"] - 0.1
+  (final,) = [e for e in events if "eval_loss" in e]
+  assert final["step"] == 8
+  assert final["eval_perplexity"] == pytest.approx(np.exp(final["eval_loss"]))
+  assert 0 < final["eval_bits_per_byte"] < 8
+  assert result["bits_per_byte"] == final["eval_bits_per_byte"]
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
+
+
+def test_resume_from_a_checkpoint_equals_training_straight(tmp_path, trained, eval_corpus):
+  straight_dir, config, _ = trained
+  resumed_dir = str(tmp_path / "resumed")
+  assert trainer.train_and_evaluate(config, resumed_dir, devices=jax.devices()[:1], stop_after=4) is None
+  assert os.listdir(os.path.join(resumed_dir, "checkpoints")) == ["4"]
+  trainer.train_and_evaluate(config, resumed_dir, devices=jax.devices()[:1])
+
+  losses = lambda d: {e["step"]: e["loss"] for e in _events(d) if "loss" in e}
+  assert losses(resumed_dir) == losses(straight_dir)
+  _, params_a, _, _ = trainer.load_run(straight_dir, 8, devices=jax.devices()[:1])
+  _, params_b, _, _ = trainer.load_run(resumed_dir, 8, devices=jax.devices()[:1])
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+
+
+def _run(*args, timeout=120):
+  return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_eval_py_writes_the_json(trained, tmp_path):
+  workdir, _, result = trained
+  out = tmp_path / "eval.json"
+  proc = _run("eval.py", f"--workdir={workdir}", f"--output={out}")
+  assert proc.returncode == 0, proc.stderr
+  written = json.loads(out.read_text())
+  assert set(written) == {"step", "loss", "perplexity", "bits_per_byte", "num_tokens"}
+  assert written["step"] == 8
+  assert written["bits_per_byte"] == pytest.approx(result["bits_per_byte"], rel=1e-5)
+  assert "bits/byte" in proc.stdout
+
+  proc = _run("eval.py", f"--workdir={workdir}", "--step=5")
+  assert proc.returncode != 0 and "--step 5: no such checkpoint" in proc.stderr
+
+
+def test_second_run_resumes_and_finishes_at_once(trained):
+  workdir, config, _ = trained
+  before = _events(workdir)
+  proc = _run("train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
+              *[f"--config.{k}={v}" for k, v in _flat(config).items()])
+  assert proc.returncode == 0, proc.stderr
+  assert "resumed from step 8" in proc.stdout
+  assert "step 1/" not in proc.stdout
+  assert [e for e in _events(workdir) if "loss" in e] == [e for e in before if "loss" in e]
+
+
+def _flat(config):
+  """The overrides that turn configs/tiny.py into `config`."""
+  from configs import tiny
+  base = tiny.get_config()
+  out = {}
+  for section in config:
+    if hasattr(config[section], "items"):
+      for k, v in config[section].items():
+        if base[section][k] != v:
+          out[f"{section}.{k}"] = v
+  return out
+
+
+@pytest.mark.parametrize("args,culprit", [
+    (["--config.train.stepz=3"], "stepz"),
+    (["--config.train.steps=many"], "train.steps"),
+    (["--workdir=/no/such/parent/run"], "/no/such/parent"),
+    (["--config.data.tokenizer_path=/no/such/tokenizer.model"], "/no/such/tokenizer.model"),
+    (["--config.data.tokenizer_path={tokenizer}"], "vocab"),
+    (["--config.model.n_kv_heads=3"], "n_kv_heads"),
+])
+def test_bad_input_is_one_line_naming_the_culprit(tmp_path, trained, args, culprit):
+  tokenizer = trainer.tokenizer_path(trained[0])  # 320 pieces; configs/tiny.py wants 1024
+  args = [a.format(tokenizer=tokenizer) for a in args]
+  workdir = [a for a in args if a.startswith("--workdir")] or [f"--workdir={tmp_path / 'w'}"]
+  args = [a for a in args if not a.startswith("--workdir")]
+  start = time.time()
+  proc = _run("train.py", "--config=configs/tiny.py", *workdir, *args)
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert culprit in last, proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert time.time() - start < 60
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
