@@ -4,9 +4,10 @@
   python tests/measure_convert_rss.py --preset llama2-7b --param_dtype bfloat16 --export
 
 Writes a random safetensors checkpoint of the preset's shapes (bf16 by default) shard by
-shard into a temp dir, so making it needs about one shard of memory, then runs the
-conversion in a fresh subprocess and reports its peak RSS (ru_maxrss of the child) against
-the checkpoint and params sizes. The random values are tiled from a small pool: what is
+shard into a temp dir (in a subprocess, so making it needs about one shard of memory), then
+runs the conversion in another subprocess and reports its peak RSS (that child's
+ru_maxrss, and the parent's RUSAGE_CHILDREN one) against the checkpoint and params sizes. Linux carries a parent's peak RSS over
+into a forked child's ru_maxrss, hence the parent here never holds anything big. The random values are tiled from a small pool: what is
 measured is memory, not numerics.
 """
 
@@ -33,7 +34,7 @@ GB = 1e9
 def write_checkpoint(config, hf_dir, dtype, shard_bytes, seed=0):
   """A random HF checkpoint of config's shapes, one shard in memory at a time."""
   np_dtype = convert.DTYPES[dtype]
-  pool = np.random.default_rng(seed).standard_normal(1 << 24, np.float32).astype(np_dtype) * 0.02
+  pool = (0.02 * np.random.default_rng(seed).standard_normal(1 << 24, np.float32)).astype(np_dtype)
   maps = convert._mappings(config)
   shards = convert._plan_shards(maps, lambda m: int(np.prod(m.hf_shape)) * np_dtype.itemsize,
                                 shard_bytes)
@@ -84,29 +85,38 @@ def main(argv=None):
   parser.add_argument("--ckpt_dtype", default="bfloat16", choices=sorted(convert.DTYPES))
   parser.add_argument("--param_dtype", default="float32", choices=sorted(convert.DTYPES),
                       help="params (and compute) dtype that from_hf converts into")
-  parser.add_argument("--shard_gb", type=float, default=5.0, help="checkpoint shard size")
+  parser.add_argument("--shard_gb", type=float, default=2.0, help="checkpoint shard size")
   parser.add_argument("--export", action="store_true", help="also time and measure to_hf")
   parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
   parser.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
+  parser.add_argument("--write_to", default=None, help=argparse.SUPPRESS)  # the writer child
   args = parser.parse_args(argv)
 
   config = PRESETS[args.preset]
+  if args.write_to:
+    write_checkpoint(config, args.write_to, args.ckpt_dtype, int(args.shard_gb * GB))
+    return
   root = tempfile.mkdtemp(prefix="rss_", dir=args.dir)
   hf_dir = os.path.join(root, "hf")
   export_dir = os.path.join(root, "export") if args.export else ""
   os.makedirs(hf_dir)
   try:
     t = time.time()
-    ckpt_bytes = write_checkpoint(config, hf_dir, args.ckpt_dtype, int(args.shard_gb * GB))
-    print(f"{args.preset}: wrote {ckpt_bytes / GB:.2f} GB {args.ckpt_dtype} checkpoint in "
-          f"{time.time() - t:.0f}s to {hf_dir}", flush=True)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": repo}
-    proc = subprocess.run([sys.executable, "-c", CHILD, hf_dir, args.param_dtype, export_dir],
-                          capture_output=True, text=True, env=env)
+    subprocess.run([sys.executable, __file__, "--preset", args.preset, "--ckpt_dtype",
+                    args.ckpt_dtype, "--shard_gb", str(args.shard_gb), "--write_to", hf_dir],
+                   check=True, env=env)
+    ckpt_bytes = sum(os.path.getsize(os.path.join(hf_dir, n)) for n in os.listdir(hf_dir)
+                     if n.endswith(".safetensors"))
+    print(f"{args.preset}: wrote {ckpt_bytes / GB:.2f} GB {args.ckpt_dtype} checkpoint in "
+          f"{time.time() - t:.0f}s to {hf_dir}", flush=True)
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, hf_dir, args.param_dtype, export_dir],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    stdout, stderr = proc.communicate()
     if proc.returncode:
-      sys.exit(f"child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+      sys.exit(f"child failed ({proc.returncode}):\n{stderr[-3000:]}")
+    result = json.loads(stdout.split("RESULT ", 1)[1])
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     params = result["params_bytes"]
     print(f"  from_hf -> {args.param_dtype} params: {result['from_hf_s']:.1f}s")
@@ -119,7 +129,7 @@ def main(argv=None):
     if export_dir:
       print(f"  to_hf ({args.param_dtype}): {result['to_hf_s']:.1f}s, peak RSS after to_hf "
             f"{result['after_to_hf'] / GB:.2f} GB = {result['after_to_hf'] / params:.2f}x params")
-    print(f"  RUSAGE_CHILDREN ru_maxrss: {peak / GB:.2f} GB")
+    print(f"  RUSAGE_CHILDREN ru_maxrss (max of writer and converter): {peak / GB:.2f} GB")
   finally:
     if not args.keep:
       shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,70 @@
+"""Sharded training on 8 fake CPU devices equals one device; shardings are what the rules say."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from conftest import tiny_test_config
+from llama_jax import config_lib, data as data_lib, trainer
+
+
+def _train_losses(config, devices, steps):
+  setup = trainer.Setup(config, devices)
+  trainer.check_batch(config, setup.mesh)
+  tokens = np.random.default_rng(0).integers(3, config.model.vocab_size, 20_000, dtype=np.int32)
+  data = data_lib.TrainData(tokens, config.data.seq_len, config.data.batch_size, 0, bos_id=1)
+  state = setup.init_state()
+  step_fn = setup.jit_train_step()
+  losses = []
+  with jax.set_mesh(setup.mesh):
+    for step in range(steps):
+      state, metrics = step_fn(state, setup.global_batch(data.batch(step)))
+      losses.append(float(metrics["loss"]))
+  return np.array(losses), state
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+  return _train_losses(tiny_test_config(), jax.devices()[:1], 20)
+
+
+@pytest.mark.parametrize("mesh", [dict(data=8, fsdp=1, tensor=1), dict(data=1, fsdp=8, tensor=1),
+                                  dict(data=2, fsdp=2, tensor=2)])
+def test_sharded_training_equals_one_device(single_device_run, mesh):
+  config = tiny_test_config(**{f"mesh.{k}": v for k, v in mesh.items()})
+  losses, state = _train_losses(config, jax.devices(), 20)
+  expected_losses, expected_state = single_device_run
+  np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               jax.device_get(state["params"]), jax.device_get(expected_state["params"]))
+
+
+def test_param_and_optimizer_shardings_follow_the_rules():
+  config = tiny_test_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  setup = trainer.Setup(config, jax.devices())
+  state = setup.init_state()
+  params = state["params"]
+  assert params["embed_VD"].sharding.spec == P("tensor", "fsdp")
+  assert params["blocks"]["attn"]["wq_DNH"].sharding.spec == P(None, "fsdp", "tensor", None)
+  assert params["blocks"]["attn"]["wo_NHD"].sharding.spec == P(None, "tensor", None, "fsdp")
+  assert params["blocks"]["mlp"]["w_down_FD"].sharding.spec == P(None, "tensor", "fsdp")
+  assert params["blocks"]["attn_norm"]["scale"].sharding.spec == P(None, "fsdp")
+  # Each device holds 1/4 of wq: split over fsdp (2) and tensor (2), replicated over data.
+  wq = params["blocks"]["attn"]["wq_DNH"]
+  assert wq.addressable_shards[0].data.size == wq.size // 4
+  adam = state["opt_state"][1][0]
+  assert adam.mu["blocks"]["attn"]["wq_DNH"].sharding.spec == P(None, "fsdp", "tensor", None)
+  assert state["step"].sharding.spec == P()
+
+
+@pytest.mark.parametrize("mesh,overrides,message", [
+    (dict(data=3, fsdp=1, tensor=1), {}, "needs 3 devices, but there are 8"),
+    (dict(data=1, fsdp=-1, tensor=8), {}, "of size 2 is not divisible by mesh axes tensor = 8"),
+    (dict(data=8, fsdp=1, tensor=1), {"data.batch_size": 4}, "not divisible by the 8 batch shards"),
+])
+def test_bad_meshes_fail_before_compiling(mesh, overrides, message):
+  config = tiny_test_config(**{f"mesh.{k}": v for k, v in mesh.items()}, **overrides)
+  with pytest.raises(config_lib.ConfigError if "batch" in message else ValueError, match=message):
+    setup = trainer.Setup(config, jax.devices())
+    trainer.check_batch(config, setup.mesh)
