@@ -10,10 +10,7 @@ import os
 import ml_collections
 
 from llama_jax import model as model_lib
-
-
-class ConfigError(ValueError):
-  """Bad input named in one line; entry points print it and exit non-zero."""
+from llama_jax.errors import ConfigError
 
 
 def llama_config(model_config: ml_collections.ConfigDict) -> model_lib.LlamaConfig:

@@ -13,6 +13,8 @@ import importlib.util
 import os
 import re
 
+from llama_jax.errors import ConfigError
+
 # Fixed for good: changing it changes every reported bits/byte.
 HELDOUT_PLAYS = ("hamlet", "the-tempest", "julius-caesar", "twelfth-night")
 
@@ -38,7 +40,7 @@ def strip_markdown(text: str) -> str:
 def shakespeare_plays(split: str) -> list[str]:
   """The plays of a split ("train" or "heldout"), in a fixed order."""
   if split not in ("train", "heldout"):
-    raise ValueError(f"unknown Shakespeare split {split!r}: use 'train' or 'heldout'")
+    raise ConfigError(f"unknown Shakespeare split {split!r}: use 'train' or 'heldout'")
   paths = sorted(glob.glob(os.path.join(_plays_dir(), "*", "*.md")))
   if len(paths) != 38:
     raise FileNotFoundError(f"expected 38 plays under {_plays_dir()}, found {len(paths)}")

@@ -17,6 +17,8 @@ import dataclasses
 import grain
 import numpy as np
 
+from llama_jax.errors import ConfigError
+
 
 class TokenWindows(grain.sources.RandomAccessDataSource):
   """Window i = tokens[i*T : i*T + T + 1] (windows overlap by the one token they both predict from)."""
@@ -63,11 +65,11 @@ class TrainData:
 
   def __post_init__(self):
     if self.global_batch_size % self.process_count:
-      raise ValueError(f"data.batch_size={self.global_batch_size} is not divisible by the "
+      raise ConfigError(f"data.batch_size={self.global_batch_size} is not divisible by the "
                        f"{self.process_count} processes")
     windows = TokenWindows(self.tokens, self.seq_len)
     if len(windows) < self.global_batch_size:
-      raise ValueError(f"the training corpus has {len(windows)} windows of data.seq_len={self.seq_len}, "
+      raise ConfigError(f"the training corpus has {len(windows)} windows of data.seq_len={self.seq_len}, "
                        f"fewer than one batch (data.batch_size={self.global_batch_size})")
     self.local_batch_size = self.global_batch_size // self.process_count
     # shuffle() draws a new permutation for each pass over the windows; batch k of this

@@ -5,6 +5,8 @@ import sys
 
 from absl import app, flags, logging
 
+from llama_jax import distributed  # noqa: F401  (defines the multi-host flags)
+
 
 def parse_flags(argv):
   """absl flag parsing, with an unknown or mistyped --config.* key reported in one line."""
@@ -28,10 +30,11 @@ def run(fn):
   """Runs fn with library logs at WARNING; a ConfigError or missing file ends it in one line."""
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  from llama_jax import config_lib
+  from llama_jax.errors import ConfigError
   try:
+    distributed.initialize_from_flags()
     return fn()
-  except (config_lib.ConfigError, FileNotFoundError) as e:
+  except (ConfigError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
 
 

@@ -14,6 +14,7 @@ from llama_jax import config_lib
 from llama_jax import corpus
 from llama_jax import data as data_lib
 from llama_jax import metrics as metrics_lib
+from llama_jax import sharding as sh
 
 
 class Evaluator:
@@ -38,7 +39,7 @@ class Evaluator:
     nll, count = 0.0, 0.0
     with jax.set_mesh(self._setup.mesh):
       for batch in self._batches:
-        batch_nll, batch_count = self._eval_step(params, self._setup.global_batch(batch))
+        batch_nll, batch_count = sh.replicated_to_host(self._eval_step(params, self._setup.global_batch(batch)))
         nll += float(batch_nll)
         count += float(batch_count)
     loss = nll / max(count, 1)

@@ -12,6 +12,8 @@ import numpy as np
 import ml_collections
 from flax import nnx
 
+from llama_jax import sharding as sh
+
 
 def sample(graphdef, params, prompt_ids, max_new_tokens: int, window: int, temperature: float, seed: int):
   """Appends max_new_tokens sampled tokens (greedy if temperature == 0) to prompt_ids."""
@@ -30,7 +32,7 @@ def sample(graphdef, params, prompt_ids, max_new_tokens: int, window: int, tempe
     tokens_1W = np.zeros((1, window), np.int32)
     tokens_1W[0, :len(context)] = context
     key, sub = jax.random.split(key)
-    ids.append(int(next_token(params, tokens_1W, len(context) - 1, sub)))
+    ids.append(int(sh.replicated_to_host(next_token(params, tokens_1W, len(context) - 1, sub))))
   return ids
 
 

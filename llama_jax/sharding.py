@@ -8,9 +8,12 @@ laid out over devices means changing `LOGICAL_AXIS_RULES`, nothing more.
 import math
 
 import jax
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+
+from llama_jax.errors import ConfigError
 
 # Logical axis names (dimension letters of STYLE: B T D F N K H L V).
 BATCH = "batch"  # B
@@ -64,12 +67,12 @@ def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
   sizes = [mesh_config[a] for a in MESH_AXES]
   asked = ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
   if sizes.count(-1) > 1 or any(s < 1 and s != -1 for s in sizes):
-    raise ValueError(f"config.mesh ({asked}): sizes must be >= 1, and at most one may be -1")
+    raise ConfigError(f"config.mesh ({asked}): sizes must be >= 1, and at most one may be -1")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     sizes[sizes.index(-1)] = max(len(devices) // known, 1)
   if math.prod(sizes) != len(devices):
-    raise ValueError(f"config.mesh ({asked}) needs {math.prod(sizes)} devices, but there are {len(devices)}")
+    raise ConfigError(f"config.mesh ({asked}) needs {math.prod(sizes)} devices, but there are {len(devices)}")
   return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
                        devices=devices)
 
@@ -90,7 +93,7 @@ def check_divisible(mesh, shapes_and_names):
       axes = (axes,) if isinstance(axes, str) else (axes or ())
       n = math.prod(mesh.shape[a] for a in axes)
       if dim % n:
-        raise ValueError(f"{what}: dim '{name}' of size {dim} is not divisible by mesh axes "
+        raise ConfigError(f"{what}: dim '{name}' of size {dim} is not divisible by mesh axes "
                          f"{'x'.join(axes)} = {n}")
 
 
@@ -109,3 +112,8 @@ def state_shardings(mesh, abstract_state, params_sharding, tx):
       transform_non_params=lambda _: replicated,
       is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
   return {"step": replicated, "params": params_sharding, "opt_state": opt_sharding}
+
+
+def replicated_to_host(tree):
+  """Host copies of replicated arrays; works when the mesh spans processes (device_get does not)."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)

@@ -162,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       state, metrics = train_step(state, setup.global_batch(train_data.batch(step)))
       done = step + 1
       if done % config.train.log_every == 0 or done in (total, end):
-        metrics = jax.device_get(metrics)
+        metrics = sh.replicated_to_host(metrics)
         if not np.isfinite(metrics["loss"]):
           raise FloatingPointError(f"loss is {metrics['loss']} at step {done}; last good checkpoint: "
                                    f"{checkpointer.latest_step()}")

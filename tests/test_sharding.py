@@ -6,13 +6,14 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import tiny_test_config
-from llama_jax import config_lib, data as data_lib, trainer
+from llama_jax import config_lib, corpus, data as data_lib, trainer
 
 
 def _train_losses(config, devices, steps):
   setup = trainer.Setup(config, devices)
   trainer.check_batch(config, setup.mesh)
-  tokens = np.random.default_rng(0).integers(3, config.model.vocab_size, 20_000, dtype=np.int32)
+  text = corpus.load_documents("shakespeare:train")[0][:50_000]
+  tokens = np.frombuffer(text.encode(), np.uint8).astype(np.int32)  # bytes as tokens: no tokenizer needed
   data = data_lib.TrainData(tokens, config.data.seq_len, config.data.batch_size, 0, bos_id=1)
   state = setup.init_state()
   step_fn = setup.jit_train_step()
@@ -65,6 +66,6 @@ def test_param_and_optimizer_shardings_follow_the_rules():
 ])
 def test_bad_meshes_fail_before_compiling(mesh, overrides, message):
   config = tiny_test_config(**{f"mesh.{k}": v for k, v in mesh.items()}, **overrides)
-  with pytest.raises(config_lib.ConfigError if "batch" in message else ValueError, match=message):
+  with pytest.raises(config_lib.ConfigError, match=message):
     setup = trainer.Setup(config, jax.devices())
     trainer.check_batch(config, setup.mesh)

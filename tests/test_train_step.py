@@ -1,0 +1,47 @@
+"""The train step: gradient accumulation and mixed precision."""
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_test_config
+from llama_jax import trainer
+from test_sharding import _train_losses
+
+
+def _batch(B=8, T=32, V=320, seed=0):
+  rng = np.random.default_rng(seed)
+  windows = rng.integers(3, V, (B, T + 1), dtype=np.int32)
+  weights = np.ones((B, T), np.int32)
+  # Micro-batches (rows j, j+4, ...) get very different numbers of target tokens.
+  weights[0, 5:] = 0
+  weights[4, :] = 0
+  weights[1, 20:] = 0
+  weights[3, 1:] = 0
+  return {"inputs": windows[:, :-1], "targets": windows[:, 1:], "weights": weights}
+
+
+def _one_step(grad_accum_steps, batch):
+  config = tiny_test_config(**{"train.grad_accum_steps": grad_accum_steps})
+  setup = trainer.Setup(config, jax.devices()[:1])
+  state = setup.init_state()
+  with jax.set_mesh(setup.mesh):
+    new_state, metrics = setup.jit_train_step()(state, setup.global_batch(batch))
+  return jax.device_get(new_state["params"]), jax.device_get(metrics)
+
+
+def test_four_micro_batches_of_two_equal_one_batch_of_eight():
+  batch = _batch()
+  params_1, metrics_1 = _one_step(1, batch)
+  params_4, metrics_4 = _one_step(4, batch)
+  assert metrics_1["num_targets"] == metrics_4["num_targets"] == batch["weights"].sum()
+  np.testing.assert_allclose(metrics_4["loss"], metrics_1["loss"], rtol=1e-6)
+  np.testing.assert_allclose(metrics_4["grad_norm"], metrics_1["grad_norm"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), params_4, params_1)
+
+
+def test_bf16_compute_trains_like_fp32():
+  fp32, _ = _train_losses(tiny_test_config(), jax.devices()[:1], 50)
+  bf16, _ = _train_losses(tiny_test_config(**{"model.dtype": "bfloat16"}), jax.devices()[:1], 50)
+  assert fp32[-1] < fp32[0] - 0.5
+  assert bf16[-1] == pytest.approx(fp32[-1], rel=0.03)
