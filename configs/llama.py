@@ -1,0 +1,40 @@
+"""Pretraining config for any published Llama size, named after the colon.
+
+  python train.py --config configs/llama.py:llama3-8b --workdir gs://bucket/run \
+      --config.data.tokenizer_path=/path/to/llama3/tokenizer.model --config.data.train_corpus=...
+
+Presets: see llama_jax.model.PRESETS (llama1-7b ... llama3.1-405b, llama3.2-1b/3b). The model is
+the preset's architecture with bf16 compute, fp32 params and optimizer state, scan over
+layers and remat that keeps only matmul outputs; params and optimizer state are sharded over
+all devices (fsdp). Set data.tokenizer_path to the model family's tokenizer (its vocabulary
+must equal the preset's) and point data.train_corpus / data.eval_corpus at your text.
+Everything else is configs/tiny.py's, with the schedule of a real run.
+"""
+
+from configs import tiny
+from llama_jax import config_lib
+from llama_jax import model as model_lib
+
+
+def get_config(preset: str = "llama3-8b"):
+  if preset not in model_lib.PRESETS:
+    raise ValueError(f"configs/llama.py:{preset}: unknown preset; have {', '.join(model_lib.PRESETS)}")
+  c = tiny.get_config()
+  c.model = config_lib.model_config_dict(model_lib.PRESETS[preset])
+  c.model.dtype = "bfloat16"  # compute in bf16, params and optimizer state stay fp32
+  c.model.scan_layers = True  # one compiled block for all layers
+  c.model.remat = "save_dots"  # recompute everything in the backward pass but matmul outputs
+
+  c.data.seq_len = 4096  # T
+  c.data.batch_size = 256  # 1M tokens per step
+  c.optim.learning_rate = 3e-4
+  c.optim.warmup_steps = 2000
+  c.optim.min_lr_ratio = 0.1
+  c.optim.weight_decay = 0.1
+  c.train.steps = 100_000
+  c.train.log_every = 10
+  c.train.eval_every = 1000
+  c.train.checkpoint_every = 1000
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  c.sample.prompt = "The meaning of life is"
+  return c

@@ -1,0 +1,76 @@
+"""Compiles the train step ahead of time for a TPU topology, on this machine, and prints its memory.
+
+  JAX_PLATFORMS=cpu python -m llama_jax.aot --config configs/llama.py:llama3-8b --topology v5p-64
+
+Needs `libtpu` (the version `jax[tpu]` pins) but no TPU: libtpu describes the topology and XLA
+compiles for it, so a config's per-device memory is known before a pod is booked.
+"""
+
+import time
+
+import jax
+from absl import flags
+from ml_collections import config_flags
+
+from llama_jax import entry
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p-8", "A name from TOPOLOGIES, or 'v5:2x2x2'-style.")
+flags.mark_flags_as_required(["config"])
+
+# Cloud TPU slice names -> (libtpu topology name, chip config); a vN-M slice has M TensorCores.
+TOPOLOGIES = {
+    "v4-8": ("v4:2x2x1", "megacore"), "v4-16": ("v4:2x2x2", "megacore"), "v4-32": ("v4:2x2x4", "megacore"),
+    "v4-64": ("v4:2x4x4", "megacore"), "v4-128": ("v4:4x4x4", "megacore"),
+    "v5p-8": ("v5:2x2x1", "megacore"), "v5p-16": ("v5:2x2x2", "megacore"), "v5p-32": ("v5:2x2x4", "megacore"),
+    "v5p-64": ("v5:2x4x4", "megacore"), "v5p-128": ("v5:4x4x4", "megacore"),
+}
+
+
+def tpu_devices(topology: str):
+  """The devices of a TPU topology described by libtpu (no TPU needed)."""
+  from jax.experimental import topologies
+  name, chip_config = TOPOLOGIES.get(topology, (topology, "megacore"))
+  return topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name=chip_config,
+                                      chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=(False,) * 3).devices
+
+
+def lower_train_step(config, devices):
+  """The train step lowered for `devices` from abstract shapes only: nothing is allocated."""
+  from llama_jax import trainer
+  setup = trainer.Setup(config, devices)
+  trainer.check_batch(config, setup.mesh)
+  B, T = config.data.batch_size, config.data.seq_len
+  batch = {k: jax.ShapeDtypeStruct((B, T), jax.numpy.int32, sharding=setup.batch_sharding)
+           for k in ("inputs", "targets", "weights")}
+  with jax.set_mesh(setup.mesh):
+    return setup.jit_train_step().lower(setup.abstract_state, batch)
+
+
+def main(argv):
+  del argv
+
+  def run():
+    devices = tpu_devices(_TOPOLOGY.value)
+    start = time.perf_counter()
+    try:
+      compiled = lower_train_step(_CONFIG.value, devices).compile()
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      raise SystemExit(f"{_TOPOLOGY.value}: does not fit: {str(e).splitlines()[0]}")
+    mem = compiled.memory_analysis()
+    gib = lambda b: b / 2**30
+    print(f"{_TOPOLOGY.value}: {len(devices)} x {devices[0].device_kind}, compiled in "
+          f"{time.perf_counter() - start:.0f} s")
+    print(f"per device: arguments {gib(mem.argument_size_in_bytes):.2f} GiB, outputs "
+          f"{gib(mem.output_size_in_bytes):.2f} GiB (aliased {gib(mem.alias_size_in_bytes):.2f}), "
+          f"temporaries {gib(mem.temp_size_in_bytes):.2f} GiB, code {gib(mem.generated_code_size_in_bytes):.3f} GiB")
+    total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    print(f"peak estimate: {gib(total):.2f} GiB per device")
+
+  entry.run(run)
+
+
+if __name__ == "__main__":
+  entry.main(main)
