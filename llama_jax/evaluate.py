@@ -9,6 +9,7 @@ import json
 import math
 
 import jax
+import numpy as np
 
 from llama_jax import config_lib
 from llama_jax import corpus
@@ -24,7 +25,8 @@ class Evaluator:
     config = setup.config
     self._setup = setup
     ids = tok.encode_batch(docs)
-    self._num_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    self.ids_per_doc = ids
+    self.num_bytes = sum(len(d.encode("utf-8")) for d in docs)
     batch_size = max(config.data.batch_size // config.train.grad_accum_steps, 1)
     batches = data_lib.eval_batches(ids, config.data.seq_len, batch_size, tok.bos_id, tok.pad_id)
     # Each process feeds its rows of every batch.
@@ -44,7 +46,7 @@ class Evaluator:
         count += float(batch_count)
     loss = nll / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(loss),
-            "bits_per_byte": nll / math.log(2) / self._num_bytes, "num_tokens": int(count)}
+            "bits_per_byte": nll / math.log(2) / self.num_bytes, "num_tokens": int(count)}
 
 
 def as_eval_metrics(result: dict) -> dict:
@@ -66,3 +68,10 @@ def write_json(result: dict, path: str):
     with open(path, "w") as f:
       json.dump(result, f, indent=2)
     metrics_lib.log(f"wrote {path}")
+
+
+def unigram_bits_per_byte(train_tokens, eval_ids_per_doc, num_bytes: int, vocab_size: int) -> float:
+  """The baseline a model must beat: every eval token scored by its training frequency (add-one)."""
+  counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size) + 1.0
+  log2_prob = np.log2(counts / counts.sum())
+  return -sum(log2_prob[np.asarray(ids, np.int64)].sum() for ids in eval_ids_per_doc) / num_bytes

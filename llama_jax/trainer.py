@@ -178,8 +178,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     result = evaluator(state["params"])
     if start < total:
       writer.write(total, eval_lib.as_eval_metrics(result))
+    unigram = eval_lib.unigram_bits_per_byte(train_tokens, evaluator.ids_per_doc, evaluator.num_bytes,
+                                             llama.vocab_size)
     metrics_lib.log(f"held-out: loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
-                    f"{result['bits_per_byte']:.4f} bits/byte over {result['num_tokens']:,} tokens")
+                    f"{result['bits_per_byte']:.4f} bits/byte over {result['num_tokens']:,} tokens "
+                    f"(unigram baseline: {unigram:.4f} bits/byte)")
     if config.sample.max_new_tokens > 0:
       metrics_lib.log(f"sample:\n{generate_lib.sample_text(setup, state['params'], tok, config.sample)}")
     result = {"step": total, **result}
