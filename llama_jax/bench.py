@@ -42,7 +42,7 @@ def bench(config, steps: int) -> dict:
     step_s = (time.perf_counter() - start) / steps
   tokens_per_sec = B * T / step_s
   flops_per_token = flops.train_flops_per_token(setup.llama, T)
-  peak = flops.peak_flops_per_device(jax.devices()[0]) * len(setup.mesh.devices.flat)
+  peak = flops.peak_flops_per_device(jax.devices()[0]) * setup.mesh.size
   return {"compile_s": compile_s, "step_s": step_s, "tokens_per_sec": tokens_per_sec,
           "model_tflops_per_sec": tokens_per_sec * flops_per_token / 1e12,
           "mfu": tokens_per_sec * flops_per_token / peak if peak else float("nan")}

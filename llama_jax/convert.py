@@ -5,8 +5,8 @@
 
 Only reshapes and transposes are needed: model.py uses HF's rotate-half RoPE layout, so the
 q/k projections are not permuted. Conversion streams one tensor at a time into (or out of)
-preallocated stacked arrays, so peak host memory stays near one copy of the model. Needs
-numpy, ml_dtypes and safetensors, not torch.
+preallocated stacked arrays, so peak host memory stays near one copy of the model (plus one
+shard when writing). Needs numpy, ml_dtypes and safetensors, not torch.
 """
 
 import dataclasses
@@ -15,11 +15,14 @@ import json
 import os
 from typing import Callable
 
+import jax
 import ml_dtypes  # registers bfloat16 with numpy: safetensors' numpy reader needs it
 import numpy as np
 import safetensors
 import safetensors.numpy
+from flax import nnx
 
+from llama_jax import model as model_lib
 from llama_jax.model import LlamaConfig, RopeScaling
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -199,10 +202,6 @@ def _mappings(config: LlamaConfig) -> list[_Mapping]:
 
 def _param_shapes(config: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
   """Shape of every param of our model, by key path, from the abstract model (no memory)."""
-  import jax
-  from flax import nnx
-  from llama_jax import model as model_lib
-
   state = nnx.to_pure_dict(nnx.state(model_lib.abstract_model(config), nnx.Param))
   flat = jax.tree_util.tree_flatten_with_path(state)[0]
   return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
@@ -243,10 +242,6 @@ def from_hf(hf_dir: str, **overrides) -> tuple[LlamaConfig, dict]:
 
 def from_hf_model(hf_dir: str, **overrides):
   """The NNX `Llama` of an HF checkpoint dir (params moved to the default device)."""
-  import jax
-  from flax import nnx
-  from llama_jax import model as model_lib
-
   config, params = from_hf(hf_dir, **overrides)
   graphdef, _ = nnx.split(model_lib.abstract_model(config))
   # Leaf by leaf, dropping each host copy once it is on device, so the two don't coexist.

@@ -61,7 +61,7 @@ class ProgressLogger:
     elapsed = time.perf_counter() - self._first_time
     eta = elapsed / max(done, 1) * (self.total_steps - step)
     return (f"step {step}/{self.total_steps} | loss {metrics['loss']:.4f} | "
-            f"{metrics['tokens_per_sec']:,.0f} tok/s | lr {metrics['learning_rate']:.2e} | "
+            f"{metrics['tokens_per_sec']:,.0f} tok/s | MFU {metrics['mfu']:.1%} | lr {metrics['learning_rate']:.2e} | "
             f"grad_norm {metrics['grad_norm']:.3f} | eta {_hms(eta)}")
 
 

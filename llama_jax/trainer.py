@@ -15,6 +15,7 @@ from llama_jax import config_lib
 from llama_jax import corpus
 from llama_jax import data as data_lib
 from llama_jax import evaluate as eval_lib
+from llama_jax import flops
 from llama_jax import generate as generate_lib
 from llama_jax import metrics as metrics_lib
 from llama_jax import model as model_lib
@@ -154,6 +155,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   writer = metrics_lib.MetricWriter(workdir)
   total = config.train.steps
   tokens_per_step = config.data.batch_size * config.data.seq_len
+  peak_flops = flops.peak_flops_per_device(jax.devices()[0]) * setup.mesh.size
+  flops_per_token = flops.train_flops_per_token(llama, config.data.seq_len)
   progress = metrics_lib.ProgressLogger(start, total)
   train_step = setup.jit_train_step()
   end = total if stop_after is None else min(stop_after, total)
@@ -167,6 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
           raise FloatingPointError(f"loss is {metrics['loss']} at step {done}; last good checkpoint: "
                                    f"{checkpointer.latest_step()}")
         metrics["tokens_per_sec"] = progress.tokens_per_sec(done, tokens_per_step)
+        metrics["mfu"] = metrics["tokens_per_sec"] * flops_per_token / peak_flops if peak_flops else 0.0
         writer.write(done, metrics)
         metrics_lib.log(progress.line(done, metrics))
       if config.train.eval_every and done % config.train.eval_every == 0 and done != total:
