@@ -125,13 +125,43 @@ def test_presets_published_dims():
   assert p["llama3.2-3b"].tie_embeddings and p["llama3.2-3b"].rope_scaling.factor == 32.0
   assert p["llama3.1-70b"].rope_scaling == LLAMA31_ROPE
   assert p["llama1-7b"].norm_eps == 1e-6 and p["llama1-65b"].norm_eps == 1e-5
+  defaults = LlamaConfig(vocab_size=1, dim=2, n_layers=1, n_heads=1, n_kv_heads=1, ffw_dim=1)
   for name, config in p.items():
-    defaults = LlamaConfig(vocab_size=1, dim=2, n_layers=1, n_heads=1, n_kv_heads=1, ffw_dim=1)
     for field in ("dtype", "param_dtype", "scan_layers", "remat", "init_std"):
       assert getattr(config, field) == getattr(defaults, field), (name, field)
 
 
 # ---------------------------------------------------------------------------- config.json
+
+# The config.json files Meta published on the HF hub (transformers 4 spelling).
+HUB_LLAMA2_7B = {
+    "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2,
+    "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+    "intermediate_size": 11008, "max_position_embeddings": 4096, "model_type": "llama",
+    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+    "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None,
+    "tie_word_embeddings": False, "torch_dtype": "float16", "use_cache": True, "vocab_size": 32000}
+HUB_LLAMA32_1B = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu",
+    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
+    "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+    "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
+    "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "use_cache": True, "vocab_size": 128256}
+
+
+def test_hub_configs_are_presets():
+  assert convert.config_from_hf(HUB_LLAMA2_7B) == PRESETS["llama2-7b"]
+  assert convert.config_from_hf(HUB_LLAMA32_1B) == PRESETS["llama3.2-1b"]
+  hf_31_8b = {**HUB_LLAMA32_1B, "hidden_size": 4096, "intermediate_size": 14336,
+              "num_hidden_layers": 32, "head_dim": 128, "tie_word_embeddings": False,
+              "rope_scaling": {**HUB_LLAMA32_1B["rope_scaling"], "factor": 8.0}}
+  assert convert.config_from_hf(hf_31_8b) == PRESETS["llama3.1-8b"]
+
 
 
 def test_config_matches_what_transformers_reads():
