@@ -13,6 +13,7 @@ import dataclasses
 import glob
 import json
 import os
+import shutil
 from typing import Callable
 
 import jax
@@ -421,3 +422,118 @@ def _set(tree: dict, path: tuple[str, ...], value):
   for key in path[:-1]:
     tree = tree.setdefault(key, {})
   tree[path[-1]] = value
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def import_hf(hf_dir: str, workdir: str, config_arg: str = "configs/llama.py"):
+  """Writes WORKDIR/checkpoints/0 from an HF checkpoint: train.py continues pretraining from it
+  (with `--config configs/llama.py:<preset>` or any config of the same architecture) and eval.py
+  scores it. The training config saved with it is `config_arg`'s with the HF model in it."""
+  from llama_jax import checkpoint as ckpt_lib
+  from llama_jax import config_lib, trainer
+  from llama_jax import tokenizer as tok_lib
+
+  config_lib.check_workdir(workdir)
+  llama, params = from_hf(hf_dir)
+  config = _load_config_file(config_arg)
+  model = config_lib.model_config_dict(llama)
+  for key in ("dtype", "scan_layers", "remat"):  # how to compute stays the config's choice
+    model[key] = config.model[key]
+  config.model = model
+  setup = trainer.Setup(config)
+  ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
+  if ckpt.latest_step() is not None:
+    raise ValueError(f"--workdir {workdir} already has checkpoints; import into a new workdir")
+  params = jax.tree.map(jax.device_put, params, setup.params_sharding)
+  opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_sharding["opt_state"])(params)
+  state = {"step": jax.device_put(np.zeros((), np.int32), setup.state_sharding["step"]), "params": params,
+           "opt_state": opt_state}
+  ckpt.save(0, state, config, force=True)
+  ckpt.wait()
+  ckpt.close()
+  for name in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
+    src = os.path.join(hf_dir, name)
+    if os.path.isfile(src):
+      tok = tok_lib.load_tokenizer(src)
+      config_lib.check_vocab(tok, llama, src)
+      shutil.copyfile(src, trainer.tokenizer_path(workdir))
+      break
+  else:
+    print(f"note: {hf_dir} has no tokenizer.model; put the model's tokenizer at {trainer.tokenizer_path(workdir)}")
+  return llama, state
+
+
+def _load_config_file(config_arg: str):
+  """A `get_config()` file with an optional `:argument`, as `--config` takes it."""
+  import importlib.util
+  path, _, arg = config_arg.partition(":")
+  spec = importlib.util.spec_from_file_location("imported_config", path)
+  if spec is None or not os.path.isfile(path):
+    raise FileNotFoundError(f"--config: no such config file {path}")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def export_hf(workdir: str, hf_dir: str, step: int | None = None, dtype: str | None = "bfloat16"):
+  """Writes WORKDIR's checkpoint (latest by default) as an HF Llama dir; returns the step."""
+  from llama_jax import trainer
+  setup, params, tok, step = trainer.load_run(workdir, step)
+  to_hf(setup.llama, jax.device_get(params), hf_dir, dtype=dtype,
+        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+  shutil.copyfile(trainer.tokenizer_path(workdir), os.path.join(hf_dir, "tokenizer.model"))
+  return step
+
+
+def max_logit_difference(hf_dir: str, config: LlamaConfig, params, seq_len: int = 16, seed: int = 0) -> float:
+  """Runs transformers' LlamaForCausalLM (torch, fp32) and ours on the same random tokens."""
+  import torch
+  import transformers
+
+  hf_model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+  tokens = np.random.default_rng(seed).integers(0, config.vocab_size, (2, seq_len))
+  with torch.no_grad():
+    theirs = hf_model(torch.from_numpy(tokens)).logits.numpy()
+  graphdef, _ = nnx.split(model_lib.abstract_model(dataclasses.replace(config, dtype="float32")))
+  mine = np.asarray(jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens))
+  return float(np.abs(mine - theirs).max())
+
+
+def main(argv=None):
+  import argparse
+  import sys
+
+  parser = argparse.ArgumentParser(description="Hugging Face Llama checkpoints <-> llama_jax workdirs.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  imp = sub.add_parser("import-hf", help="HF dir -> orbax checkpoint at step 0 in a new workdir")
+  imp.add_argument("--hf_dir", required=True)
+  imp.add_argument("--workdir", required=True)
+  imp.add_argument("--config", default="configs/llama.py", help="training config to store with it")
+  imp.add_argument("--check", action="store_true", help="compare logits with transformers (needs torch)")
+  exp = sub.add_parser("export-hf", help="workdir checkpoint -> HF dir")
+  exp.add_argument("--workdir", required=True)
+  exp.add_argument("--hf_dir", required=True)
+  exp.add_argument("--step", type=int, default=None)
+  exp.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+  args = parser.parse_args(argv)
+  try:
+    if args.command == "import-hf":
+      llama, state = import_hf(args.hf_dir, args.workdir, args.config)
+      print(f"wrote {args.workdir}/checkpoints/0 ({model_lib.count_params(llama):,} parameters)")
+      if args.check:
+        try:
+          diff = max_logit_difference(args.hf_dir, llama, state["params"])
+          print(f"check: max |logit difference| vs transformers = {diff:.2e}")
+        except ImportError:
+          print("check: skipped, torch and transformers are not installed")
+    else:
+      step = export_hf(args.workdir, args.hf_dir, args.step, args.dtype)
+      print(f"wrote {args.hf_dir} from step {step}")
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  main()

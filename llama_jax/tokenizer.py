@@ -124,9 +124,6 @@ def main(argv=None):
   print(f"wrote {args.output} (vocab {tok.vocab_size})")
 
 
-if __name__ == "__main__":
-  main()
-
 
 # ---------------------------------------------------------------------------- Llama 3
 
@@ -280,3 +277,7 @@ def _last_word_start(text: str, limit: int) -> int:
       return i
     i = text.rfind(" ", 1, i)
   return limit
+
+
+if __name__ == "__main__":
+  main()
