@@ -39,12 +39,12 @@ def get_config():
   c.data.eval_corpus = "shakespeare:heldout"  # scored by eval.py and the in-training eval
   c.data.tokenizer_path = ""  # a tokenizer file; "" trains one on train_corpus into the workdir
   c.data.seq_len = 256  # T, tokens per training window
-  c.data.batch_size = 32  # global batch size B (windows per step, all processes together)
+  c.data.batch_size = 8  # global batch size B (windows per step, all processes together)
   c.data.shuffle_seed = 0  # window order; a new permutation each epoch
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.learning_rate = 3e-3  # peak learning rate
-  c.optim.warmup_steps = 50  # linear warmup from 0
+  c.optim.learning_rate = 4e-3  # peak learning rate
+  c.optim.warmup_steps = 200  # linear warmup from 0
   c.optim.min_lr_ratio = 0.1  # cosine decays to learning_rate * min_lr_ratio at train.steps
   c.optim.b1 = 0.9  # AdamW
   c.optim.b2 = 0.95
@@ -53,9 +53,9 @@ def get_config():
   c.optim.grad_clip = 1.0  # global-norm clipping
 
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 1000  # total optimizer steps
+  c.train.steps = 1800  # total optimizer steps
   c.train.grad_accum_steps = 1  # micro-batches per step (data.batch_size must divide evenly)
-  c.train.log_every = 50  # steps between log lines / metrics.jsonl train events
+  c.train.log_every = 100  # steps between log lines / metrics.jsonl train events
   c.train.eval_every = 0  # steps between held-out evaluations (0: only at the end)
   c.train.checkpoint_every = 500  # steps between checkpoints (and one at the end)
   c.train.keep_checkpoints = 3  # newest checkpoints kept

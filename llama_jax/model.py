@@ -283,4 +283,7 @@ PRESETS: dict[str, LlamaConfig] = {
                                  **_LLAMA31),
     "llama3.2-1b": LlamaConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffw_dim=8192, **_LLAMA32),
     "llama3.2-3b": LlamaConfig(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffw_dim=8192, **_LLAMA32),
+    # The demo model of configs/tiny.py: ~0.9M parameters, trains on a laptop CPU in minutes.
+    "tiny": LlamaConfig(vocab_size=1024, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffw_dim=384,
+                        tie_embeddings=True, max_seq_len=256),
 }

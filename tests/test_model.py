@@ -147,3 +147,9 @@ def test_params_carry_logical_axis_names():
   assert tuple(specs["blocks"]["attn"]["wq_DNH"]) == ("layers", "embed", "heads", "head_dim")
   assert tuple(specs["blocks"]["attn"]["wk_DKH"]) == ("layers", "embed", "kv_heads", "head_dim")
   assert tuple(specs["blocks"]["mlp"]["w_down_FD"]) == ("layers", "mlp", "embed")
+
+
+def test_demo_config_is_the_tiny_preset():
+  from configs import tiny
+  from llama_jax import config_lib
+  assert config_lib.llama_config(tiny.get_config().model) == model_lib.PRESETS["tiny"]
