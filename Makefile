@@ -22,6 +22,7 @@ $(VENV)/.test-deps: $(VENV)/.deps requirements-test.txt
 	touch $@
 
 demo: $(VENV)/.deps
+	mkdir -p $(dir $(WORKDIR))
 	$(PY) train.py --config configs/tiny.py --workdir $(WORKDIR)
 	$(PY) eval.py --workdir $(WORKDIR) --output $(WORKDIR)/eval.json
 
