@@ -3,10 +3,11 @@
   python train.py --config configs/tiny.py --workdir runs/tiny
   python eval.py --workdir runs/tiny
 
-On a 2-core CPU this trains in about 5 minutes (plus ~1 minute of compilation and evaluation)
-and reaches about BPB_TBD bits/byte on the 4 held-out plays (a unigram model of the same
-tokens: UNIGRAM_TBD bits/byte). The tokenizer (BPE, byte fallback) is trained on the training
-plays at the start of the run and saved as runs/tiny/tokenizer.model.
+On a 2-core CPU, 1800 steps train in about 5 minutes (the train loss falls from 6.9 to about
+3.0 nats/token) and eval.py reports 2.11 bits/byte (perplexity 28.5 over 217,591 tokens) on
+the 4 held-out plays; a unigram model of the same tokens scores 3.59 bits/byte. The tokenizer
+(1024-piece BPE with byte fallback) is trained on the training plays at the start of the run
+and saved as runs/tiny/tokenizer.model.
 """
 
 import ml_collections

@@ -29,7 +29,7 @@ def _names_missing_key(arg, message):
 def run(fn):
   """Runs fn with library logs at WARNING; a ConfigError or missing file ends it in one line."""
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    logging.set_verbosity(logging.ERROR)  # orbax logs every file it writes, and more
   from llama_jax.errors import ConfigError
   try:
     distributed.initialize_from_flags()

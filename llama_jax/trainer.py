@@ -160,12 +160,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   progress = metrics_lib.ProgressLogger(start, total)
   train_step = setup.jit_train_step()
   end = total if stop_after is None else min(stop_after, total)
+  loss_sum, logged_at = 0.0, start  # the logged loss is the mean since the previous log line
   with jax.set_mesh(setup.mesh):
     for step in range(start, end):
       state, metrics = train_step(state, setup.global_batch(train_data.batch(step)))
+      loss_sum = loss_sum + metrics["loss"]  # stays on device: no sync per step
       done = step + 1
       if done % config.train.log_every == 0 or done in (total, end):
-        metrics = sh.replicated_to_host(metrics)
+        metrics = sh.replicated_to_host(dict(metrics, loss=loss_sum / (done - logged_at)))
+        loss_sum, logged_at = 0.0, done
         if not np.isfinite(metrics["loss"]):
           raise FloatingPointError(f"loss is {metrics['loss']} at step {done}; last good checkpoint: "
                                    f"{checkpointer.latest_step()}")
@@ -213,6 +216,6 @@ def load_run(workdir: str, step: int | None = None, devices=None):
   setup = Setup(config, devices)
   tok = tok_lib.load_tokenizer(tokenizer_path(workdir))
   config_lib.check_vocab(tok, setup.llama, tokenizer_path(workdir))
-  params = checkpointer.restore_state(step, setup.abstract_state)["params"]
+  params = checkpointer.restore_params(step, setup.abstract_state["params"])
   checkpointer.close()
   return setup, params, tok, step
