@@ -1,6 +1,6 @@
 """Pretraining config for any published Llama size, named after the colon.
 
-  python train.py --config configs/llama.py:llama3-8b --workdir gs://bucket/run \
+  python train.py --config configs/llama.py:llama3-8b --workdir /mnt/shared/run \
       --config.data.tokenizer_path=/path/to/llama3/tokenizer.model --config.data.train_corpus=...
 
 Presets: see llama_jax.model.PRESETS (llama1-7b ... llama3.1-405b, llama3.2-1b/3b). The model is
