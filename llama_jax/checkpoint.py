@@ -34,20 +34,20 @@ class Checkpointer:
 
   def save(self, step: int, state, config: ml_collections.ConfigDict, force: bool = False):
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict())), force=force)
+        state=ocp.args.PyTreeSave(state), config=ocp.args.JsonSave(config.to_dict())), force=force)
 
   def restore_state(self, step: int, abstract_state):
     """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
-    return restored["state"]
+    return self._restore_tree(step, abstract_state)
 
   def restore_params(self, step: int, abstract_params):
     """Restores only state["params"] (no optimizer moments are read), onto their shardings."""
-    target = {"params": abstract_params}
+    return self._restore_tree(step, {"params": abstract_params}, partial=True)["params"]
+
+  def _restore_tree(self, step, target, partial=False):
     restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
-    return restored["state"]["params"]
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=partial)))
+    return restored["state"]
 
   def restore_config(self, step: int) -> ml_collections.ConfigDict:
     restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))

@@ -69,3 +69,20 @@ def test_bad_meshes_fail_before_compiling(mesh, overrides, message):
   with pytest.raises(config_lib.ConfigError, match=message):
     setup = trainer.Setup(config, jax.devices())
     trainer.check_batch(config, setup.mesh)
+
+
+def test_checkpoint_restores_onto_another_mesh(tmp_path):
+  from llama_jax import checkpoint as ckpt_lib
+  saved_setup = trainer.Setup(tiny_test_config(**{"mesh.fsdp": 8}), jax.devices())
+  state = saved_setup.init_state()
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(0, state, saved_setup.config)
+  ckpt.wait()
+
+  other = trainer.Setup(tiny_test_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}), jax.devices())
+  restored = ckpt.restore_state(0, other.abstract_state)
+  wq = restored["params"]["blocks"]["attn"]["wq_DNH"]
+  assert wq.sharding.spec == P(None, "fsdp", "tensor", None)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
+  params_only = ckpt.restore_params(0, trainer.Setup(tiny_test_config(), jax.devices()[:1]).abstract_state["params"])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params_only), jax.device_get(state["params"]))
