@@ -27,6 +27,7 @@ def get_config(preset: str = "llama3-8b"):
 
   c.data.seq_len = 4096  # T
   c.data.batch_size = 256  # 1M tokens per step
+  c.train.loss_chunk_size = 512  # never the whole [B, T, 128k] fp32 logits at once
   c.optim.learning_rate = 3e-4
   c.optim.warmup_steps = 2000
   c.optim.min_lr_ratio = 0.1

@@ -56,6 +56,7 @@ def get_config():
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1800  # total optimizer steps
   c.train.grad_accum_steps = 1  # micro-batches per step (data.batch_size must divide evenly)
+  c.train.loss_chunk_size = 0  # positions whose logits exist at once in the loss (0: all T)
   c.train.log_every = 100  # steps between log lines / metrics.jsonl train events
   c.train.eval_every = 0  # steps between held-out evaluations (0: only at the end)
   c.train.checkpoint_every = 500  # steps between checkpoints (and one at the end)

@@ -59,6 +59,10 @@ def check_config(config: ml_collections.ConfigDict):
   if config.data.batch_size % k:
     raise ConfigError(f"config.data.batch_size={config.data.batch_size} is not divisible by "
                       f"config.train.grad_accum_steps={k}")
+  chunk = config.train.loss_chunk_size
+  if chunk < 0 or (chunk and config.data.seq_len % chunk):
+    raise ConfigError(f"config.train.loss_chunk_size={chunk} must be 0 or divide "
+                      f"config.data.seq_len={config.data.seq_len}")
   path = config.data.tokenizer_path
   if path and not os.path.isfile(path):
     raise ConfigError(f"config.data.tokenizer_path: tokenizer file not found: {path}")

@@ -214,6 +214,10 @@ class Llama(nnx.Module):
       self.lm_head_DV = _param(rngs, (D, V), (sh.EMBED, sh.VOCAB), config.init_std, pd)
 
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+    return self.logits(self.hidden_states(tokens_BT, positions_BT, segment_ids_BT))
+
+  def hidden_states(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+    """The final-normed hidden states x_BTD that the LM head turns into logits."""
     c = self.config
     dt = jnp.dtype(c.dtype)
     if positions_BT is None:
@@ -236,9 +240,11 @@ class Llama(nnx.Module):
       for i in range(c.n_layers):
         x_BTD, _ = block_fn(x_BTD, jax.tree.map(lambda p: p[i], block_params))
 
-    x_BTD = self.final_norm(sh.constrain(x_BTD, (sh.BATCH, sh.SEQ, sh.ACT_EMBED)))
-    lm_head_DV = self.embed_VD[...].T if c.tie_embeddings else self.lm_head_DV[...]
-    logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, lm_head_DV.astype(dt))
+    return self.final_norm(sh.constrain(x_BTD, (sh.BATCH, sh.SEQ, sh.ACT_EMBED)))
+
+  def logits(self, x_BTD):
+    lm_head_DV = self.embed_VD[...].T if self.config.tie_embeddings else self.lm_head_DV[...]
+    logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, lm_head_DV.astype(x_BTD.dtype))
     return sh.constrain(logits_BTV, (sh.BATCH, sh.SEQ, sh.VOCAB))
 
 

@@ -10,13 +10,31 @@ import optax
 from flax import nnx
 
 
-def loss_sums(graphdef, params, batch):
-  """Summed next-token cross-entropy (fp32) over weighted targets, and the number of targets."""
+def loss_sums(graphdef, params, batch, loss_chunk_size: int = 0):
+  """Summed next-token cross-entropy (fp32) over weighted targets, and the number of targets.
+
+  loss_chunk_size > 0 computes logits for that many positions at a time, recomputing them in
+  the backward pass, so the fp32 [B, T, V] logits never exist whole (they dominate memory at
+  Llama-3's 128k vocabulary).
+  """
   model = nnx.merge(graphdef, params)
-  logits_BTV = model(batch["inputs"]).astype(jnp.float32)
-  nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
+  x_BTD = model.hidden_states(batch["inputs"])
   weights_BT = batch["weights"].astype(jnp.float32)
-  return jnp.sum(nll_BT * weights_BT), jnp.sum(weights_BT)
+
+  def nll_sum(x_BCD, targets_BC, weights_BC):
+    logits_BCV = model.logits(x_BCD).astype(jnp.float32)
+    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits_BCV, targets_BC) * weights_BC)
+
+  T = x_BTD.shape[1]
+  if not 0 < loss_chunk_size < T:
+    return nll_sum(x_BTD, batch["targets"], weights_BT), jnp.sum(weights_BT)
+
+  def chunks(a_BT):  # [B, T, ...] -> [T/C, B, C, ...]
+    return jnp.moveaxis(a_BT.reshape(a_BT.shape[0], T // loss_chunk_size, loss_chunk_size, *a_BT.shape[2:]), 1, 0)
+
+  chunk_nll = jax.checkpoint(lambda args: nll_sum(*args))
+  nll = jax.lax.map(chunk_nll, (chunks(x_BTD), chunks(batch["targets"]), chunks(weights_BT)))
+  return jnp.sum(nll), jnp.sum(weights_BT)
 
 
 def _micro_batches(batch, k: int):
@@ -26,9 +44,9 @@ def _micro_batches(batch, k: int):
   return jax.tree.map(split, batch)
 
 
-def make_train_step(graphdef, tx, schedule, grad_accum_steps: int = 1):
+def make_train_step(graphdef, tx, schedule, grad_accum_steps: int = 1, loss_chunk_size: int = 0):
   """train_step(state, batch) -> (state, metrics), gradients averaged over all target tokens."""
-  grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b), has_aux=True)
+  grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b, loss_chunk_size), has_aux=True)
 
   def train_step(state, batch):
     params = state["params"]
@@ -54,8 +72,8 @@ def make_train_step(graphdef, tx, schedule, grad_accum_steps: int = 1):
   return train_step
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, loss_chunk_size: int = 0):
   """eval_step(params, batch) -> (summed NLL in nats, number of targets)."""
   def eval_step(params, batch):
-    return loss_sums(graphdef, params, batch)
+    return loss_sums(graphdef, params, batch, loss_chunk_size)
   return eval_step

@@ -85,12 +85,14 @@ class Setup:
       return jax.jit(self._init_state, out_shardings=self.state_sharding)()
 
   def jit_train_step(self):
-    step = step_lib.make_train_step(self.graphdef, self.tx, self.schedule, self.config.train.grad_accum_steps)
+    t = self.config.train
+    step = step_lib.make_train_step(self.graphdef, self.tx, self.schedule, t.grad_accum_steps, t.loss_chunk_size)
     return jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
                    out_shardings=(self.state_sharding, None), donate_argnums=0)
 
   def jit_eval_step(self):
-    return jax.jit(step_lib.make_eval_step(self.graphdef), in_shardings=(self.params_sharding, self.batch_sharding))
+    return jax.jit(step_lib.make_eval_step(self.graphdef, self.config.train.loss_chunk_size),
+                   in_shardings=(self.params_sharding, self.batch_sharding))
 
   def global_batch(self, local_batch):
     """Assembles this process's rows into global arrays sharded over (data, fsdp)."""
