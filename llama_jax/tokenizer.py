@@ -75,9 +75,23 @@ def train_sentencepiece(texts, vocab_size: int, output: str) -> SentencePieceTok
   byte can be measured against the raw UTF-8 bytes.
   """
   model = io.BytesIO()
+  try:
+    _train(texts, vocab_size, model)
+  except RuntimeError as e:  # sentencepiece's own words, e.g. a vocabulary too small for the corpus
+    from llama_jax.errors import ConfigError
+    raise ConfigError(f"training a {vocab_size}-piece tokenizer failed: {str(e).splitlines()[-1]}") from None
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  tmp = output + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(model.getvalue())
+  os.replace(tmp, output)
+  return SentencePieceTokenizer(output)
+
+
+def _train(texts, vocab_size, model_writer):
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(texts),
-      model_writer=model,
+      model_writer=model_writer,
       model_type="bpe",
       vocab_size=vocab_size,
       byte_fallback=True,
@@ -92,12 +106,6 @@ def train_sentencepiece(texts, vocab_size: int, output: str) -> SentencePieceTok
       num_threads=os.cpu_count(),
       minloglevel=2,
   )
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  tmp = output + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(model.getvalue())
-  os.replace(tmp, output)
-  return SentencePieceTokenizer(output)
 
 
 def training_lines(texts):
@@ -118,9 +126,9 @@ def main(argv=None):
   args = parser.parse_args(argv)
   try:
     texts = corpus.load_documents(args.input)
+    tok = train_sentencepiece(training_lines(texts), args.vocab_size, args.output)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
-  tok = train_sentencepiece(training_lines(texts), args.vocab_size, args.output)
   print(f"wrote {args.output} (vocab {tok.vocab_size})")
 
 

@@ -116,6 +116,8 @@ def _flat(config):
     (["--config.data.tokenizer_path=/no/such/tokenizer.model"], "/no/such/tokenizer.model"),
     (["--config.data.tokenizer_path={tokenizer}"], "vocab"),
     (["--config.model.n_kv_heads=3"], "n_kv_heads"),
+    (["--config.mesh.data=3", "--config.mesh.fsdp=1"], "needs 3 devices, but there are 8"),
+    (["--config.mesh.tensor=8"], "not divisible by mesh axes tensor = 8"),
 ])
 def test_bad_input_is_one_line_naming_the_culprit(tmp_path, trained, args, culprit):
   tokenizer = trainer.tokenizer_path(trained[0])  # 320 pieces; configs/tiny.py wants 1024

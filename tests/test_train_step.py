@@ -60,3 +60,13 @@ def test_chunked_loss_equals_whole_sequence_loss():
   np.testing.assert_allclose(chunked, whole, rtol=1e-6)
   # Chunks sum the embedding gradient in another order: fp32 rounding, not a different result.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads_chunked, grads_whole)
+
+
+def test_weight_decay_skips_norms_and_the_embedding():
+  from flax import nnx
+  from llama_jax import model as model_lib, optim
+  params = nnx.to_pure_dict(nnx.state(model_lib.abstract_model(model_lib.PRESETS["tiny"]), nnx.Param))
+  mask = optim.decay_mask(params)
+  assert not mask["embed_VD"] and not mask["final_norm"]["scale"]
+  assert not mask["blocks"]["attn_norm"]["scale"] and not mask["blocks"]["mlp_norm"]["scale"]
+  assert mask["blocks"]["attn"]["wq_DNH"] and mask["blocks"]["mlp"]["w_down_FD"]
