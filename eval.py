@@ -3,7 +3,7 @@
   python eval.py --workdir runs/tiny [--step N] [--output FILE]
 """
 
-from absl import app, flags
+from absl import flags
 
 from llama_jax import entry
 

@@ -3,7 +3,7 @@
   python train.py --config configs/tiny.py --workdir runs/tiny [--config.train.steps=100 ...]
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from llama_jax import entry

@@ -85,9 +85,12 @@ def batch_sharding(mesh) -> jax.sharding.NamedSharding:
   return named(mesh, (BATCH, SEQ))
 
 
-def check_divisible(mesh, shapes_and_names):
-  """Raises one line naming the array, dim and mesh axis where a dim does not split evenly."""
-  for what, shape, names in shapes_and_names:
+def check_params_divisible(mesh, abstract_model):
+  """Raises one line naming the param, dim and mesh axes where a dim does not split evenly."""
+  state = nnx.state(abstract_model, nnx.Param)
+  specs = jax.tree.leaves(nnx.to_pure_dict(nnx.get_partition_spec(state)), is_leaf=lambda x: isinstance(x, P))
+  for (path, param), names in zip(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0], specs):
+    what, shape = f"param {jax.tree_util.keystr(path, simple=True, separator='/')}", param.shape
     for dim, name in zip(shape, names):
       axes = LOGICAL_AXIS_RULES.get(name) if name else None
       axes = (axes,) if isinstance(axes, str) else (axes or ())

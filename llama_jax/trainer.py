@@ -62,9 +62,8 @@ class Setup:
     self.llama = config_lib.llama_config(config.model)
     self.mesh = sh.make_mesh(config.mesh, devices)
     abstract_model = model_lib.abstract_model(self.llama)
-    self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-    abstract_params = nnx.to_pure_dict(abstract_params)
-    sh.check_divisible(self.mesh, _param_shapes_and_names(abstract_model))
+    self.graphdef, _ = nnx.split(abstract_model)
+    sh.check_params_divisible(self.mesh, abstract_model)
     self.tx, self.schedule = optim.make_optimizer(config.optim, config.train.steps)
 
     def init_state():
@@ -97,16 +96,6 @@ class Setup:
   def global_batch(self, local_batch):
     """Assembles this process's rows into global arrays sharded over (data, fsdp)."""
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local_batch.items()}
-
-
-def _param_shapes_and_names(abstract_model):
-  state = nnx.state(abstract_model, nnx.Param)
-  specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
-  shapes = nnx.to_pure_dict(state)
-  paths = jax.tree_util.tree_flatten_with_path(shapes)[0]
-  spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-  return [(f"param {jax.tree_util.keystr(p, simple=True, separator='/')}", a.shape, tuple(s))
-          for (p, a), s in zip(paths, spec_leaves)]
 
 
 def check_batch(config, mesh):

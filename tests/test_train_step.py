@@ -48,7 +48,6 @@ def test_bf16_compute_trains_like_fp32():
 
 
 def test_chunked_loss_equals_whole_sequence_loss():
-  from flax import nnx
   from llama_jax import train_step as step_lib
   config = tiny_test_config()
   setup = trainer.Setup(config, jax.devices()[:1])
