@@ -33,6 +33,7 @@ def get_config():
   c.model.param_dtype = "float32"  # storage dtype of params and optimizer state
   c.model.scan_layers = True  # lax.scan over layers (fast compile) instead of unrolling
   c.model.remat = "none"  # rematerialisation policy: none, full, save_dots, ...
+  c.model.attention = "einsum"  # or "dot_product": jax.nn.dot_product_attention (cuDNN flash on GPUs)
   c.model.init_std = 0.02  # std of the normal initialisation (output projections / sqrt(2L))
 
   c.data = ml_collections.ConfigDict()

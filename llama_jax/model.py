@@ -46,6 +46,7 @@ class LlamaConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True  # lax.scan over the stacked layers (fast compile) or unroll
   remat: str = "none"  # one of REMAT_POLICIES
+  attention: str = "einsum"  # "einsum" (written out below) or "dot_product" (jax.nn's: cuDNN flash on GPUs)
   init_std: float = 0.02
 
   @property
@@ -62,6 +63,8 @@ class LlamaConfig:
       raise ValueError(f"head dim {self.head_dim} (model.dim / model.n_heads) must be even for RoPE")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+    if self.attention not in ("einsum", "dot_product"):
+      raise ValueError(f"model.attention={self.attention!r} is not 'einsum' or 'dot_product'")
 
 
 # What the backward pass may keep from the forward pass of a block; the rest is recomputed.
@@ -77,6 +80,7 @@ REMAT_POLICIES = {
 def _param(rngs, shape, names, std, dtype):
   """A normally initialised parameter annotated with logical axis names."""
   value = std * jax.random.normal(rngs.params(), shape, dtype)
+  # The names are only recorded here; the jitted init's out_shardings place the values.
   return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
@@ -131,7 +135,8 @@ class Attention(nnx.Module):
     self.wv_DKH = _param(rngs, (D, K, H), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), std, pd)
     self.wo_NHD = _param(rngs, (N, H, D), (sh.HEADS, sh.HEAD_DIM, sh.EMBED), out_std, pd)
 
-  def __call__(self, x_BTD, positions_BT, mask_BTS):
+  def __call__(self, x_BTD, positions_BT, mask_BTS=None):
+    """mask_BTS: which keys each query sees (None: all earlier positions)."""
     c = self.config
     dt = x_BTD.dtype
     q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...].astype(dt))
@@ -140,17 +145,26 @@ class Attention(nnx.Module):
     inv_freq = rope_frequencies(c)
     q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
     k_BSKH = apply_rope(k_BSKH, positions_BT, inv_freq)
-
-    B, T, N, H = q_BTNH.shape
-    K = c.n_kv_heads
-    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)  # query head n uses kv head n // G
-    scores_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH).astype(jnp.float32)
-    scores_BKGTS = scores_BKGTS / math.sqrt(H)
-    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
-    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dt)
-    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
-    out_BTNH = out_BTKGH.reshape(B, T, N, H)
+    if c.attention == "dot_product":
+      out_BTNH = jax.nn.dot_product_attention(
+          q_BTNH, k_BSKH, v_BSKH, mask=None if mask_BTS is None else mask_BTS[:, None], is_causal=mask_BTS is None)
+    else:
+      out_BTNH = _attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
     return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.wo_NHD[...].astype(dt))
+
+
+def _attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+  """softmax(q k^T / sqrt(H)) v, each kv head shared by G consecutive query heads; fp32 softmax."""
+  B, T, N, H = q_BTNH.shape
+  K = k_BSKH.shape[2]
+  if mask_BTS is None:
+    mask_BTS = jnp.tril(jnp.ones((T, T), bool))[None]
+  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)  # query head n uses kv head n // G
+  scores_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH).astype(jnp.float32) / math.sqrt(H)
+  scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
+  probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(q_BTNH.dtype)
+  out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+  return out_BTKGH.reshape(B, T, N, H)
 
 
 class MLP(nnx.Module):
@@ -222,9 +236,7 @@ class Llama(nnx.Module):
     dt = jnp.dtype(c.dtype)
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
-    if segment_ids_BT is None:
-      segment_ids_BT = jnp.zeros_like(tokens_BT)
-    mask_BTS = attention_mask(segment_ids_BT)
+    mask_BTS = None if segment_ids_BT is None else attention_mask(segment_ids_BT)
     x_BTD = self.embed_VD[...].astype(dt)[tokens_BT]
 
     block_graph, block_params = nnx.split(self.blocks)

@@ -35,8 +35,9 @@ def test_changing_a_future_token_never_changes_earlier_logits():
     assert not np.allclose(base[:, t:], changed[:, t:])
 
 
-def test_documents_do_not_see_each_other():
-  model = model_lib.init_model(SMALL, 0)
+@pytest.mark.parametrize("attention", ["einsum", "dot_product"])
+def test_documents_do_not_see_each_other(attention):
+  model = model_lib.init_model(dataclasses.replace(SMALL, attention=attention), 0)
   tokens = _tokens(B=1, T=10)
   segments = jnp.array([[0] * 4 + [1] * 6])
   positions = jnp.array([list(range(4)) + list(range(6))])
@@ -96,9 +97,10 @@ def _reference_attention(attn, config, x_BTD):
   return np.einsum("btnh,nhd->btd", out, p["wo"])
 
 
+@pytest.mark.parametrize("attention", ["einsum", "dot_product"])
 @pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
-def test_grouped_query_attention_matches_repeated_heads(n_kv_heads):
-  config = dataclasses.replace(SMALL, n_kv_heads=n_kv_heads)
+def test_grouped_query_attention_matches_repeated_heads(n_kv_heads, attention):
+  config = dataclasses.replace(SMALL, n_kv_heads=n_kv_heads, attention=attention)
   attn = model_lib.Attention(config, nnx.Rngs(params=3))
   x_BTD = jax.random.normal(jax.random.key(2), (2, 7, 32))
   T = x_BTD.shape[1]
