@@ -3,11 +3,11 @@
   python train.py --config configs/tiny.py --workdir runs/tiny
   python eval.py --workdir runs/tiny
 
-On a 2-core CPU, 1800 steps train in about 5 minutes (the logged train loss, a mean over 100
-steps, falls from 5.74 at step 100 to 2.98 at step 1800) and eval.py reports 2.11 bits/byte (perplexity 28.5 over 217,591 tokens) on
-the 4 held-out plays; a unigram model of the same tokens scores 3.59 bits/byte. The tokenizer
-(1024-piece BPE with byte fallback) is trained on the training plays at the start of the run
-and saved as runs/tiny/tokenizer.model.
+On a 2-core CPU, 1800 steps train in about 5 minutes: the logged train loss (a mean over 100
+steps) falls from 5.74 at step 100 to 2.98 at step 1800, and eval.py reports 2.11 bits/byte
+(perplexity 28.5 over 217,591 tokens) on the 4 held-out plays, where a unigram model of the
+same tokens scores 3.59 bits/byte. The tokenizer (1024-piece BPE with byte fallback) is
+trained on the training plays at the start of the run and saved as runs/tiny/tokenizer.model.
 """
 
 import ml_collections
