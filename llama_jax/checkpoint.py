@@ -6,7 +6,6 @@ training config as JSON, so eval.py and resumption need nothing but the workdir)
 
 import os
 
-import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -59,7 +58,3 @@ class Checkpointer:
   def close(self):
     self.manager.close()
 
-
-def abstract_like(tree):
-  """ShapeDtypeStructs (with shardings) of a tree of arrays."""
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

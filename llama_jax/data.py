@@ -77,10 +77,6 @@ class TrainData:
     self._batches = (grain.MapDataset.source(windows).shuffle(seed=self.seed).repeat(None)
                      .batch(self.local_batch_size).map(lambda w: windows_to_batch(w, self.bos_id)))
 
-  @property
-  def num_windows(self) -> int:
-    return (len(self.tokens) - 1) // self.seq_len
-
   def batch(self, step: int):
     return self._batches[step * self.process_count + self.process_index]
 

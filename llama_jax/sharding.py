@@ -85,11 +85,16 @@ def batch_sharding(mesh) -> jax.sharding.NamedSharding:
   return named(mesh, (BATCH, SEQ))
 
 
+def _logical_specs(abstract_model):
+  """The logical-name PartitionSpec of every param, as a pure dict shaped like the params."""
+  return nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(abstract_model, nnx.Param)))
+
+
 def check_params_divisible(mesh, abstract_model):
   """Raises one line naming the param, dim and mesh axes where a dim does not split evenly."""
-  state = nnx.state(abstract_model, nnx.Param)
-  specs = jax.tree.leaves(nnx.to_pure_dict(nnx.get_partition_spec(state)), is_leaf=lambda x: isinstance(x, P))
-  for (path, param), names in zip(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0], specs):
+  shapes = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
+  specs = jax.tree.leaves(_logical_specs(abstract_model), is_leaf=lambda x: isinstance(x, P))
+  for (path, param), names in zip(jax.tree_util.tree_flatten_with_path(shapes)[0], specs):
     what, shape = f"param {jax.tree_util.keystr(path, simple=True, separator='/')}", param.shape
     for dim, name in zip(shape, names):
       axes = LOGICAL_AXIS_RULES.get(name) if name else None
@@ -102,8 +107,7 @@ def check_params_divisible(mesh, abstract_model):
 
 def param_shardings(mesh, abstract_model):
   """NamedShardings of the params (pure dict), from the logical names the model gave them."""
-  specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(abstract_model, nnx.Param)))
-  return jax.tree.map(lambda spec: named(mesh, tuple(spec)), specs,
+  return jax.tree.map(lambda spec: named(mesh, tuple(spec)), _logical_specs(abstract_model),
                       is_leaf=lambda x: isinstance(x, P))
 
 
