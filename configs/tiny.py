@@ -37,12 +37,18 @@ def get_config():
   c.model.init_std = 0.02  # std of the normal initialisation (output projections / sqrt(2L))
 
   c.data = ml_collections.ConfigDict()
-  c.data.train_corpus = "shakespeare:train"  # corpus spec (see llama_jax/corpus.py)
+  c.data.train_corpus = "shakespeare:train"  # corpus spec: text:, jsonl:, parquet:, tfds:, mix: (llama_jax/corpus.py)
   c.data.eval_corpus = "shakespeare:heldout"  # scored by eval.py and the in-training eval
+  c.data.tfds_data_dir = ""  # where tfds: corpora were prepared (array_record format)
+  c.data.skip_bad_documents = False  # skip (and count) unreadable documents instead of stopping
   c.data.tokenizer_path = ""  # a tokenizer file; "" trains one on train_corpus into the workdir
-  c.data.seq_len = 256  # T, tokens per training window
-  c.data.batch_size = 8  # global batch size B (windows per step, all processes together)
-  c.data.shuffle_seed = 0  # window order; a new permutation each epoch
+  c.data.tokenizer_sample_bytes = 100_000_000  # text of train_corpus a new tokenizer is trained on
+  c.data.seq_len = 256  # T, tokens per packed row
+  c.data.batch_size = 8  # global batch size B (rows per step, all processes together)
+  c.data.shuffle_seed = 0  # document order (a new permutation each epoch), chunk and row shuffles
+  c.data.shuffle_window = 4096  # chunks shuffled together before packing (spreads long documents)
+  c.data.pack_bins = 64  # rows open at once for first-fit packing (more: less padding)
+  c.data.read_threads = 2  # threads reading and tokenizing documents
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 4e-3  # peak learning rate

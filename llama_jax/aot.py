@@ -42,7 +42,7 @@ def lower_train_step(config, devices):
   trainer.check_batch(config, setup.mesh)
   B, T = config.data.batch_size, config.data.seq_len
   batch = {k: jax.ShapeDtypeStruct((B, T), jax.numpy.int32, sharding=setup.batch_sharding)
-           for k in ("inputs", "targets", "weights")}
+           for k in ("inputs", "targets", "weights", "positions", "segment_ids")}
   with jax.set_mesh(setup.mesh):
     return setup.jit_train_step().lower(setup.abstract_state, batch)
 

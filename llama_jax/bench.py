@@ -10,6 +10,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
+from llama_jax import data as data_lib
 from llama_jax import entry
 from llama_jax import flops
 
@@ -26,7 +27,7 @@ def bench(config, steps: int) -> dict:
   B, T, V = config.data.batch_size, config.data.seq_len, config.model.vocab_size
   rng = np.random.default_rng(0)
   windows = rng.integers(0, V, (B, T + 1), dtype=np.int32)
-  batch = {"inputs": windows[:, :-1], "targets": windows[:, 1:], "weights": np.ones((B, T), np.int32)}
+  batch = data_lib.dense_batch(windows)
   state = setup.init_state()
   with jax.set_mesh(setup.mesh):
     batch = setup.global_batch(batch)

@@ -1,11 +1,14 @@
 """Orbax checkpoints of the train state and the config, under WORKDIR/checkpoints/<step>/.
 
-Each step holds two items: `state` ({"step", "params", "opt_state"}) and `config` (the full
-training config as JSON, so eval.py and resumption need nothing but the workdir).
+Each step holds four items: `state` ({"step", "params", "opt_state"}), `config` (the full
+training config as JSON, so eval.py and resumption need nothing but the workdir), `data` (the
+grain iterator state of the training stream, one file per process) and `stream` (what defines
+that stream, data.stream_definition, compared when resuming).
 """
 
 import os
 
+import grain
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -23,7 +26,7 @@ class Checkpointer:
         max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=not read_only,
         read_only=read_only)
     self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                                         item_names=("state", "config"))
+                                         item_names=("state", "config", "data", "stream"))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -31,9 +34,12 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state, config: ml_collections.ConfigDict, force: bool = False):
+  def save(self, step: int, state, config: ml_collections.ConfigDict, data_iter, stream: dict,
+           force: bool = False):
+    """Saves the state, the config and the data position (the iterator's state, read now)."""
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state), config=ocp.args.JsonSave(config.to_dict())), force=force)
+        state=ocp.args.PyTreeSave(state), config=ocp.args.JsonSave(config.to_dict()),
+        data=grain.checkpoint.CheckpointSave(data_iter), stream=ocp.args.JsonSave(stream)), force=force)
 
   def restore_state(self, step: int, abstract_state):
     """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""
@@ -47,6 +53,14 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=partial)))
     return restored["state"]
+
+  def restore_data(self, step: int, data_iter):
+    """Moves `data_iter` (a fresh grain iterator of the same stream) to where step `step` left it."""
+    self.manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter)))
+    return data_iter
+
+  def restore_stream(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(stream=ocp.args.JsonRestore()))["stream"]
 
   def restore_config(self, step: int) -> ml_collections.ConfigDict:
     restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))

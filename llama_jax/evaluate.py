@@ -1,8 +1,10 @@
-"""Held-out loss, perplexity and bits per byte of a checkpoint.
+"""Held-out loss, perplexity and bits per byte of a checkpoint, on any corpus, streamed.
 
 bits/byte = (total NLL of the document tokens, in bits) / (UTF-8 bytes of the documents), which
-compares models across tokenizers. It needs a lossless tokenizer (decode(encode(x)) == x); the
-ones trained here are, and the count uses the documents' own bytes.
+compares models across tokenizers. Every token of every document after its BOS is scored once,
+its EOS included, in packed rows laid out as in training (data.py). It needs a lossless
+tokenizer (decode(encode(x)) == x); the ones trained here are, and the count uses the
+documents' own bytes.
 """
 
 import json
@@ -10,43 +12,59 @@ import math
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from llama_jax import config_lib
-from llama_jax import corpus
+from llama_jax import corpus as corpus_lib
 from llama_jax import data as data_lib
 from llama_jax import metrics as metrics_lib
 from llama_jax import sharding as sh
 
 
 class Evaluator:
-  """Scores params on fixed held-out batches: evaluator(params) -> loss, perplexity, bits/byte."""
+  """Scores params on one pass over a corpus: evaluator(params) -> loss, perplexity, bits/byte."""
 
-  def __init__(self, setup, tok, docs):
+  def __init__(self, setup, tok, corpus):
     config = setup.config
-    self._setup = setup
-    ids = tok.encode_batch(docs)
-    self.ids_per_doc = ids
-    self.num_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    self._setup, self._tok, self._corpus = setup, tok, corpus
     batch_size = max(config.data.batch_size // config.train.grad_accum_steps, 1)
-    batches = data_lib.eval_batches(ids, config.data.seq_len, batch_size, tok.bos_id, tok.pad_id)
-    # Each process feeds its rows of every batch.
-    p, n = jax.process_index(), jax.process_count()
-    rows = batch_size // n if batch_size % n == 0 else None
-    if rows is None:
+    n = jax.process_count()
+    if batch_size % n:
       raise config_lib.ConfigError(f"eval batch size {batch_size} is not divisible by {n} processes")
-    self._batches = [{k: v[p * rows:(p + 1) * rows] for k, v in b.items()} for b in batches]
+    self._rows = batch_size // n  # each process feeds its rows of every batch
     self._eval_step = setup.jit_eval_step()
 
+  def _batches(self, process_index: int, process_count: int):
+    return data_lib.eval_batches(self._corpus, self._tok, self._setup.config.data, self._rows,
+                                 process_index, process_count)
+
+  def check_not_empty(self):
+    """Fails now, not at the end of training, on a corpus without a single document."""
+    if next(iter(self._batches(0, 1)), None) is None:
+      raise config_lib.ConfigError(f"eval corpus {self._corpus.spec!r} has no documents")
+
   def __call__(self, params) -> dict:
-    nll, count = 0.0, 0.0
+    nll, count, num_bytes = 0.0, 0.0, 0
+    T = self._setup.config.data.seq_len
+    padding = {k: np.zeros((self._rows, T), np.int32) for k in
+               ("inputs", "targets", "weights", "positions", "segment_ids", "num_bytes")}
+    batches = iter(self._batches(jax.process_index(), jax.process_count()))
     with jax.set_mesh(self._setup.mesh):
-      for batch in self._batches:
-        batch_nll, batch_count = sh.replicated_to_host(self._eval_step(params, self._setup.global_batch(batch)))
+      while True:
+        batch = next(batches, None)
+        if jax.process_count() > 1:  # processes' shares differ in length: go on while any has rows
+          if not multihost_utils.process_allgather(np.int32(batch is not None)).any():
+            break
+        elif batch is None:
+          break
+        result = self._eval_step(params, self._setup.global_batch(padding if batch is None else batch))
+        batch_nll, batch_count, batch_bytes = sh.replicated_to_host(result)
         nll += float(batch_nll)
         count += float(batch_count)
+        num_bytes += int(batch_bytes)
     loss = nll / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(loss),
-            "bits_per_byte": nll / math.log(2) / self.num_bytes, "num_tokens": int(count)}
+            "bits_per_byte": nll / math.log(2) / max(num_bytes, 1), "num_tokens": int(count)}
 
 
 def as_eval_metrics(result: dict) -> dict:
@@ -55,12 +73,18 @@ def as_eval_metrics(result: dict) -> dict:
 
 
 def evaluate_checkpoint(workdir: str, step: int | None = None, corpus_spec: str | None = None) -> dict:
-  """Loads WORKDIR's checkpoint (latest by default) and its config, and scores the eval corpus."""
+  """Loads WORKDIR's checkpoint (latest by default) and its config, and scores a corpus
+  (default: the run's data.eval_corpus)."""
   from llama_jax import trainer  # the Setup lives with the training loop
 
   setup, params, tok, step = trainer.load_run(workdir, step)
-  docs = corpus.load_documents(corpus_spec or setup.config.data.eval_corpus)
-  return {"step": int(step), **Evaluator(setup, tok, docs)(params)}
+  d = setup.config.data
+  if corpus_spec:
+    corpus = corpus_lib.open_corpus(corpus_spec, name="--corpus", tfds_data_dir=d.tfds_data_dir,
+                                    skip_bad_documents=d.skip_bad_documents)
+  else:
+    corpus = data_lib.open_corpus(d, "eval_corpus")
+  return {"step": int(step), **Evaluator(setup, tok, corpus)(params)}
 
 
 def write_json(result: dict, path: str):
@@ -68,10 +92,3 @@ def write_json(result: dict, path: str):
     with open(path, "w") as f:
       json.dump(result, f, indent=2)
     metrics_lib.log(f"wrote {path}")
-
-
-def unigram_bits_per_byte(train_tokens, eval_ids_per_doc, num_bytes: int, vocab_size: int) -> float:
-  """The baseline a model must beat: every eval token scored by its training frequency (add-one)."""
-  counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size) + 1.0
-  log2_prob = np.log2(counts / counts.sum())
-  return -sum(log2_prob[np.asarray(ids, np.int64)].sum() for ids in eval_ids_per_doc) / num_bytes

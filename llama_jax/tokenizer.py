@@ -7,7 +7,7 @@ fallback on a corpus:
 
   python -m llama_jax.tokenizer train --input shakespeare:train --vocab_size 512 --output tok.model
 
-`--input` is a corpus spec (see corpus.py) or a text file.
+`--input` is a corpus spec (see corpus.py); a shuffled sample of up to `--sample_bytes` of it is used.
 """
 
 import argparse
@@ -101,6 +101,8 @@ def _train(texts, vocab_size, model_writer):
       add_dummy_prefix=False,
       allow_whitespace_only_pieces=True,
       max_sentence_length=1 << 16,
+      input_sentence_size=10_000_000,  # lines kept (a uniform sample) if the input has more
+      shuffle_input_sentence=True,
       character_coverage=0.9995,
       unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
       num_threads=os.cpu_count(),
@@ -120,12 +122,13 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   train = sub.add_parser("train", help="train a BPE sentencepiece model")
-  train.add_argument("--input", required=True, help="corpus spec (e.g. shakespeare:train) or a text file")
+  train.add_argument("--input", required=True, help="corpus spec (e.g. shakespeare:train, jsonl:web/*.jsonl)")
+  train.add_argument("--sample_bytes", type=int, default=100_000_000, help="train on a sample this large")
   train.add_argument("--vocab_size", type=int, required=True)
   train.add_argument("--output", required=True, help="path of the .model file to write")
   args = parser.parse_args(argv)
   try:
-    texts = corpus.load_documents(args.input)
+    texts = corpus.open_corpus(args.input, name="--input").sample(args.sample_bytes)
     tok = train_sentencepiece(training_lines(texts), args.vocab_size, args.output)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")

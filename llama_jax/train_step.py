@@ -18,7 +18,8 @@ def loss_sums(graphdef, params, batch, loss_chunk_size: int = 0):
   Llama-3's 128k vocabulary).
   """
   model = nnx.merge(graphdef, params)
-  x_BTD = model.hidden_states(batch["inputs"])
+  # Packed rows: attention stays within a document and positions restart in each (data.py).
+  x_BTD = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
   weights_BT = batch["weights"].astype(jnp.float32)
 
   def nll_sum(x_BCD, targets_BC, weights_BC):
@@ -73,7 +74,8 @@ def make_train_step(graphdef, tx, schedule, grad_accum_steps: int = 1, loss_chun
 
 
 def make_eval_step(graphdef, loss_chunk_size: int = 0):
-  """eval_step(params, batch) -> (summed NLL in nats, number of targets)."""
+  """eval_step(params, batch) -> (summed NLL in nats, number of targets, UTF-8 bytes of the documents)."""
   def eval_step(params, batch):
-    return loss_sums(graphdef, params, batch, loss_chunk_size)
+    nll, count = loss_sums(graphdef, params, batch, loss_chunk_size)
+    return nll, count, jnp.sum(batch["num_bytes"])
   return eval_step

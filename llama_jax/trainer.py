@@ -12,7 +12,6 @@ from flax import nnx
 
 from llama_jax import checkpoint as ckpt_lib
 from llama_jax import config_lib
-from llama_jax import corpus
 from llama_jax import data as data_lib
 from llama_jax import evaluate as eval_lib
 from llama_jax import flops
@@ -29,7 +28,7 @@ def tokenizer_path(workdir: str) -> str:
   return os.path.join(workdir, "tokenizer.model")
 
 
-def prepare_tokenizer(config, workdir: str, train_docs):
+def prepare_tokenizer(config, workdir: str, train_corpus):
   """The run's tokenizer, kept as WORKDIR/tokenizer.model so the workdir is self-contained."""
   path = tokenizer_path(workdir)
   if not os.path.exists(path):
@@ -38,9 +37,11 @@ def prepare_tokenizer(config, workdir: str, train_docs):
         shutil.copyfile(config.data.tokenizer_path, path + ".tmp")
         os.replace(path + ".tmp", path)
     else:
-      metrics_lib.log(f"training a {config.model.vocab_size}-piece tokenizer on {config.data.train_corpus}")
+      metrics_lib.log(f"training a {config.model.vocab_size}-piece tokenizer on up to "
+                      f"{config.data.tokenizer_sample_bytes:,} bytes of {config.data.train_corpus}")
       if jax.process_index() == 0:
-        tok_lib.train_sentencepiece(tok_lib.training_lines(train_docs), config.model.vocab_size, path)
+        sample = train_corpus.sample(config.data.tokenizer_sample_bytes, config.data.shuffle_seed)
+        tok_lib.train_sentencepiece(tok_lib.training_lines(sample), config.model.vocab_size, path)
   _wait_for_file(path)
   return tok_lib.load_tokenizer(path)
 
@@ -122,16 +123,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   check_batch(config, setup.mesh)
   os.makedirs(workdir, exist_ok=True)
 
-  train_docs = corpus.load_documents(config.data.train_corpus)
-  eval_docs = corpus.load_documents(config.data.eval_corpus)
-  tok = prepare_tokenizer(config, workdir, train_docs)
+  train_corpus = data_lib.open_corpus(config.data, "train_corpus")
+  eval_corpus = data_lib.open_corpus(config.data, "eval_corpus")
+  tok = prepare_tokenizer(config, workdir, train_corpus)
   config_lib.check_vocab(tok, llama, tokenizer_path(workdir))
-
-  train_tokens = data_lib.concat_documents(tok.encode_batch(train_docs), tok.bos_id, tok.eos_id)
-  train_data = data_lib.TrainData(train_tokens, config.data.seq_len, config.data.batch_size,
-                                  config.data.shuffle_seed, tok.bos_id,
-                                  jax.process_index(), jax.process_count())
-  evaluator = eval_lib.Evaluator(setup, tok, eval_docs)
+  evaluator = eval_lib.Evaluator(setup, tok, eval_corpus)
+  evaluator.check_not_empty()
+  stream = data_lib.stream_definition(config.data, jax.process_count())
+  train_iter = iter(data_lib.train_batches(train_corpus, tok, config.data, jax.process_index(),
+                                           jax.process_count()))
 
   checkpointer = ckpt_lib.Checkpointer(workdir, config.train.keep_checkpoints, config.train.async_checkpoint)
   start = checkpointer.latest_step()
@@ -140,7 +140,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     start = 0
     metrics_lib.log(f"{model_lib.count_params(llama):,} parameters; training from scratch")
   else:
+    data_lib.check_stream(checkpointer.restore_stream(start), stream, start)
     state = checkpointer.restore_state(start, setup.abstract_state)
+    checkpointer.restore_data(start, train_iter)
     metrics_lib.log(f"resumed from step {start} in {ckpt_lib.checkpoint_dir(workdir)}")
 
   writer = metrics_lib.MetricWriter(workdir)
@@ -154,7 +156,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   loss_sum, logged_at = 0.0, start  # the logged loss is the mean since the previous log line
   with jax.set_mesh(setup.mesh):
     for step in range(start, end):
-      state, metrics = train_step(state, setup.global_batch(train_data.batch(step)))
+      state, metrics = train_step(state, setup.global_batch(next(train_iter)))
       loss_sum = loss_sum + metrics["loss"]  # stays on device: no sync per step
       done = step + 1
       if done % config.train.log_every == 0 or done in (total, end):
@@ -165,22 +167,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                                    f"{checkpointer.latest_step()}")
         metrics["tokens_per_sec"] = progress.tokens_per_sec(done, tokens_per_step)
         metrics["mfu"] = metrics["tokens_per_sec"] * flops_per_token / peak_flops if peak_flops else 0.0
+        if train_corpus.skipped():
+          metrics["skipped_documents"] = train_corpus.skipped()
         writer.write(done, metrics)
         metrics_lib.log(progress.line(done, metrics))
       if config.train.eval_every and done % config.train.eval_every == 0 and done != total:
         writer.write(done, eval_lib.as_eval_metrics(evaluator(state["params"])))
       if done % config.train.checkpoint_every == 0 or done in (total, end):
-        checkpointer.save(done, state, config)
+        checkpointer.save(done, state, config, train_iter, stream)
   result = None
   if end == total:
     result = evaluator(state["params"])
     if start < total:
       writer.write(total, eval_lib.as_eval_metrics(result))
-    unigram = eval_lib.unigram_bits_per_byte(train_tokens, evaluator.ids_per_doc, evaluator.num_bytes,
-                                             llama.vocab_size)
     metrics_lib.log(f"held-out: loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
-                    f"{result['bits_per_byte']:.4f} bits/byte over {result['num_tokens']:,} tokens "
-                    f"(unigram baseline: {unigram:.4f} bits/byte)")
+                    f"{result['bits_per_byte']:.4f} bits/byte over {result['num_tokens']:,} tokens")
     if config.sample.max_new_tokens > 0:
       metrics_lib.log(f"sample:\n{generate_lib.sample_text(setup, state['params'], tok, config.sample)}")
     result = {"step": total, **result}

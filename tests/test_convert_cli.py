@@ -24,7 +24,7 @@ def _run(*args):
 
 
 def test_import_train_eval_export(tmp_path):
-  config = tiny_test_config(**{"data.eval_corpus": os.path.join(ROOT, "tests", "data", "heldout_sample.txt"),
+  config = tiny_test_config(**{"data.eval_corpus": "text:" + os.path.join(ROOT, "tests", "data", "heldout_sample.txt"),
                                "train.steps": 2, "sample.max_new_tokens": 0})
   llama = config_lib.llama_config(config.model)
   hf_dir = save_hf(hf_model(llama), tmp_path / "hf")

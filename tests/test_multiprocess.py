@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 def _train_cmd(workdir, *extra):
   config = tiny_test_config(**{"train.steps": 10, "train.checkpoint_every": 10, "sample.max_new_tokens": 0,
-                               "data.eval_corpus": os.path.join(ROOT, "tests", "data", "heldout_sample.txt")})
+                               "data.eval_corpus": "text:" + os.path.join(ROOT, "tests", "data", "heldout_sample.txt")})
   return [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
           *[f"--config.{k}={v}" for k, v in _flat(config).items()], *extra]
 

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def eval_corpus():
   """The first 3,000 characters of each held-out play: scored in a second."""
-  return os.path.join(ROOT, "tests", "data", "heldout_sample.txt")
+  return "text:" + os.path.join(ROOT, "tests", "data", "heldout_sample.txt")
 
 
 @pytest.fixture(scope="module")
