@@ -320,14 +320,14 @@ def _tfds_corpus(spec: str, rest: str, data_dir: str, name: str, skips: _Skips) 
   dataset, split = rest.rsplit("@", 1)
   if not data_dir:
     raise ConfigError(f"{name}={spec!r} needs config.data.tfds_data_dir (where it was prepared)")
-  dataset_dir = os.path.join(data_dir, dataset.split(":")[0])
-  if not glob.glob(os.path.join(dataset_dir, "**", "dataset_info.json"), recursive=True):
-    raise ConfigError(f"{name}: tfds dataset {dataset!r} is not prepared in {data_dir} "
-                      f"(no {dataset_dir}/.../dataset_info.json)")
   import tensorflow_datasets as tfds  # only runs that read TFDS pay for the import
   try:
     source = tfds.data_source(dataset, split=split, data_dir=data_dir)
-  except Exception as e:  # noqa: BLE001  (tfds raises many kinds; the first line says which)
+  except Exception as e:  # noqa: BLE001  (tfds raises many kinds; say which case this is)
+    dataset_dir = os.path.join(data_dir, dataset.split(":")[0])
+    if not glob.glob(os.path.join(dataset_dir, "**", "dataset_info.json"), recursive=True):
+      raise ConfigError(f"{name}: tfds dataset {dataset!r} is not prepared in {data_dir} "
+                        f"(no {dataset_dir}/.../dataset_info.json)") from None
     raise ConfigError(f"{name}: tfds dataset {dataset!r} split {split!r} in {data_dir}: "
                       f"{str(e).splitlines()[0]}") from None
   if feature not in source.dataset_info.features:

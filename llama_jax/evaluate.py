@@ -7,6 +7,7 @@ tokenizer (decode(encode(x)) == x); the ones trained here are, and the count use
 documents' own bytes.
 """
 
+import contextlib
 import json
 import math
 
@@ -40,7 +41,10 @@ class Evaluator:
 
   def check_not_empty(self):
     """Fails now, not at the end of training, on a corpus without a single document."""
-    if next(iter(self._batches(0, 1)), None) is None:
+    batches = iter(self._batches(0, 1))
+    empty = next(batches, None) is None
+    batches.close()
+    if empty:
       raise config_lib.ConfigError(f"eval corpus {self._corpus.spec!r} has no documents")
 
   def __call__(self, params) -> dict:
@@ -49,7 +53,7 @@ class Evaluator:
     padding = {k: np.zeros((self._rows, T), np.int32) for k in
                ("inputs", "targets", "weights", "positions", "segment_ids", "num_bytes")}
     batches = iter(self._batches(jax.process_index(), jax.process_count()))
-    with jax.set_mesh(self._setup.mesh):
+    with jax.set_mesh(self._setup.mesh), contextlib.closing(batches):
       while True:
         batch = next(batches, None)
         if jax.process_count() > 1:  # processes' shares differ in length: go on while any has rows

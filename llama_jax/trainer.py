@@ -134,61 +134,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                                            jax.process_count()))
 
   checkpointer = ckpt_lib.Checkpointer(workdir, config.train.keep_checkpoints, config.train.async_checkpoint)
-  start = checkpointer.latest_step()
-  if start is None:
-    state = setup.init_state()
-    start = 0
-    metrics_lib.log(f"{model_lib.count_params(llama):,} parameters; training from scratch")
-  else:
-    data_lib.check_stream(checkpointer.restore_stream(start), stream, start)
-    state = checkpointer.restore_state(start, setup.abstract_state)
-    checkpointer.restore_data(start, train_iter)
-    metrics_lib.log(f"resumed from step {start} in {ckpt_lib.checkpoint_dir(workdir)}")
-
   writer = metrics_lib.MetricWriter(workdir)
-  total = config.train.steps
-  tokens_per_step = config.data.batch_size * config.data.seq_len
-  peak_flops = flops.peak_flops_per_device(jax.devices()[0]) * setup.mesh.size
-  flops_per_token = flops.train_flops_per_token(llama, config.data.seq_len)
-  progress = metrics_lib.ProgressLogger(start, total)
-  train_step = setup.jit_train_step()
-  end = total if stop_after is None else min(stop_after, total)
-  loss_sum, logged_at = 0.0, start  # the logged loss is the mean since the previous log line
-  with jax.set_mesh(setup.mesh):
-    for step in range(start, end):
-      state, metrics = train_step(state, setup.global_batch(next(train_iter)))
-      loss_sum = loss_sum + metrics["loss"]  # stays on device: no sync per step
-      done = step + 1
-      if done % config.train.log_every == 0 or done in (total, end):
-        metrics = sh.replicated_to_host(dict(metrics, loss=loss_sum / (done - logged_at)))
-        loss_sum, logged_at = 0.0, done
-        if not np.isfinite(metrics["loss"]):
-          raise FloatingPointError(f"loss is {metrics['loss']} at step {done}; last good checkpoint: "
-                                   f"{checkpointer.latest_step()}")
-        metrics["tokens_per_sec"] = progress.tokens_per_sec(done, tokens_per_step)
-        metrics["mfu"] = metrics["tokens_per_sec"] * flops_per_token / peak_flops if peak_flops else 0.0
-        if train_corpus.skipped():
-          metrics["skipped_documents"] = train_corpus.skipped()
-        writer.write(done, metrics)
-        metrics_lib.log(progress.line(done, metrics))
-      if config.train.eval_every and done % config.train.eval_every == 0 and done != total:
-        writer.write(done, eval_lib.as_eval_metrics(evaluator(state["params"])))
-      if done % config.train.checkpoint_every == 0 or done in (total, end):
-        checkpointer.save(done, state, config, train_iter, stream)
-  result = None
-  if end == total:
-    result = evaluator(state["params"])
-    if start < total:
-      writer.write(total, eval_lib.as_eval_metrics(result))
-    metrics_lib.log(f"held-out: loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
-                    f"{result['bits_per_byte']:.4f} bits/byte over {result['num_tokens']:,} tokens")
-    if config.sample.max_new_tokens > 0:
-      metrics_lib.log(f"sample:\n{generate_lib.sample_text(setup, state['params'], tok, config.sample)}")
-    result = {"step": total, **result}
-  checkpointer.wait()
-  checkpointer.close()
-  writer.close()
-  return result
+  try:
+    start = checkpointer.latest_step()
+    if start is None:
+      state = setup.init_state()
+      start = 0
+      metrics_lib.log(f"{model_lib.count_params(llama):,} parameters; training from scratch")
+    else:
+      data_lib.check_stream(checkpointer.restore_stream(start), stream, start)
+      state = checkpointer.restore_state(start, setup.abstract_state)
+      checkpointer.restore_data(start, train_iter)
+      metrics_lib.log(f"resumed from step {start} in {ckpt_lib.checkpoint_dir(workdir)}")
+
+    total = config.train.steps
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    peak_flops = flops.peak_flops_per_device(jax.devices()[0]) * setup.mesh.size
+    flops_per_token = flops.train_flops_per_token(llama, config.data.seq_len)
+    progress = metrics_lib.ProgressLogger(start, total)
+    train_step = setup.jit_train_step()
+    end = total if stop_after is None else min(stop_after, total)
+    loss_sum, logged_at = 0.0, start  # the logged loss is the mean since the previous log line
+    with jax.set_mesh(setup.mesh):
+      for step in range(start, end):
+        state, metrics = train_step(state, setup.global_batch(next(train_iter)))
+        loss_sum = loss_sum + metrics["loss"]  # stays on device: no sync per step
+        done = step + 1
+        if done % config.train.log_every == 0 or done in (total, end):
+          metrics = sh.replicated_to_host(dict(metrics, loss=loss_sum / (done - logged_at)))
+          loss_sum, logged_at = 0.0, done
+          if not np.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"loss is {metrics['loss']} at step {done}; last good checkpoint: "
+                                     f"{checkpointer.latest_step()}")
+          metrics["tokens_per_sec"] = progress.tokens_per_sec(done, tokens_per_step)
+          metrics["mfu"] = metrics["tokens_per_sec"] * flops_per_token / peak_flops if peak_flops else 0.0
+          if train_corpus.skipped():
+            metrics["skipped_documents"] = train_corpus.skipped()
+          writer.write(done, metrics)
+          metrics_lib.log(progress.line(done, metrics))
+        if config.train.eval_every and done % config.train.eval_every == 0 and done != total:
+          writer.write(done, eval_lib.as_eval_metrics(evaluator(state["params"])))
+        if done % config.train.checkpoint_every == 0 or done in (total, end):
+          checkpointer.save(done, state, config, train_iter, stream)
+    result = None
+    if end == total:
+      result = evaluator(state["params"])
+      if start < total:
+        writer.write(total, eval_lib.as_eval_metrics(result))
+      metrics_lib.log(f"held-out: loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
+                      f"{result['bits_per_byte']:.4f} bits/byte over {result['num_tokens']:,} tokens")
+      if config.sample.max_new_tokens > 0:
+        metrics_lib.log(f"sample:\n{generate_lib.sample_text(setup, state['params'], tok, config.sample)}")
+      result = {"step": total, **result}
+    return result
+  finally:  # an error still finishes the save in flight and stops the data threads
+    checkpointer.wait()
+    checkpointer.close()
+    train_iter.close()
+    writer.close()
 
 
 def load_run(workdir: str, step: int | None = None, devices=None):

@@ -39,3 +39,15 @@ def tiny_test_config(**overrides):
 @pytest.fixture
 def one_device():
   return jax.devices()[:1]
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as tokens (id = byte + 3): a tokenizer whose output a test can predict."""
+
+  bos_id, eos_id, pad_id, vocab_size = 1, 2, 0, 259
+
+  def encode(self, text):
+    return [b + 3 for b in text.encode("utf-8")]
+
+  def decode(self, ids):
+    return bytes(int(i) - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")

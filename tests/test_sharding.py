@@ -5,23 +5,23 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import tiny_test_config
+from conftest import ByteTokenizer, tiny_test_config
 from llama_jax import config_lib, corpus, data as data_lib, trainer
 
 
 def _train_losses(config, devices, steps):
   setup = trainer.Setup(config, devices)
   trainer.check_batch(config, setup.mesh)
-  text = corpus.load_documents("shakespeare:train")[0][:50_000]
-  tokens = np.frombuffer(text.encode(), np.uint8).astype(np.int32)  # bytes as tokens: no tokenizer needed
-  data = data_lib.TrainData(tokens, config.data.seq_len, config.data.batch_size, 0, bos_id=1)
+  # Packed rows of the plays, bytes as tokens (no tokenizer to train), masks and all.
+  batches = iter(data_lib.train_batches(corpus.open_corpus("shakespeare:train"), ByteTokenizer(), config.data))
   state = setup.init_state()
   step_fn = setup.jit_train_step()
   losses = []
   with jax.set_mesh(setup.mesh):
-    for step in range(steps):
-      state, metrics = step_fn(state, setup.global_batch(data.batch(step)))
+    for _ in range(steps):
+      state, metrics = step_fn(state, setup.global_batch(next(batches)))
       losses.append(float(metrics["loss"]))
+  batches.close()
   return np.array(losses), state
 
 

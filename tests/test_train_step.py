@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_test_config
-from llama_jax import trainer
+from llama_jax import data as data_lib, trainer
 from test_sharding import _train_losses
 
 
@@ -18,7 +18,7 @@ def _batch(B=8, T=32, V=320, seed=0):
   weights[4, :] = 0
   weights[1, 20:] = 0
   weights[3, 1:] = 0
-  return {"inputs": windows[:, :-1], "targets": windows[:, 1:], "weights": weights}
+  return dict(data_lib.dense_batch(windows), weights=weights)
 
 
 def _one_step(grad_accum_steps, batch):

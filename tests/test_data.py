@@ -1,0 +1,348 @@
+"""The streamed pipeline: packing and document masks, exact resume, hosts, sources, mixtures, bad input."""
+
+import collections
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from conftest import ByteTokenizer, tiny_test_config
+from llama_jax import checkpoint as ckpt_lib
+from llama_jax import config_lib, corpus as corpus_lib, data as data_lib, model as model_lib
+from llama_jax.errors import ConfigError, DataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+T = 32  # seq_len of tiny_test_config
+
+
+TOK = ByteTokenizer()
+
+
+def _data_config(**overrides):
+  c = tiny_test_config().data
+  c.pack_bins, c.shuffle_window = 8, 16
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def _documents(rng, n, prefix):
+  """n documents of 1 to 120 characters (a row holds 31 bytes, so many are chunked)."""
+  letters = np.array(list("abcdefghijklmnopqrstuvwxyz  \né"))
+  return [f"{prefix}{i}:" + "".join(rng.choice(letters, rng.integers(1, 120))) for i in range(n)]
+
+
+def _write_jsonl(directory, docs, files=3, field="text"):
+  os.makedirs(directory, exist_ok=True)
+  for f in range(files):
+    with open(os.path.join(directory, f"part{f}.jsonl"), "w", encoding="utf-8") as out:
+      for d in docs[f::files]:
+        out.write(json.dumps({field: d, "other": 1}) + "\n")
+  return [d for f in range(files) for d in docs[f::files]]  # in corpus order
+
+
+class TinyPlays(tfds.core.GeneratorBasedBuilder):
+  """A TFDS dataset over local text: prepared offline, read back without TensorFlow."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  SOURCE_DIR = None  # set by the test: one document per *.txt file there
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+        {"body": tfds.features.Text(), "id": tfds.features.Scalar(np.int32)}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i, name in enumerate(sorted(os.listdir(self.SOURCE_DIR))):
+      with open(os.path.join(self.SOURCE_DIR, name), encoding="utf-8") as f:
+        yield name, {"body": f.read(), "id": i}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+  """Specs of one small corpus per kind, and each one's documents in corpus order."""
+  root = tmp_path_factory.mktemp("corpora")
+  rng = np.random.default_rng(0)
+  jsonl_docs = _write_jsonl(root / "jsonl", _documents(rng, 60, "j"))
+  text_docs = _documents(rng, 20, "t")
+  os.makedirs(root / "text")
+  for i, d in enumerate(text_docs):
+    (root / "text" / f"{i:02d}.txt").write_text(d, encoding="utf-8")
+  TinyPlays.SOURCE_DIR = str(root / "text")
+  TinyPlays(data_dir=str(root / "tfds"), file_format="array_record").download_and_prepare(
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  parquet_docs = _documents(rng, 40, "p")
+  os.makedirs(root / "parquet")
+  for f in range(4):
+    pq.write_table(pa.table({"content": parquet_docs[f * 10:(f + 1) * 10]}), root / "parquet" / f"{f}.parquet",
+                   row_group_size=4)
+  return {
+      "jsonl": (f"jsonl:{root}/jsonl/*.jsonl", jsonl_docs),
+      "text": (f"text:{root}/text/*.txt", text_docs),
+      "tfds": ("tfds:tiny_plays@train#body", None),  # in the order TFDS wrote them
+      "parquet": (f"parquet:{root}/parquet/*.parquet#content", parquet_docs),
+      "tfds_data_dir": str(root / "tfds"),
+  }
+
+
+def _open(sources, spec, **kwargs):
+  return corpus_lib.open_corpus(spec, tfds_data_dir=sources["tfds_data_dir"], **kwargs)
+
+
+def _expected_chunks(docs):
+  """[BOS] doc [EOS] cut into pieces of T + 1 tokens starting every T tokens (written out here)."""
+  chunks = []
+  for d in docs:
+    ids = [1] + [b + 3 for b in d.encode("utf-8")] + [2]
+    chunks += [tuple(ids[s:s + T + 1]) for s in range(0, len(ids) - 1, T)]
+  return chunks
+
+
+# ------------------------------------------------------------------ packing
+
+
+def test_every_packed_segment_is_one_chunk_of_one_document_with_arange_positions(sources):
+  spec, docs = sources["jsonl"]
+  rows = data_lib.packed_rows(_open(sources, spec).documents(None), TOK, T, read_threads=2, pack_bins=4)
+  segments = []
+  for row in rows:
+    tokens, seg, pos = row["tokens"], row["tokens_segment_ids"], row["tokens_positions"]
+    assert len(tokens) == T + 1
+    assert np.all(tokens[seg == 0] == 0)
+    for s in np.unique(seg[seg > 0]):
+      idx = np.flatnonzero(seg == s)
+      assert np.array_equal(idx, np.arange(idx[0], idx[-1] + 1)), "a segment is not contiguous"
+      np.testing.assert_array_equal(pos[idx], np.arange(len(idx)))
+      segments.append(tuple(tokens[idx].tolist()))
+  assert collections.Counter(segments) == collections.Counter(_expected_chunks(docs))
+
+
+def test_batches_score_every_target_once_and_nothing_across_documents(sources):
+  spec, docs = sources["jsonl"]
+  batches = list(data_lib.eval_batches(_open(sources, spec), TOK, _data_config(), batch_size=4))
+  n_targets = sum(len(d.encode("utf-8")) + 1 for d in docs)  # the bytes and EOS of each document
+  assert sum(int(b["weights"].sum()) for b in batches) == n_targets
+  assert sum(int(b["num_bytes"].sum()) for b in batches) == sum(len(d.encode("utf-8")) for d in docs)
+  for b in batches:
+    assert b["inputs"].shape == (4, T)
+    seg = b["segment_ids"]
+    counted = b["weights"] == 1
+    # A counted target is the next token of the same document; never BOS, never padding.
+    assert np.all(seg[counted] > 0) and np.all(b["targets"][counted] != TOK.bos_id)
+    np.testing.assert_array_equal(b["targets"][:, :-1], b["inputs"][:, 1:])
+    crossing = (seg[:, :-1] != seg[:, 1:])
+    assert not np.any(counted[:, :-1] & crossing)
+
+
+@pytest.mark.parametrize("attention", ["einsum", "dot_product"])
+def test_packed_row_logits_equal_each_document_alone(attention):
+  config = config_lib.llama_config(tiny_test_config(**{"model.attention": attention}).model)
+  model = model_lib.init_model(config, seed=0)
+  rng = np.random.default_rng(1)
+  lengths = [9, 14, 6]  # + 3 padding = T
+  docs = [rng.integers(3, config.vocab_size, n).astype(np.int32) for n in lengths]
+  tokens = np.zeros(T, np.int32)
+  seg = np.zeros(T, np.int32)
+  pos = np.zeros(T, np.int32)
+  start = 0
+  for s, d in enumerate(docs, 1):
+    tokens[start:start + len(d)], seg[start:start + len(d)], pos[start:start + len(d)] = d, s, np.arange(len(d))
+    start += len(d)
+  packed = np.asarray(model(tokens[None], pos[None], seg[None]))[0]
+  start = 0
+  for d in docs:
+    alone = np.asarray(model(d[None]))[0]
+    np.testing.assert_allclose(packed[start:start + len(d)], alone, atol=1e-5, rtol=1e-5)
+    start += len(d)
+
+  changed = tokens.copy()
+  changed[9:23] = rng.integers(3, config.vocab_size, 14)  # the second document only
+  repacked = np.asarray(model(changed[None], pos[None], seg[None]))[0]
+  np.testing.assert_array_equal(repacked[:9], packed[:9])
+  np.testing.assert_array_equal(repacked[23:29], packed[23:29])
+  assert not np.allclose(repacked[9:23], packed[9:23])
+
+
+# ------------------------------------------------------------------ hosts and mixtures
+
+
+def test_two_processes_read_disjoint_shares_covering_an_epoch(sources):
+  spec, docs = sources["jsonl"]
+  corpus = _open(sources, spec)
+  shares = []
+  for p in range(2):
+    it = iter(corpus.documents(seed=3, shard_index=p, shard_count=2))
+    shares.append([next(it) for _ in range(len(docs) // 2)])  # half an epoch of the global order each
+  assert not set(shares[0]) & set(shares[1])
+  assert sorted(shares[0] + shares[1]) == sorted(docs)
+  assert shares[0] != docs[0::2]  # shuffled, not the corpus order
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "text"])
+def test_two_processes_evaluate_disjoint_shares_covering_the_corpus(sources, kind):
+  spec, docs = sources[kind]
+  shares = [list(_open(sources, spec).documents(None, p, 2)) for p in range(2)]
+  assert not set(shares[0]) & set(shares[1])
+  assert sorted(shares[0] + shares[1]) == sorted(docs)
+
+
+def test_each_epoch_has_a_new_order(sources):
+  spec, docs = sources["jsonl"]
+  it = iter(_open(sources, spec).documents(seed=0))
+  epochs = [[next(it) for _ in docs] for _ in range(2)]
+  assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(docs)
+  assert epochs[0] != epochs[1]
+
+
+@pytest.mark.parametrize("second", ["jsonl", "parquet"])
+def test_mixture_proportions_follow_the_weights(sources, tmp_path, second):
+  other = _write_jsonl(tmp_path / "b", _documents(np.random.default_rng(5), 30, "b"), files=1)
+  assert other
+  spec_b = f"jsonl:{tmp_path}/b/*.jsonl" if second == "jsonl" else sources["parquet"][0]
+  mix = _open(sources, f"mix:{sources['jsonl'][0]}=0.7,{spec_b}=0.3")
+  it = iter(mix.documents(seed=0))
+  first = [next(it) for _ in range(10_000)]
+  share = sum(d.startswith("j") for d in first) / len(first)
+  assert abs(share - 0.7) < 0.02
+
+
+# ------------------------------------------------------------------ exact resume in a new process
+
+
+_RESUME_SCRIPT = r"""
+import sys, numpy as np
+sys.path.insert(0, {tests!r})
+from conftest import ByteTokenizer
+from test_data import _data_config
+from llama_jax import checkpoint as ckpt_lib, corpus as corpus_lib, data as data_lib
+for name, spec in {specs!r}.items():
+  corpus = corpus_lib.open_corpus(spec, tfds_data_dir={data_dir!r})
+  it = iter(data_lib.train_batches(corpus, ByteTokenizer(), _data_config()))
+  ck = ckpt_lib.Checkpointer({workdir!r} + "/" + name, read_only=True)
+  ck.restore_data(ck.latest_step(), it)
+  batches = [next(it) for _ in range({n})]
+  it.close()
+  np.savez({workdir!r} + "/" + name + ".npz", **{{f"{{i}}_{{k}}": v for i, b in enumerate(batches) for k, v in b.items()}})
+"""
+
+
+def test_resume_in_a_new_process_continues_the_stream_exactly(sources, tmp_path):
+  k, n = 5, 4
+  specs = {kind: sources[kind][0] for kind in ("jsonl", "text", "tfds")}
+  specs["mix"] = f"mix:{specs['jsonl']}=2,{specs['text']}=1,{specs['tfds']}=1"
+  config = tiny_test_config()
+  for name, spec in specs.items():
+    batches = data_lib.train_batches(_open(sources, spec), TOK, _data_config())
+    straight = iter(batches)
+    expected = [next(straight) for _ in range(k + n)][k:]
+    np.savez(tmp_path / f"{name}_expected.npz",
+             **{f"{i}_{key}": v for i, b in enumerate(expected) for key, v in b.items()})
+    it = iter(batches)
+    for _ in range(k):
+      next(it)
+    checkpointer = ckpt_lib.Checkpointer(str(tmp_path / name), async_save=True)
+    checkpointer.save(k, {"step": np.int32(k)}, config, it, {})
+    next(it)  # reading on while the save finishes must not move the saved position
+    checkpointer.wait()
+    checkpointer.close()
+  script = _RESUME_SCRIPT.format(tests=os.path.dirname(__file__), specs=specs, n=n, workdir=str(tmp_path),
+                                 data_dir=sources["tfds_data_dir"])
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for name in specs:
+    expected, resumed = np.load(tmp_path / f"{name}_expected.npz"), np.load(tmp_path / f"{name}.npz")
+    assert sorted(expected) == sorted(resumed)
+    for key in expected:
+      assert expected[key].tobytes() == resumed[key].tobytes(), (name, key)
+
+
+# ------------------------------------------------------------------ TFDS
+
+
+def test_train_on_a_tfds_dataset_prepared_offline(sources, tmp_path):
+  from llama_jax import tokenizer as tok_lib, trainer
+  tok = tok_lib.train_sentencepiece(tok_lib.training_lines(corpus_lib.shakespeare_plays("train")[:2]), 320,
+                                    str(tmp_path / "tok.model"))
+  config = tiny_test_config(**{"data.train_corpus": sources["tfds"][0], "data.eval_corpus": sources["text"][0],
+                               "data.tfds_data_dir": sources["tfds_data_dir"], "data.tokenizer_path": tok.path,
+                               "train.steps": 4, "train.checkpoint_every": 4})
+  result = trainer.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+  assert np.isfinite(result["loss"])
+  # Every token of every held-out document after its BOS, the EOS included.
+  assert result["num_tokens"] == sum(len(tok.encode(d)) + 1 for d in sources["text"][1])
+
+
+def test_tfds_mock_data_streams_through_the_pipeline(sources):
+  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+    corpus = _open(sources, "tfds:tiny_plays@train#body")
+    docs = list(corpus.documents(None))
+    assert len(docs) == 12 and all(isinstance(d, str) for d in docs)
+    batch = next(iter(data_lib.train_batches(corpus, TOK, _data_config())))
+  assert batch["weights"].sum() > 0
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_bad_specs_name_the_culprit(sources, tmp_path):
+  cases = {
+      f"text:{tmp_path}/none/*.txt": "no files match",
+      "tfds:wiki40b/en@train": "not prepared in",
+      f"mix:{sources['jsonl'][0]}=0.5,{sources['text'][0]}=0": "needs a weight > 0",
+      f"mix:{sources['jsonl'][0]}": "needs a weight > 0",
+      f"parquet:{tmp_path}/x.parquet": "name the text column",
+      sources["parquet"][0].replace("#content", "#body"): "has no column 'body'",
+      "tfds:tiny_plays@validation#body": "validation",
+      "tfds:tiny_plays@train": "no feature 'text'",
+      "books:x": "unknown corpus kind",
+  }
+  for spec, message in cases.items():
+    with pytest.raises(ConfigError, match=message):
+      _open(sources, spec, name="config.data.train_corpus")
+
+
+def _first_batch(spec, **kwargs):
+  corpus = corpus_lib.open_corpus(spec, **kwargs)
+  return next(iter(data_lib.train_batches(corpus, TOK, _data_config())))
+
+
+def test_unreadable_documents_name_file_and_line_or_are_skipped_and_counted(tmp_path):
+  (tmp_path / "a.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\nnot json\n{"text": "3"}\n')
+  with pytest.raises(DataError, match=r"a\.jsonl:4: not JSON"):
+    _first_batch(f"jsonl:{tmp_path}/a.jsonl")
+  (tmp_path / "b.jsonl").write_text('{"text": "one"}\n{"body": "x"}\n')
+  with pytest.raises(DataError, match=r"b\.jsonl:2: no string field 'text'"):
+    _first_batch(f"jsonl:{tmp_path}/b.jsonl")
+  (tmp_path / "c.txt").write_bytes(b"caf\xe9 latin-1")
+  with pytest.raises(DataError, match=r"c\.txt: not UTF-8"):
+    _first_batch(f"text:{tmp_path}/c.txt")
+
+  corpus = corpus_lib.open_corpus(f"jsonl:{tmp_path}/[ab].jsonl", skip_bad_documents=True)
+  assert sorted(d for d in corpus.documents(None) if d is not None) == ["3", "one", "one", "two"]
+  assert corpus.skipped() == 2
+
+
+def test_an_empty_eval_corpus_stops_before_training(tmp_path):
+  from llama_jax import trainer
+  (tmp_path / "empty.jsonl").write_text("\n\n")
+  config = tiny_test_config(**{"data.eval_corpus": f"jsonl:{tmp_path}/empty.jsonl"})
+  with pytest.raises(ConfigError, match="has no documents"):
+    trainer.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_a_resume_that_changes_the_stream_stops_naming_the_change():
+  saved = data_lib.stream_definition(_data_config(), 1)
+  data_lib.check_stream(saved, data_lib.stream_definition(_data_config(read_threads=7), 1), 8)  # order unchanged
+  with pytest.raises(ConfigError, match=r"data.seq_len 32 -> 16.*process_count 1 -> 2"):
+    data_lib.check_stream(saved, data_lib.stream_definition(_data_config(seq_len=16), 2), 8)
