@@ -34,12 +34,19 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state, config: ml_collections.ConfigDict, data_iter, stream: dict,
+  def save(self, step: int, state, config: ml_collections.ConfigDict, data_iter=None, stream: dict | None = None,
            force: bool = False):
-    """Saves the state, the config and the data position (the iterator's state, read now)."""
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state), config=ocp.args.JsonSave(config.to_dict()),
-        data=grain.checkpoint.CheckpointSave(data_iter), stream=ocp.args.JsonSave(stream)), force=force)
+    """Saves the state, the config and, when given, the data position (the iterator's state, read now).
+
+    A checkpoint without a data position (an HF import) starts its data stream from the beginning.
+    """
+    items = dict(state=ocp.args.PyTreeSave(state), config=ocp.args.JsonSave(config.to_dict()))
+    if data_iter is not None:
+      items.update(data=grain.checkpoint.CheckpointSave(data_iter), stream=ocp.args.JsonSave(stream))
+    self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def has_data(self, step: int) -> bool:
+    return os.path.isdir(os.path.join(str(self.manager.directory), str(step), "data"))
 
   def restore_state(self, step: int, abstract_state):
     """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""

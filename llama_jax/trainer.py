@@ -142,9 +142,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       start = 0
       metrics_lib.log(f"{model_lib.count_params(llama):,} parameters; training from scratch")
     else:
-      data_lib.check_stream(checkpointer.restore_stream(start), stream, start)
+      if checkpointer.has_data(start):
+        data_lib.check_stream(checkpointer.restore_stream(start), stream, start)
       state = checkpointer.restore_state(start, setup.abstract_state)
-      checkpointer.restore_data(start, train_iter)
+      if checkpointer.has_data(start):
+        checkpointer.restore_data(start, train_iter)
       metrics_lib.log(f"resumed from step {start} in {ckpt_lib.checkpoint_dir(workdir)}")
 
     total = config.train.steps

@@ -28,7 +28,7 @@ def test_import_train_eval_export(tmp_path):
                                "train.steps": 2, "sample.max_new_tokens": 0})
   llama = config_lib.llama_config(config.model)
   hf_dir = save_hf(hf_model(llama), tmp_path / "hf")
-  tok_lib.train_sentencepiece(tok_lib.training_lines(corpus.load_documents("shakespeare:train")[:2]),
+  tok_lib.train_sentencepiece(tok_lib.training_lines(corpus.shakespeare_plays("train")[:2]),
                               llama.vocab_size, os.path.join(hf_dir, "tokenizer.model"))
   workdir = str(tmp_path / "run")
   overrides = [f"--config.{k}={v}" for k, v in _flat(config).items()]
