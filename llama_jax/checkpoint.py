@@ -22,10 +22,11 @@ class Checkpointer:
 
   def __init__(self, workdir: str, max_to_keep: int | None = None, async_save: bool = True,
                read_only: bool = False):
+    # The directory is made by the first save, so a run that stops on bad input leaves none.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=not read_only,
-        read_only=read_only)
-    self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=False, read_only=read_only)
+    self.directory = checkpoint_dir(workdir)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "config", "data", "stream"))
 
   def latest_step(self) -> int | None:
@@ -40,13 +41,14 @@ class Checkpointer:
 
     A checkpoint without a data position (an HF import) starts its data stream from the beginning.
     """
+    os.makedirs(self.directory, exist_ok=True)
     items = dict(state=ocp.args.PyTreeSave(state), config=ocp.args.JsonSave(config.to_dict()))
     if data_iter is not None:
       items.update(data=grain.checkpoint.CheckpointSave(data_iter), stream=ocp.args.JsonSave(stream))
     self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def has_data(self, step: int) -> bool:
-    return os.path.isdir(os.path.join(str(self.manager.directory), str(step), "data"))
+    return os.path.isdir(os.path.join(self.directory, str(step), "data"))
 
   def restore_state(self, step: int, abstract_state):
     """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""

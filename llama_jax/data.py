@@ -182,8 +182,8 @@ def show_rows(batch, tok, n: int) -> str:
   return "\n".join(out)
 
 
-def pipeline_stats(batches, num_batches: int) -> dict:
-  """Rows, documents, tokens per second and padding fraction of the first num_batches batches."""
+def pipeline_stats(batches, num_batches: int, bos_id: int) -> dict:
+  """Documents and tokens per second and the padding fraction of num_batches batches."""
   it = iter(batches)
   first = next(it)  # start-up (index building, first shuffle window) is timed apart
   start = time.perf_counter()
@@ -193,10 +193,10 @@ def pipeline_stats(batches, num_batches: int) -> dict:
     seg = b["segment_ids"]
     tokens += int((seg > 0).sum())
     padding += int((seg == 0).sum())
-    docs += int((b["positions"] == 0).sum() - (seg == 0).sum())  # chunk starts, padding aside
+    docs += int(((b["positions"] == 0) & (b["inputs"] == bos_id) & (seg > 0)).sum())  # first chunks
   elapsed = time.perf_counter() - start
   return {"batches": num_batches, "rows_per_batch": len(first["inputs"]), "seconds": elapsed,
-          "chunks_per_sec": docs / elapsed, "tokens_per_sec": tokens / elapsed,
+          "documents_per_sec": docs / elapsed, "tokens_per_sec": tokens / elapsed,
           "padding_fraction": padding / max(tokens + padding, 1)}
 
 
@@ -223,9 +223,9 @@ def main():
     if show.value:
       print(show_rows(next(iter(batches)), tok, show.value))
     if stats.value:
-      s = pipeline_stats(batches, stats.value)
+      s = pipeline_stats(batches, stats.value, tok.bos_id)
       print(f"{s['batches']} batches of {s['rows_per_batch']} rows in {s['seconds']:.2f} s | "
-            f"{s['chunks_per_sec']:,.0f} documents/s | {s['tokens_per_sec']:,.0f} tokens/s | "
+            f"{s['documents_per_sec']:,.0f} documents/s | {s['tokens_per_sec']:,.0f} tokens/s | "
             f"padding {s['padding_fraction']:.1%}")
 
   entry.main(lambda argv: entry.run(run))

@@ -1,5 +1,6 @@
 """train_and_evaluate(config, workdir): the training loop, from config to checkpoints and metrics."""
 
+import itertools
 import os
 import shutil
 import time
@@ -137,16 +138,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   writer = metrics_lib.MetricWriter(workdir)
   try:
     start = checkpointer.latest_step()
+    if start is not None and checkpointer.has_data(start):  # (an HF import has no data position)
+      data_lib.check_stream(checkpointer.restore_stream(start), stream, start)
+      checkpointer.restore_data(start, train_iter)
+    # Unreadable data shows up here, before anything compiles.
+    batches = itertools.chain([next(train_iter)], train_iter)
     if start is None:
       state = setup.init_state()
       start = 0
       metrics_lib.log(f"{model_lib.count_params(llama):,} parameters; training from scratch")
     else:
-      if checkpointer.has_data(start):
-        data_lib.check_stream(checkpointer.restore_stream(start), stream, start)
       state = checkpointer.restore_state(start, setup.abstract_state)
-      if checkpointer.has_data(start):
-        checkpointer.restore_data(start, train_iter)
       metrics_lib.log(f"resumed from step {start} in {ckpt_lib.checkpoint_dir(workdir)}")
 
     total = config.train.steps
@@ -159,7 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     loss_sum, logged_at = 0.0, start  # the logged loss is the mean since the previous log line
     with jax.set_mesh(setup.mesh):
       for step in range(start, end):
-        state, metrics = train_step(state, setup.global_batch(next(train_iter)))
+        state, metrics = train_step(state, setup.global_batch(next(batches)))
         loss_sum = loss_sum + metrics["loss"]  # stays on device: no sync per step
         done = step + 1
         if done % config.train.log_every == 0 or done in (total, end):

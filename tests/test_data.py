@@ -346,3 +346,15 @@ def test_a_resume_that_changes_the_stream_stops_naming_the_change():
   data_lib.check_stream(saved, data_lib.stream_definition(_data_config(read_threads=7), 1), 8)  # order unchanged
   with pytest.raises(ConfigError, match=r"data.seq_len 32 -> 16.*process_count 1 -> 2"):
     data_lib.check_stream(saved, data_lib.stream_definition(_data_config(seq_len=16), 2), 8)
+
+
+def test_inspect_a_pipeline_from_the_command_line(tmp_path):
+  from llama_jax import tokenizer as tok_lib
+  tok = tok_lib.train_sentencepiece(tok_lib.training_lines(corpus_lib.shakespeare_plays("train")[:2]), 320,
+                                    str(tmp_path / "tok.model"))
+  proc = subprocess.run([sys.executable, "-m", "llama_jax.data", "--config=configs/tiny.py", "--show=2", "--stats=20",
+                         f"--config.data.tokenizer_path={tok.path}", "--config.data.seq_len=64"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.count("--- row ") == 2 and "[segment 1: positions 0.." in proc.stdout
+  assert "20 batches of 8 rows" in proc.stdout and "tokens/s" in proc.stdout and "padding" in proc.stdout

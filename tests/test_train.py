@@ -54,6 +54,8 @@ def test_train_and_evaluate_logs_falling_loss_and_eval(trained):
 
 def test_resume_from_a_checkpoint_equals_training_straight(tmp_path, trained, eval_corpus):
   straight_dir, config, _ = trained
+  config = config.copy_and_resolve_references()
+  config.train.async_checkpoint = True  # the default: the data position is read when the save starts
   resumed_dir = str(tmp_path / "resumed")
   assert trainer.train_and_evaluate(config, resumed_dir, devices=jax.devices()[:1], stop_after=4) is None
   assert os.listdir(os.path.join(resumed_dir, "checkpoints")) == ["4"]
@@ -118,10 +120,21 @@ def _flat(config):
     (["--config.model.n_kv_heads=3"], "n_kv_heads"),
     (["--config.mesh.data=3", "--config.mesh.fsdp=1"], "needs 3 devices, but there are 8"),
     (["--config.mesh.tensor=8"], "not divisible by mesh axes tensor = 8"),
+    (["--config.data.train_corpus=jsonl:/no/such/*.jsonl"], "config.data.train_corpus: no files match '/no/such/*.jsonl'"),
+    (["--config.data.train_corpus=mix:shakespeare:train=0"], "needs a weight > 0"),
+    (["--config.data.eval_corpus=tfds:wiki40b/en@train", "--config.data.tfds_data_dir={tmp}"],
+     "tfds dataset 'wiki40b/en' is not prepared in"),
+    (["--config.data.eval_corpus=jsonl:{tmp}/empty.jsonl"], "has no documents"),
+    (["--config.data.train_corpus=jsonl:{tmp}/bad.jsonl"], "bad.jsonl:2: not JSON"),
 ])
 def test_bad_input_is_one_line_naming_the_culprit(tmp_path, trained, args, culprit):
   tokenizer = trainer.tokenizer_path(trained[0])  # 320 pieces; configs/tiny.py wants 1024
-  args = [a.format(tokenizer=tokenizer) for a in args]
+  (tmp_path / "empty.jsonl").write_text("\n")
+  (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": tru\n')
+  args = [a.format(tokenizer=tokenizer, tmp=tmp_path) for a in args]
+  if any("bad.jsonl" in a for a in args):  # its tokenizer must match, to get as far as reading the data
+    args.append(f"--config.data.tokenizer_path={tokenizer}")
+    args.append("--config.model.vocab_size=320")
   workdir = [a for a in args if a.startswith("--workdir")] or [f"--workdir={tmp_path / 'w'}"]
   args = [a for a in args if not a.startswith("--workdir")]
   start = time.time()
