@@ -1,13 +1,16 @@
 """Pretraining config for any published Llama size, named after the colon.
 
   python train.py --config configs/llama.py:llama3-8b --workdir /mnt/shared/run \
-      --config.data.tokenizer_path=/path/to/llama3/tokenizer.model --config.data.train_corpus=...
+      --config.data.tokenizer_path=/path/to/llama3/tokenizer.model \
+      --config.data.train_corpus='mix:jsonl:/data/web/*.jsonl=0.7,tfds:wiki40b/en@train=0.3' \
+      --config.data.tfds_data_dir=/data/tfds --config.data.eval_corpus='jsonl:/data/heldout/*.jsonl'
 
 Presets: see llama_jax.model.PRESETS (llama1-7b ... llama3.1-405b, llama3.2-1b/3b). The model is
 the preset's architecture with bf16 compute, fp32 params and optimizer state, scan over
 layers and remat that keeps only matmul outputs; params and optimizer state are sharded over
 all devices (fsdp). Set data.tokenizer_path to the model family's tokenizer (its vocabulary
-must equal the preset's) and point data.train_corpus / data.eval_corpus at your text.
+must equal the preset's) and point data.train_corpus / data.eval_corpus at your text
+(corpus specs: README, llama_jax/corpus.py).
 Everything else is configs/tiny.py's, with the schedule of a real run.
 """
 
@@ -27,6 +30,9 @@ def get_config(preset: str = "llama3-8b"):
 
   c.data.seq_len = 4096  # T
   c.data.batch_size = 256  # 1M tokens per step
+  c.data.read_threads = 8  # tokenizing threads per process (sentencepiece/tiktoken release the GIL)
+  c.data.shuffle_window = 16384  # chunks shuffled together before packing
+  c.data.pack_bins = 256  # rows open for first-fit packing
   c.train.loss_chunk_size = 512  # never the whole [B, T, 128k] fp32 logits at once
   c.optim.learning_rate = 3e-4
   c.optim.warmup_steps = 2000

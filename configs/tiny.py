@@ -46,7 +46,7 @@ def get_config():
   c.data.seq_len = 256  # T, tokens per packed row
   c.data.batch_size = 8  # global batch size B (rows per step, all processes together)
   c.data.shuffle_seed = 0  # document order (a new permutation each epoch), chunk and row shuffles
-  c.data.shuffle_window = 4096  # chunks shuffled together before packing (spreads long documents)
+  c.data.shuffle_window = 8192  # chunks shuffled together before packing (here: all the plays)
   c.data.pack_bins = 64  # rows open at once for first-fit packing (more: less padding)
   c.data.read_threads = 2  # threads reading and tokenizing documents
 
