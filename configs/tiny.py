@@ -66,9 +66,13 @@ def get_config():
   c.train.loss_chunk_size = 0  # positions whose logits exist at once in the loss (0: all T)
   c.train.log_every = 100  # steps between log lines / metrics.jsonl train events
   c.train.eval_every = 0  # steps between held-out evaluations (0: only at the end)
-  c.train.checkpoint_every = 500  # steps between checkpoints (and one at the end)
+  c.train.checkpoint_every = 500  # steps between checkpoints (and one at the end, and on SIGTERM)
+  c.train.checkpoint_every_minutes = 0.0  # also save when this many minutes have passed (0: off)
   c.train.keep_checkpoints = 3  # newest checkpoints kept
+  c.train.keep_every = 0  # also keep every this-many-th step for good (0: none)
   c.train.async_checkpoint = True  # save in the background while training goes on
+  c.train.skip_nonfinite_steps = 0  # skip up to this many non-finite updates in a row (0: stop at the first)
+  c.train.allow_config_change = False  # resume even if the model, data order or seeds changed
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # data-parallel replicas

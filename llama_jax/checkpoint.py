@@ -1,54 +1,134 @@
-"""Orbax checkpoints of the train state and the config, under WORKDIR/checkpoints/<step>/.
+"""Orbax checkpoints of the train state, the config and the data position, under WORKDIR/checkpoints/<step>/.
 
 Each step holds four items: `state` ({"step", "params", "opt_state"}), `config` (the full
 training config as JSON, so eval.py and resumption need nothing but the workdir), `data` (the
 grain iterator state of the training stream, one file per process) and `stream` (what defines
-that stream, data.stream_definition, compared when resuming).
+that stream, data.stream_definition, compared when resuming). An HF import holds only the
+first two.
+
+When to save and what to keep is orbax's policy: every `train.checkpoint_every` steps (and, if
+set, every `train.checkpoint_every_minutes`), keeping the newest `train.keep_checkpoints` plus
+every `train.keep_every`-th step for good. A save is written to a temporary directory and
+renamed when complete, so an interrupted save leaves no step behind; a step whose files were
+damaged later is found by restoring it (`restore_latest`), moved to WORKDIR/broken_checkpoints/
+with a warning, and the step before it is used.
 """
 
 import os
+import shutil
+import time
 
 import grain
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from llama_jax import metrics as metrics_lib
+from llama_jax.errors import ConfigError
+
+_POLICIES = ocp.checkpoint_managers
+
+
+class CheckpointError(ConfigError):
+  """A checkpoint that cannot be written or read, named in one line."""
 
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-class Checkpointer:
-  """Saves (asynchronously if asked), keeps the newest `max_to_keep`, restores onto any sharding."""
+def broken_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "broken_checkpoints")
 
-  def __init__(self, workdir: str, max_to_keep: int | None = None, async_save: bool = True,
+
+def _options(train_config, read_only: bool) -> ocp.CheckpointManagerOptions:
+  if train_config is None:  # reading, or one explicit save (an HF import)
+    return ocp.CheckpointManagerOptions(create=False, read_only=read_only, enable_async_checkpointing=False)
+  t = train_config
+  save = [_POLICIES.FixedIntervalPolicy(t.checkpoint_every)]
+  if t.checkpoint_every_minutes:
+    save.append(_POLICIES.ContinuousCheckpointingPolicy(minimum_interval_secs=int(t.checkpoint_every_minutes * 60)))
+  keep = [_POLICIES.LatestN(t.keep_checkpoints)]
+  if t.keep_every:
+    keep.append(_POLICIES.EveryNSteps(t.keep_every))
+  # The directory is made by the first save, so a run that stops on bad input leaves none.
+  return ocp.CheckpointManagerOptions(
+      create=False, enable_async_checkpointing=t.async_checkpoint,
+      save_decision_policy=_POLICIES.AnySavePolicy(save), preservation_policy=_POLICIES.AnyPreservationPolicy(keep))
+
+
+def _first_line(e: Exception) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+class Checkpointer:
+  """Saves per the run's policy (asynchronously if asked) and restores onto any sharding."""
+
+  def __init__(self, workdir: str, train_config: ml_collections.ConfigDict | None = None,
                read_only: bool = False):
-    # The directory is made by the first save, so a run that stops on bad input leaves none.
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=False, read_only=read_only)
+    self.workdir = workdir
     self.directory = checkpoint_dir(workdir)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "config", "data", "stream"))
+    handlers = {"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(), "stream": ocp.JsonCheckpointHandler()}
+    self.manager = ocp.CheckpointManager(self.directory, options=_options(train_config, read_only),
+                                         item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
+    return sorted(self.manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    return self.manager.should_save(step)
 
   def save(self, step: int, state, config: ml_collections.ConfigDict, data_iter=None, stream: dict | None = None,
            force: bool = False):
-    """Saves the state, the config and, when given, the data position (the iterator's state, read now).
-
-    A checkpoint without a data position (an HF import) starts its data stream from the beginning.
-    """
-    os.makedirs(self.directory, exist_ok=True)
+    """Saves the state, the config and, when given, the data position (the iterator's state, read now)."""
     items = dict(state=ocp.args.PyTreeSave(state), config=ocp.args.JsonSave(config.to_dict()))
     if data_iter is not None:
       items.update(data=grain.checkpoint.CheckpointSave(data_iter), stream=ocp.args.JsonSave(stream))
-    self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+      os.makedirs(self.directory, exist_ok=True)
+      self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as e:  # noqa: BLE001  (a full disk, a read-only mount: say so in one line)
+      raise CheckpointError(f"saving step {step} in {self.directory} failed: {_first_line(e)}") from e
+
+  def wait(self):
+    """Waits for the save in flight; a failure of the background write is reported here."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"saving in {self.directory} failed: {_first_line(e)}") from e
 
   def has_data(self, step: int) -> bool:
     return os.path.isdir(os.path.join(self.directory, str(step), "data"))
+
+  def _restore(self, step: int, **items):
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # noqa: BLE001  (tensorstore and orbax raise many kinds)
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: {_first_line(e)}") from e
+
+  def check_structure(self, step: int, abstract_state):
+    """Stops (ConfigError) if step's params or optimizer state differ in shape from what this run
+    builds: a changed model, not a damaged file, and no reason to fall back to an older step."""
+    try:
+      saved = self.manager.item_metadata(step)["state"].tree
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: {_first_line(e)}") from e
+    shapes = lambda tree: {jax.tree_util.keystr(p): tuple(x.shape)
+                           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    have, want = shapes(saved["params"]), shapes(abstract_state["params"])
+    diff = sorted(set(have.items()) ^ set(want.items()))
+    if diff:
+      key = diff[0][0]
+      raise ConfigError(f"checkpoint step {step} in {self.directory} has params of other shapes than this config "
+                        f"builds (params{key}: {have.get(key)} saved, {want.get(key)} now)")
+    if len(jax.tree.leaves(saved["opt_state"])) != len(jax.tree.leaves(abstract_state["opt_state"])):
+      raise ConfigError(f"checkpoint step {step} in {self.directory} has another optimizer state structure "
+                        "(optim or train.skip_nonfinite_steps changed)")
 
   def restore_state(self, step: int, abstract_state):
     """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""
@@ -59,25 +139,39 @@ class Checkpointer:
     return self._restore_tree(step, {"params": abstract_params}, partial=True)["params"]
 
   def _restore_tree(self, step, target, partial=False):
-    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=partial)))
-    return restored["state"]
+    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=partial)
+    return self._restore(step, state=args)["state"]
 
   def restore_data(self, step: int, data_iter):
     """Moves `data_iter` (a fresh grain iterator of the same stream) to where step `step` left it."""
-    self.manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter)))
+    self._restore(step, data=grain.checkpoint.CheckpointRestore(data_iter))
     return data_iter
 
   def restore_stream(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(stream=ocp.args.JsonRestore()))["stream"]
+    return self._restore(step, stream=ocp.args.JsonRestore())["stream"]
 
   def restore_config(self, step: int) -> ml_collections.ConfigDict:
-    restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return ml_collections.ConfigDict(restored["config"])
+    return ml_collections.ConfigDict(self._restore(step, config=ocp.args.JsonRestore())["config"])
 
-  def wait(self):
-    self.manager.wait_until_finished()
+  def restore_latest(self, restore_fn):
+    """(step, restore_fn(step)) for the newest step that restores; None if there is none.
+
+    A step that fails to restore is moved to WORKDIR/broken_checkpoints/ (kept for a look, and
+    out of the way of the steps this run will save) with one warning, and the one before it is tried.
+    """
+    for step in reversed(self.all_steps()):
+      try:
+        return step, restore_fn(step)
+      except CheckpointError as e:
+        target = os.path.join(broken_dir(self.workdir), f"{step}-{int(time.time())}")
+        if jax.process_index() == 0:
+          os.makedirs(broken_dir(self.workdir), exist_ok=True)
+          shutil.move(os.path.join(self.directory, str(step)), target)
+        multihost_utils.sync_global_devices(f"moved broken checkpoint {step}")
+        metrics_lib.log(f"warning: {e}; moved it to {target}, resuming from the checkpoint before it")
+        self.manager.reload()
+    return None
 
   def close(self):
     self.manager.close()
-

@@ -51,7 +51,8 @@ def check_config(config: ml_collections.ConfigDict):
     raise ConfigError(f"config.data.seq_len={config.data.seq_len} exceeds "
                       f"config.model.max_seq_len={llama.max_seq_len}")
   for key in ("train.steps", "data.batch_size", "data.seq_len", "train.grad_accum_steps",
-              "train.log_every", "train.checkpoint_every"):
+              "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "data.read_threads",
+              "data.pack_bins"):
     section, name = key.split(".")
     if config[section][name] < 1:
       raise ConfigError(f"config.{key}={config[section][name]} must be >= 1")
@@ -73,3 +74,41 @@ def check_vocab(tokenizer, llama: model_lib.LlamaConfig, source: str):
   if tokenizer.vocab_size != llama.vocab_size:
     raise ConfigError(f"tokenizer {source} has vocab size {tokenizer.vocab_size}, but "
                       f"config.model.vocab_size={llama.vocab_size}")
+
+
+# What a resumed run may change freely: how the model is computed (not what it is).
+_COMPUTE_FIELDS = ("model.dtype", "model.scan_layers", "model.remat", "model.attention")
+# What else decides the run's result: the data order and the initialisation.
+_GUARDED_FIELDS = ("seed", "data.train_corpus", "data.seq_len", "data.batch_size", "data.shuffle_seed",
+                   "data.shuffle_window", "data.pack_bins", "data.skip_bad_documents")
+
+
+def _flat(config, prefix=""):
+  out = {}
+  for key, value in dict(config).items():
+    if hasattr(value, "items") and prefix + key != "model.rope_scaling":
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value.to_dict() if hasattr(value, "to_dict") else value
+  return out
+
+
+def changed_on_resume(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list[str]:
+  """The keys, as 'key: saved -> now', that make a resumed run a different run: model fields other
+  than how it is computed, data order, seeds. train.steps and the rest may change."""
+  a, b = _flat(saved), _flat(config)
+  keys = [k for k in sorted(set(a) | set(b))
+          if (k.startswith("model.") and k not in _COMPUTE_FIELDS) or k in _GUARDED_FIELDS]
+  return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def check_resume(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, step: int) -> bool:
+  """Stops a resume that changes the model or the data order, unless train.allow_config_change.
+
+  Returns whether anything guarded changed (then the caller starts the data stream afresh).
+  """
+  changed = changed_on_resume(saved, config)
+  if changed and not config.train.allow_config_change:
+    raise ConfigError(f"resuming from checkpoint {step} with a changed config: {'; '.join(changed)} "
+                      "(--config.train.allow_config_change=True to resume anyway)")
+  return bool(changed)

@@ -443,7 +443,7 @@ def import_hf(hf_dir: str, workdir: str, config_arg: str = "configs/llama.py"):
     model[key] = config.model[key]
   config.model = model
   setup = trainer.Setup(config)
-  ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
+  ckpt = ckpt_lib.Checkpointer(workdir)
   if ckpt.latest_step() is not None:
     raise ValueError(f"--workdir {workdir} already has checkpoints; import into a new workdir")
   params = jax.tree.map(jax.device_put, params, setup.params_sharding)

@@ -30,11 +30,11 @@ def run(fn):
   """Runs fn with library logs at WARNING; a ConfigError or missing file ends it in one line."""
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.ERROR)  # orbax logs every file it writes, and more
-  from llama_jax.errors import ConfigError
+  from llama_jax.errors import ConfigError, StopRun
   try:
     distributed.initialize_from_flags()
     return fn()
-  except (ConfigError, FileNotFoundError) as e:
+  except (ConfigError, FileNotFoundError, StopRun) as e:
     sys.exit(f"error: {e}")
 
 

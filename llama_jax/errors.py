@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class DataError(ConfigError):
   """A document that cannot be read (file:line and why), found while the data streams."""
+
+
+class StopRun(RuntimeError):
+  """A run that stops on purpose (a non-finite loss), named in one line with where to go back to."""

@@ -12,8 +12,12 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-def make_optimizer(optim_config, total_steps: int):
-  """Returns (optax transform, learning-rate schedule) from `config.optim`."""
+def make_optimizer(optim_config, total_steps: int, skip_nonfinite_steps: int = 0):
+  """Returns (optax transform, learning-rate schedule) from `config.optim`.
+
+  skip_nonfinite_steps > 0: an update whose gradients are not finite is skipped (optax's
+  apply_if_finite), up to that many in a row; the next one is applied as it is.
+  """
   c = optim_config
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0,
@@ -26,4 +30,6 @@ def make_optimizer(optim_config, total_steps: int):
       optax.clip_by_global_norm(c.grad_clip),
       optax.adamw(schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=decay_mask),
   )
+  if skip_nonfinite_steps:
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=skip_nonfinite_steps)
   return tx, schedule

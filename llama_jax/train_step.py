@@ -45,8 +45,13 @@ def _micro_batches(batch, k: int):
   return jax.tree.map(split, batch)
 
 
-def make_train_step(graphdef, tx, schedule, grad_accum_steps: int = 1, loss_chunk_size: int = 0):
-  """train_step(state, batch) -> (state, metrics), gradients averaged over all target tokens."""
+def make_train_step(graphdef, tx, schedule, grad_accum_steps: int = 1, loss_chunk_size: int = 0,
+                    skip_nonfinite_steps: int = 0):
+  """train_step(state, batch) -> (state, metrics), gradients averaged over all target tokens.
+
+  metrics["nonfinite"] is True when the loss or the gradient norm is not finite and the update
+  was applied anyway; metrics["skipped"] when it was skipped (see optim.make_optimizer).
+  """
   grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b, loss_chunk_size), has_aux=True)
 
   def train_step(state, batch):
@@ -62,12 +67,19 @@ def make_train_step(graphdef, tx, schedule, grad_accum_steps: int = 1, loss_chun
           accumulate, zeros, _micro_batches(batch, grad_accum_steps))
     # Normalising by the tokens of the whole batch makes k micro-batches equal one big batch.
     n_targets = jnp.maximum(n_targets, 1.0)
-    grads = jax.tree.map(lambda g: g / n_targets, grad_sums)
+    loss = loss_sum / n_targets
+    grad_norm = optax.tree.norm(grad_sums) / n_targets
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite loss makes the gradients non-finite too, so that apply_if_finite sees it.
+    grads = jax.tree.map(lambda g: jnp.where(finite, g / n_targets, jnp.nan), grad_sums)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
+    skipped = jnp.zeros((), bool)
+    if skip_nonfinite_steps:  # apply_if_finite skipped it, unless too many came in a row
+      skipped = ~finite & (opt_state.notfinite_count <= skip_nonfinite_steps)
     new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                  "opt_state": opt_state}
-    metrics = {"loss": loss_sum / n_targets, "grad_norm": optax.tree.norm(grads),
-               "learning_rate": schedule(state["step"]), "num_targets": n_targets}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state["step"]),
+               "num_targets": n_targets, "nonfinite": ~finite & ~skipped, "skipped": skipped}
     return new_state, metrics
 
   return train_step

@@ -20,20 +20,27 @@ from llama_jax import generate as generate_lib
 from llama_jax import metrics as metrics_lib
 from llama_jax import model as model_lib
 from llama_jax import optim
+from llama_jax import preemption
 from llama_jax import sharding as sh
 from llama_jax import tokenizer as tok_lib
 from llama_jax import train_step as step_lib
+from llama_jax.errors import StopRun
 
 
 def tokenizer_path(workdir: str) -> str:
   return os.path.join(workdir, "tokenizer.model")
 
 
-def prepare_tokenizer(config, workdir: str, train_corpus):
-  """The run's tokenizer, kept as WORKDIR/tokenizer.model so the workdir is self-contained."""
+def prepare_tokenizer(config, workdir: str, train_corpus, llama):
+  """The run's tokenizer, kept as WORKDIR/tokenizer.model so the workdir is self-contained.
+
+  A given tokenizer is checked against the model before it is copied, so a wrong one leaves
+  nothing behind and a corrected data.tokenizer_path then works.
+  """
   path = tokenizer_path(workdir)
   if not os.path.exists(path):
     if config.data.tokenizer_path:
+      config_lib.check_vocab(tok_lib.load_tokenizer(config.data.tokenizer_path), llama, config.data.tokenizer_path)
       if jax.process_index() == 0:
         shutil.copyfile(config.data.tokenizer_path, path + ".tmp")
         os.replace(path + ".tmp", path)
@@ -44,7 +51,9 @@ def prepare_tokenizer(config, workdir: str, train_corpus):
         sample = train_corpus.sample(config.data.tokenizer_sample_bytes, config.data.shuffle_seed)
         tok_lib.train_sentencepiece(tok_lib.training_lines(sample), config.model.vocab_size, path)
   _wait_for_file(path)
-  return tok_lib.load_tokenizer(path)
+  tok = tok_lib.load_tokenizer(path)
+  config_lib.check_vocab(tok, llama, path)
+  return tok
 
 
 def _wait_for_file(path, timeout_s=600):
@@ -66,7 +75,8 @@ class Setup:
     abstract_model = model_lib.abstract_model(self.llama)
     self.graphdef, _ = nnx.split(abstract_model)
     sh.check_params_divisible(self.mesh, abstract_model)
-    self.tx, self.schedule = optim.make_optimizer(config.optim, config.train.steps)
+    self.tx, self.schedule = optim.make_optimizer(config.optim, config.train.steps,
+                                                  config.train.skip_nonfinite_steps)
 
     def init_state():
       params = nnx.to_pure_dict(nnx.state(model_lib.init_model(self.llama, config.seed), nnx.Param))
@@ -87,7 +97,8 @@ class Setup:
 
   def jit_train_step(self):
     t = self.config.train
-    step = step_lib.make_train_step(self.graphdef, self.tx, self.schedule, t.grad_accum_steps, t.loss_chunk_size)
+    step = step_lib.make_train_step(self.graphdef, self.tx, self.schedule, t.grad_accum_steps, t.loss_chunk_size,
+                                    t.skip_nonfinite_steps)
     return jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
                    out_shardings=(self.state_sharding, None), donate_argnums=0)
 
@@ -112,7 +123,8 @@ def check_batch(config, mesh):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None,
                        stop_after: int | None = None):
-  """Trains per `config` in `workdir`, resuming from its latest checkpoint; returns the final eval.
+  """Trains per `config` in `workdir`, resuming from its latest good checkpoint; returns the final
+  eval (None when the run stops early: `stop_after`, SIGTERM, a preemption notice).
 
   Args:
     devices: the devices of the mesh (default: all).
@@ -126,76 +138,121 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
   train_corpus = data_lib.open_corpus(config.data, "train_corpus")
   eval_corpus = data_lib.open_corpus(config.data, "eval_corpus")
-  tok = prepare_tokenizer(config, workdir, train_corpus)
-  config_lib.check_vocab(tok, llama, tokenizer_path(workdir))
+  tok = prepare_tokenizer(config, workdir, train_corpus, llama)
   evaluator = eval_lib.Evaluator(setup, tok, eval_corpus)
   evaluator.check_not_empty()
   stream = data_lib.stream_definition(config.data, jax.process_count())
   train_iter = iter(data_lib.train_batches(train_corpus, tok, config.data, jax.process_index(),
                                            jax.process_count()))
-
-  checkpointer = ckpt_lib.Checkpointer(workdir, config.train.keep_checkpoints, config.train.async_checkpoint)
+  checkpointer = ckpt_lib.Checkpointer(workdir, config.train)
   writer = metrics_lib.MetricWriter(workdir)
+  watch = preemption.PreemptionWatch()
   try:
-    start = checkpointer.latest_step()
-    if start is not None and checkpointer.has_data(start):  # (an HF import has no data position)
-      data_lib.check_stream(checkpointer.restore_stream(start), stream, start)
-      checkpointer.restore_data(start, train_iter)
-    # Unreadable data shows up here, before anything compiles.
-    batches = itertools.chain([next(train_iter)], train_iter)
-    if start is None:
-      state = setup.init_state()
-      start = 0
+    resumed = checkpointer.restore_latest(
+        lambda step: _restore(checkpointer, step, setup, config, stream, train_iter))
+    batches = itertools.chain([next(train_iter)], train_iter)  # unreadable data shows up now, before compiling
+    if resumed is None:
+      start, state = 0, setup.init_state()
       metrics_lib.log(f"{model_lib.count_params(llama):,} parameters; training from scratch")
     else:
-      state = checkpointer.restore_state(start, setup.abstract_state)
-      metrics_lib.log(f"resumed from step {start} in {ckpt_lib.checkpoint_dir(workdir)}")
-
-    total = config.train.steps
-    tokens_per_step = config.data.batch_size * config.data.seq_len
-    peak_flops = flops.peak_flops_per_device(jax.devices()[0]) * setup.mesh.size
-    flops_per_token = flops.train_flops_per_token(llama, config.data.seq_len)
-    progress = metrics_lib.ProgressLogger(start, total)
-    train_step = setup.jit_train_step()
-    end = total if stop_after is None else min(stop_after, total)
-    loss_sum, logged_at = 0.0, start  # the logged loss is the mean since the previous log line
-    with jax.set_mesh(setup.mesh):
-      for step in range(start, end):
-        state, metrics = train_step(state, setup.global_batch(next(batches)))
-        loss_sum = loss_sum + metrics["loss"]  # stays on device: no sync per step
-        done = step + 1
-        if done % config.train.log_every == 0 or done in (total, end):
-          metrics = sh.replicated_to_host(dict(metrics, loss=loss_sum / (done - logged_at)))
-          loss_sum, logged_at = 0.0, done
-          if not np.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"loss is {metrics['loss']} at step {done}; last good checkpoint: "
-                                     f"{checkpointer.latest_step()}")
-          metrics["tokens_per_sec"] = progress.tokens_per_sec(done, tokens_per_step)
-          metrics["mfu"] = metrics["tokens_per_sec"] * flops_per_token / peak_flops if peak_flops else 0.0
-          if train_corpus.skipped():
-            metrics["skipped_documents"] = train_corpus.skipped()
-          writer.write(done, metrics)
-          metrics_lib.log(progress.line(done, metrics))
-        if config.train.eval_every and done % config.train.eval_every == 0 and done != total:
-          writer.write(done, eval_lib.as_eval_metrics(evaluator(state["params"])))
-        if done % config.train.checkpoint_every == 0 or done in (total, end):
-          checkpointer.save(done, state, config, train_iter, stream)
-    result = None
-    if end == total:
-      result = evaluator(state["params"])
-      if start < total:
-        writer.write(total, eval_lib.as_eval_metrics(result))
-      metrics_lib.log(f"held-out: loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
-                      f"{result['bits_per_byte']:.4f} bits/byte over {result['num_tokens']:,} tokens")
-      if config.sample.max_new_tokens > 0:
-        metrics_lib.log(f"sample:\n{generate_lib.sample_text(setup, state['params'], tok, config.sample)}")
-      result = {"step": total, **result}
-    return result
-  finally:  # an error still finishes the save in flight and stops the data threads
-    checkpointer.wait()
-    checkpointer.close()
+      start, state = resumed
+      metrics_lib.log(f"resumed from step {start} in {checkpointer.directory}")
+    end = config.train.steps if stop_after is None else min(stop_after, config.train.steps)
+    state, stopped_early = _train_loop(config, setup, state, start, end, batches, train_iter, stream,
+                                       checkpointer, writer, watch, evaluator, train_corpus)
+    if stopped_early or end < config.train.steps:
+      return None
+    result = evaluator(state["params"])
+    if start < config.train.steps:
+      writer.write(config.train.steps, eval_lib.as_eval_metrics(result))
+    metrics_lib.log(f"held-out: loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
+                    f"{result['bits_per_byte']:.4f} bits/byte over {result['num_tokens']:,} tokens")
+    if config.sample.max_new_tokens > 0:
+      metrics_lib.log(f"sample:\n{generate_lib.sample_text(setup, state['params'], tok, config.sample)}")
+    return {"step": config.train.steps, **result}
+  finally:  # an error still finishes the save in flight, and stops the data threads
+    watch.close()
     train_iter.close()
-    writer.close()
+    try:
+      checkpointer.wait()
+    finally:
+      checkpointer.close()
+      writer.close()
+
+
+def _restore(checkpointer, step, setup, config, stream, train_iter):
+  """The state of checkpoint `step`, with the data iterator moved to its position; refuses a
+  resume that would silently be another run (config_lib.check_resume, data.check_stream)."""
+  changed = config_lib.check_resume(checkpointer.restore_config(step), config, step)
+  checkpointer.check_structure(step, setup.abstract_state)
+  if checkpointer.has_data(step):  # (an HF import has no data position)
+    saved_stream = checkpointer.restore_stream(step)
+    if not changed:
+      data_lib.check_stream(saved_stream, stream, step)
+    if saved_stream == stream:
+      checkpointer.restore_data(step, train_iter)
+    else:
+      metrics_lib.log("warning: the data stream changed (train.allow_config_change): it starts from the beginning")
+  return checkpointer.restore_state(step, setup.abstract_state)
+
+
+@jax.jit
+def _first_bad_step(first_bad, nonfinite, step):
+  return jnp.where((first_bad == 0) & nonfinite, step, first_bad)
+
+
+def _train_loop(config, setup, state, start, end, batches, train_iter, stream, checkpointer, writer, watch,
+                evaluator, train_corpus):
+  """Steps start+1 .. end; saves per the policy, at the end, and when preempted. Returns
+  (state, whether a preemption stopped it). Nothing non-finite is ever saved."""
+  t = config.train
+  llama = setup.llama
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  peak_flops = flops.peak_flops_per_device(jax.devices()[0]) * setup.mesh.size
+  flops_per_token = flops.train_flops_per_token(llama, config.data.seq_len)
+  progress = metrics_lib.ProgressLogger(start, t.steps)
+  train_step = setup.jit_train_step()
+  # Sums and flags stay on the device between log lines: no host sync per step.
+  loss_sum, logged_at = 0.0, start
+  skipped, first_bad = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
+
+  def check_finite():
+    bad = int(sh.replicated_to_host(first_bad))
+    if bad:
+      checkpointer.wait()
+      raise StopRun(f"loss or gradient norm is not finite at step {bad}; stopped without saving it; last good "
+                    f"checkpoint: step {checkpointer.latest_step()} in {checkpointer.directory}")
+
+  with jax.set_mesh(setup.mesh):
+    for step in range(start, end):
+      state, metrics = train_step(state, setup.global_batch(next(batches)))
+      done = step + 1
+      loss_sum = loss_sum + metrics["loss"]
+      skipped = skipped + metrics["skipped"]
+      first_bad = _first_bad_step(first_bad, metrics["nonfinite"], np.int32(done))
+      preempted = watch.reached(done)
+      if done % t.log_every == 0 or done == end or preempted:
+        check_finite()
+        metrics = sh.replicated_to_host(dict(metrics, loss=loss_sum / (done - logged_at), skipped_steps=skipped))
+        loss_sum, logged_at = 0.0, done
+        metrics = {k: v for k, v in metrics.items() if k not in ("nonfinite", "skipped")}
+        metrics["tokens_per_sec"] = progress.tokens_per_sec(done, tokens_per_step)
+        metrics["mfu"] = metrics["tokens_per_sec"] * flops_per_token / peak_flops if peak_flops else 0.0
+        if train_corpus.skipped():
+          metrics["skipped_documents"] = train_corpus.skipped()
+        writer.write(done, metrics)
+        metrics_lib.log(progress.line(done, metrics))
+      if t.eval_every and done % t.eval_every == 0 and done != t.steps:
+        writer.write(done, eval_lib.as_eval_metrics(evaluator(state["params"])))
+      if preempted or done == end or checkpointer.should_save(done):
+        check_finite()
+        checkpointer.save(done, state, config, train_iter, stream, force=True)
+      if preempted:
+        checkpointer.wait()
+        metrics_lib.log(f"{watch.signal_name}: saved step {done} in {checkpointer.directory}; "
+                        "run the same command to resume")
+        return state, True
+  return state, False
 
 
 def load_run(workdir: str, step: int | None = None, devices=None):

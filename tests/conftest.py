@@ -51,3 +51,11 @@ class ByteTokenizer:
 
   def decode(self, ids):
     return bytes(int(i) - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
+
+
+def pytest_terminal_summary(terminalreporter):
+  """Skipped tests are named in the last lines, never passed over in silence."""
+  skipped = terminalreporter.stats.get("skipped", [])
+  if skipped:
+    reasons = sorted({str(r.longrepr[-1]) for r in skipped if isinstance(r.longrepr, tuple)})
+    terminalreporter.write_line(f"NOTE: {len(skipped)} tests did not run: {'; '.join(reasons)}", yellow=True)

@@ -54,14 +54,36 @@ def _complex_rope(x_BTNH, positions, inv_freq):
   return np.concatenate([z.real, z.imag], axis=-1)
 
 
-@pytest.mark.parametrize("scaling", [None, model_lib.RopeScaling(factor=8.0, original_max_seq_len=64)])
-def test_rope_matches_complex_rotation(scaling):
+def _hf_inv_freq(head_dim, theta, scaling=None):
+  """RoPE inverse frequencies as transformers computes them (its Llama-3.1 rule for `scaling`)."""
+  from transformers import LlamaConfig as HFConfig
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+  if scaling is None:  # the published formula
+    return 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+  params = {"rope_type": "llama3", "rope_theta": theta, "factor": scaling.factor,
+            "low_freq_factor": scaling.low_freq_factor, "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_seq_len}
+  hf = HFConfig(hidden_size=head_dim, num_attention_heads=1, num_key_value_heads=1, rope_parameters=params)
+  return ROPE_INIT_FUNCTIONS["llama3"](hf)[0].double().numpy()
+
+
+@pytest.mark.parametrize("scaling", [None, model_lib.RopeScaling(factor=8.0, original_max_seq_len=64),
+                                     model_lib.RopeScaling(factor=32.0, original_max_seq_len=8192)])
+def test_rope_matches_complex_rotation_at_transformers_frequencies(scaling):
   config = dataclasses.replace(SMALL, rope_scaling=scaling, rope_theta=500000.0)
   x = np.asarray(jax.random.normal(jax.random.key(1), (2, 9, 3, 8)), np.float64)
   positions = np.stack([np.arange(9), np.arange(100, 109)])
-  inv_freq = np.asarray(model_lib.rope_frequencies(config), np.float64)
-  ours = model_lib.apply_rope(jnp.asarray(x, jnp.float32), jnp.asarray(positions), jnp.asarray(inv_freq, jnp.float32))
+  inv_freq = _hf_inv_freq(config.head_dim, config.rope_theta, scaling)  # independent of the code under test
+  np.testing.assert_allclose(model_lib.rope_frequencies(config), inv_freq, rtol=1e-6)
+  ours = model_lib.apply_rope(jnp.asarray(x, jnp.float32), jnp.asarray(positions),
+                              model_lib.rope_frequencies(config))
   np.testing.assert_allclose(ours, _complex_rope(x, positions, inv_freq), atol=2e-4)
+
+
+def test_llama31_frequencies_at_a_full_head_equal_transformers():
+  scaling = model_lib.RopeScaling(factor=8.0, original_max_seq_len=8192)
+  config = dataclasses.replace(SMALL, dim=128, n_heads=1, n_kv_heads=1, rope_theta=500000.0, rope_scaling=scaling)
+  np.testing.assert_allclose(model_lib.rope_frequencies(config), _hf_inv_freq(128, 500000.0, scaling), rtol=1e-6)
 
 
 def test_llama31_scaling_keeps_high_and_divides_low_frequencies():
@@ -130,6 +152,22 @@ def test_layer_loop_and_remat_do_not_change_outputs_or_grads(scan_layers, remat)
   (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads(SMALL), loss_and_grads(other)
   np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_a, grads_b)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_remat_recomputes_the_forward_pass(scan_layers):
+  """The compiled gradient does more FLOPs with remat (the forward runs again in the backward)."""
+  params = nnx.to_pure_dict(nnx.state(model_lib.init_model(SMALL, 0), nnx.Param))
+  tokens = _tokens()
+
+  def flops(remat):
+    graphdef, _ = nnx.split(model_lib.abstract_model(dataclasses.replace(SMALL, scan_layers=scan_layers, remat=remat)))
+    grad = jax.grad(lambda p: jnp.mean(nnx.merge(graphdef, p)(tokens) ** 2))
+    return jax.jit(grad).lower(params).compile().cost_analysis()["flops"]
+
+  none, dots, full = flops("none"), flops("save_dots"), flops("full")
+  assert full > 1.1 * none
+  assert none < dots < full
 
 
 def test_tied_embeddings_have_no_lm_head_and_share_the_embedding():

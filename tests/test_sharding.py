@@ -75,7 +75,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
   from llama_jax import checkpoint as ckpt_lib
   saved_setup = trainer.Setup(tiny_test_config(**{"mesh.fsdp": 8}), jax.devices())
   state = saved_setup.init_state()
-  ckpt = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path))
   ckpt.save(0, state, saved_setup.config)
   ckpt.wait()
 

@@ -1,5 +1,7 @@
 """The train step: gradient accumulation and mixed precision."""
 
+import collections
+
 import jax
 import numpy as np
 import pytest
@@ -21,23 +23,48 @@ def _batch(B=8, T=32, V=320, seed=0):
   return dict(data_lib.dense_batch(windows), weights=weights)
 
 
-def _one_step(grad_accum_steps, batch):
+def _two_steps(grad_accum_steps, batch):
+  """Params after two steps: the first has warmup lr 0, the second a real update."""
   config = tiny_test_config(**{"train.grad_accum_steps": grad_accum_steps})
   setup = trainer.Setup(config, jax.devices()[:1])
   state = setup.init_state()
+  init = jax.device_get(state["params"])
+  step = setup.jit_train_step()
   with jax.set_mesh(setup.mesh):
-    new_state, metrics = setup.jit_train_step()(state, setup.global_batch(batch))
-  return jax.device_get(new_state["params"]), jax.device_get(metrics)
+    for _ in range(2):
+      state, metrics = step(state, setup.global_batch(batch))
+  return init, jax.device_get(state["params"]), jax.device_get(metrics)
 
 
 def test_four_micro_batches_of_two_equal_one_batch_of_eight():
   batch = _batch()
-  params_1, metrics_1 = _one_step(1, batch)
-  params_4, metrics_4 = _one_step(4, batch)
+  init, params_1, metrics_1 = _two_steps(1, batch)
+  _, params_4, metrics_4 = _two_steps(4, batch)
+  assert metrics_1["learning_rate"] > 0
   assert metrics_1["num_targets"] == metrics_4["num_targets"] == batch["weights"].sum()
   np.testing.assert_allclose(metrics_4["loss"], metrics_1["loss"], rtol=1e-6)
   np.testing.assert_allclose(metrics_4["grad_norm"], metrics_1["grad_norm"], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), params_4, params_1)
+  moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), params_1, init)
+  assert min(jax.tree.leaves(moved)) > 1e-4  # every parameter was updated
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params_4, params_1)
+
+
+def _dot_dtypes(config):
+  """Operand types of the dots in the compiled-for-CPU train step's HLO, as written there."""
+  import re
+  setup = trainer.Setup(config, jax.devices()[:1])
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=setup.batch_sharding), _batch())
+  with jax.set_mesh(setup.mesh):
+    hlo = setup.jit_train_step().lower(setup.abstract_state, batch).as_text(dialect="hlo")
+  return collections.Counter(re.findall(r"= (\w+)\[[^\]]*\]\{?[^ ]* dot\(", hlo))
+
+
+def test_bf16_compute_really_computes_in_bf16():
+  bf16 = _dot_dtypes(tiny_test_config(**{"model.dtype": "bfloat16"}))
+  fp32 = _dot_dtypes(tiny_test_config())
+  assert fp32 and set(fp32) == {"f32"}
+  # The blocks' and the LM head's matmuls, forward and backward, run in bf16.
+  assert bf16["bf16"] >= 0.75 * sum(fp32.values()), bf16
 
 
 def test_bf16_compute_trains_like_fp32():

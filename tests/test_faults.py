@@ -1,0 +1,286 @@
+"""Runs that survive: SIGTERM, damaged and unfinished checkpoints, other meshes, non-finite steps,
+changed configs, a wrong tokenizer and failed saves."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_test_config
+from llama_jax import data as data_lib
+from llama_jax import trainer
+from llama_jax.errors import ConfigError, StopRun
+from test_train import ROOT, _flat
+
+EVAL = "text:" + os.path.join(ROOT, "tests", "data", "heldout_sample.txt")
+COMPARED = ("loss", "grad_norm", "learning_rate", "num_targets")
+
+
+def _config(**overrides):
+  return tiny_test_config(**{"data.eval_corpus": EVAL, "sample.max_new_tokens": 0, **overrides})
+
+
+def _metrics(workdir):
+  """step -> the compared metrics of the last event logged for that step (a resumed run logs again)."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {e["step"]: tuple(e[k] for k in COMPARED) for e in map(json.loads, f) if "loss" in e}
+
+
+def _params(workdir, step):
+  return jax.device_get(trainer.load_run(str(workdir), step, devices=jax.devices()[:1])[1])
+
+
+def _assert_same_params(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), a, b)
+
+
+@pytest.fixture(scope="module")
+def straight_12(tmp_path_factory):
+  """12 steps on one device without interruption, checkpoints every 4."""
+  workdir = tmp_path_factory.mktemp("straight") / "run"
+  trainer.train_and_evaluate(_config(**{"train.steps": 12}), str(workdir), devices=jax.devices()[:1])
+  return workdir
+
+
+# ------------------------------------------------------------------ SIGTERM
+
+
+def _cmd(workdir, config, *extra):
+  return [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
+          *[f"--config.{k}={v}" for k, v in _flat(config).items()], *extra]
+
+
+def _env():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # the test session's 8 fake devices; these processes have 1 (or ask)
+  return env
+
+
+def _run_until_signalled(cmd, at_step, total, send):
+  """Starts cmd, calls send(proc) when it logs step `at_step`, returns its whole output."""
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if f" step {at_step}/{total} " in line:
+      send(proc)
+  proc.wait(timeout=120)
+  return proc.returncode, "".join(lines)
+
+
+@pytest.mark.slow
+def test_sigterm_twice_then_finishing_equals_a_straight_run(tmp_path):
+  config = _config(**{"train.steps": 30, "train.checkpoint_every": 2, "train.async_checkpoint": True})
+  straight = subprocess.run(_cmd(tmp_path / "a", config), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                            timeout=300)
+  assert straight.returncode == 0, straight.stdout + straight.stderr
+  rng = np.random.default_rng()
+  saved = 0
+  for _ in range(2):
+    at = saved + int(rng.integers(2, 9))  # saves every 2 steps, asynchronously: one is often in flight
+    code, out = _run_until_signalled(_cmd(tmp_path / "b", config), at, 30, lambda p: p.send_signal(signal.SIGTERM))
+    assert code == 0, out
+    assert "Traceback" not in out
+    last = out.strip().splitlines()[-1]
+    assert "SIGTERM: saved step" in last, out
+    saved = int(last.split("saved step ")[1].split()[0])
+    assert saved >= at
+    assert sorted(int(s) for s in os.listdir(tmp_path / "b" / "checkpoints"))[-1] == saved
+  finish = subprocess.run(_cmd(tmp_path / "b", config), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+  assert finish.returncode == 0, finish.stdout + finish.stderr
+  assert f"resumed from step {saved}" in finish.stdout
+  assert _metrics(tmp_path / "b") == _metrics(tmp_path / "a")  # every step, exactly
+  _assert_same_params(_params(tmp_path / "b", 30), _params(tmp_path / "a", 30))
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(tmp_path):
+  import portpicker
+  config = _config(**{"train.steps": 16, "train.checkpoint_every": 4})
+
+  def pair(workdir, at_step=None):
+    port = portpicker.pick_unused_port()
+    cmds = [_cmd(workdir, config, "--num_cpu_devices=2", f"--coordinator_address=127.0.0.1:{port}",
+                 "--num_processes=2", f"--process_id={i}", "--distributed_timeout_s=60") for i in range(2)]
+    other = subprocess.Popen(cmds[1], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    send = lambda _: other.send_signal(signal.SIGTERM)  # process 1 only; process 0 logs
+    code, out = _run_until_signalled(cmds[0], at_step, 16, send)
+    other_out = other.communicate(timeout=120)[0]
+    assert code == 0 and other.returncode == 0, out + other_out
+    return out
+
+  pair(tmp_path / "a")
+  out = pair(tmp_path / "b", at_step=5)
+  last = out.strip().splitlines()[-1]
+  assert "preemption notice: saved step" in last, out
+  saved = int(last.split("saved step ")[1].split()[0])
+  step_dir = tmp_path / "b" / "checkpoints" / str(saved)
+  assert sorted(os.listdir(step_dir / "data")) == ["process_0-of-2.json", "process_1-of-2.json"]
+  out = pair(tmp_path / "b")
+  assert f"resumed from step {saved}" in out
+  assert _metrics(tmp_path / "b") == _metrics(tmp_path / "a")
+
+
+# ------------------------------------------------------------------ damaged and unfinished checkpoints
+
+
+def _damage(step_dir):
+  """Truncates the largest array file of a checkpoint, as a full disk or a bad copy would."""
+  files = [f for f in glob.glob(os.path.join(step_dir, "state", "**"), recursive=True) if os.path.isfile(f)]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.truncate(os.path.getsize(largest) // 3)
+
+
+def test_a_damaged_latest_checkpoint_falls_back_and_then_matches_a_straight_run(tmp_path, straight_12, capsys):
+  config = _config(**{"train.steps": 12})
+  workdir = tmp_path / "run"
+  trainer.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1], stop_after=8)
+  _damage(workdir / "checkpoints" / "8")
+
+  proc = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}", "--step=8"], cwd=ROOT, env=_env(),
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert "checkpoint step 8" in last and "damaged" in last and str(workdir / "checkpoints") in last, proc.stderr
+
+  capsys.readouterr()
+  trainer.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
+  out = capsys.readouterr().out
+  assert out.count("warning:") == 1 and "checkpoint step 8" in out and "resumed from step 4" in out
+  (kept,) = os.listdir(workdir / "broken_checkpoints")  # moved aside, not deleted
+  assert kept.startswith("8-")
+  assert _metrics(workdir) == _metrics(straight_12)
+  _assert_same_params(_params(workdir, 12), _params(straight_12, 12))
+
+
+def test_an_unfinished_save_is_ignored(tmp_path, straight_12):
+  config = _config(**{"train.steps": 12})
+  workdir = tmp_path / "run"
+  trainer.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1], stop_after=8)
+  # What a SIGKILL during the async save of step 12 leaves: orbax's temporary directory, half written.
+  unfinished = workdir / "checkpoints" / "12.orbax-checkpoint-tmp"
+  shutil.copytree(workdir / "checkpoints" / "8", unfinished)
+  _damage(unfinished)
+  os.remove(unfinished / "commit_success.txt")
+  trainer.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
+  assert _metrics(workdir) == _metrics(straight_12)
+  _assert_same_params(_params(workdir, 12), _params(straight_12, 12))
+
+
+# ------------------------------------------------------------------ other meshes
+
+
+def test_resume_on_other_meshes_continues_the_loss(tmp_path):
+  config = _config(**{"mesh.fsdp": 8})
+  trainer.train_and_evaluate(config, str(tmp_path / "fsdp8"), stop_after=4)
+  straight = tmp_path / "straight"
+  trainer.train_and_evaluate(config, str(straight))
+  expected = _metrics(straight)
+  for name, mesh, devices in [("mixed", dict(data=2, fsdp=2, tensor=2), jax.devices()),
+                              ("one", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])]:
+    shutil.copytree(tmp_path / "fsdp8", tmp_path / name)
+    trainer.train_and_evaluate(_config(**{f"mesh.{k}": v for k, v in mesh.items()}), str(tmp_path / name),
+                               devices=devices)
+    resumed = _metrics(tmp_path / name)
+    for step in range(5, 9):
+      np.testing.assert_allclose(resumed[step], expected[step], rtol=1e-5, err_msg=f"{name} step {step}")
+
+
+# ------------------------------------------------------------------ non-finite steps
+
+
+def _poison_batch(monkeypatch, index):
+  """Makes the index-th training batch produce a NaN loss (a target outside the vocabulary)."""
+  made = []
+  original = data_lib.rows_to_batch
+
+  def rows_to_batch(rows):
+    batch = original(rows)
+    if "num_bytes" not in batch:  # a training batch
+      made.append(1)
+      if len(made) == index:
+        batch["targets"][0, 0] = 10**6
+        batch["weights"][0, 0] = 1
+    return batch
+
+  monkeypatch.setattr(data_lib, "rows_to_batch", rows_to_batch)
+
+
+def test_a_non_finite_step_stops_the_run_and_is_never_saved(tmp_path, monkeypatch):
+  _poison_batch(monkeypatch, 6)
+  workdir = tmp_path / "run"
+  with pytest.raises(StopRun, match=r"not finite at step 6; .* last good checkpoint: step 4"):
+    trainer.train_and_evaluate(_config(**{"train.log_every": 3}), str(workdir), devices=jax.devices()[:1])
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["4"]
+  params = _params(workdir, 4)
+  assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+
+
+def test_with_skipping_a_non_finite_step_is_skipped_and_training_goes_on(tmp_path, monkeypatch):
+  _poison_batch(monkeypatch, 6)
+  workdir = tmp_path / "run"
+  result = trainer.train_and_evaluate(_config(**{"train.skip_nonfinite_steps": 2}), str(workdir),
+                                      devices=jax.devices()[:1])
+  assert np.isfinite(result["loss"])
+  events = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+  skipped = {e["step"]: e["skipped_steps"] for e in events if "skipped_steps" in e}
+  assert skipped[5] == 0 and skipped[6] == 1 and skipped[8] == 1
+  assert all(np.isfinite(p).all() for p in jax.tree.leaves(_params(workdir, 8)))
+
+
+# ------------------------------------------------------------------ changed configs, tokenizers, saves
+
+
+def test_a_resume_that_changes_the_model_or_data_order_stops_listing_the_keys(tmp_path):
+  workdir = str(tmp_path / "run")
+  trainer.train_and_evaluate(_config(), workdir, devices=jax.devices()[:1], stop_after=4)
+  changed = _config(**{"model.rope_theta": 500000.0, "data.shuffle_seed": 3})
+  with pytest.raises(ConfigError, match=r"changed config: data.shuffle_seed: 0 -> 3; model.rope_theta: 10000.0 -> 500000.0"):
+    trainer.train_and_evaluate(changed, workdir, devices=jax.devices()[:1])
+  # Longer, computed in bf16, or with another learning rate: the same run, extended.
+  trainer.train_and_evaluate(_config(**{"train.steps": 10, "model.dtype": "bfloat16", "optim.learning_rate": 1e-3}),
+                             workdir, devices=jax.devices()[:1], stop_after=6)
+  changed.train.allow_config_change = True
+  trainer.train_and_evaluate(changed, workdir, devices=jax.devices()[:1], stop_after=8)
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))[-1] == 8
+
+
+def test_a_wrong_tokenizer_leaves_nothing_behind_and_the_right_one_then_works(tmp_path):
+  from llama_jax import corpus, tokenizer as tok_lib
+  plays = corpus.shakespeare_plays("train")[:2]
+  wrong = tok_lib.train_sentencepiece(tok_lib.training_lines(plays), 400, str(tmp_path / "wrong.model"))
+  right = tok_lib.train_sentencepiece(tok_lib.training_lines(plays), 320, str(tmp_path / "right.model"))
+  workdir = tmp_path / "run"
+  with pytest.raises(ConfigError, match="vocab size 400"):
+    trainer.train_and_evaluate(_config(**{"data.tokenizer_path": wrong.path}), str(workdir),
+                               devices=jax.devices()[:1])
+  assert not os.path.exists(trainer.tokenizer_path(str(workdir)))
+  trainer.train_and_evaluate(_config(**{"data.tokenizer_path": right.path, "train.steps": 2}), str(workdir),
+                             devices=jax.devices()[:1])
+
+
+def test_a_failed_save_is_one_line_and_keeps_the_checkpoints_there(tmp_path, monkeypatch):
+  import orbax.checkpoint as ocp
+  workdir = tmp_path / "run"
+  trainer.train_and_evaluate(_config(), str(workdir), devices=jax.devices()[:1], stop_after=4)
+  before = {p: os.path.getsize(p) for p in glob.glob(str(workdir / "checkpoints" / "**"), recursive=True)
+            if os.path.isfile(p)}
+
+  def full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+  with pytest.raises(ConfigError, match=r"^saving step 8 in .*checkpoints failed: \[Errno 28\] No space left"):
+    trainer.train_and_evaluate(_config(), str(workdir), devices=jax.devices()[:1])
+  after = {p: os.path.getsize(p) for p in glob.glob(str(workdir / "checkpoints" / "**"), recursive=True)
+           if os.path.isfile(p)}
+  assert after == before
