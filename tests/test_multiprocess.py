@@ -49,16 +49,15 @@ def test_two_processes_train_like_one_with_four_devices(tmp_path):
   assert "step 10/10" in outputs[0] and "step 10/10" not in outputs[1]  # only process 0 logs
   multi = _losses(tmp_path / "multi")
   assert len(multi) == 10
-  assert multi == pytest.approx(_one_process_losses(tmp_path / "multi", 10), rel=1e-5)
+  assert multi == pytest.approx(_one_process_losses(tmp_path / "multi", _config(), 10), rel=1e-5)
   assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["10"]
 
 
-def _one_process_losses(workdir, steps):
+def _one_process_losses(workdir, config, steps):
   """The same global batches (process 0's rows, then process 1's) on one process with 4 devices."""
   import jax
   import numpy as np
   from llama_jax import data as data_lib, tokenizer as tok_lib, trainer
-  config = _config()
   setup = trainer.Setup(config, jax.devices()[:4])
   tok = tok_lib.load_tokenizer(trainer.tokenizer_path(str(workdir)))
   corpus = data_lib.open_corpus(config.data, "train_corpus")
