@@ -91,6 +91,12 @@ class Checkpointer:
       items.update(data=grain.checkpoint.CheckpointSave(data_iter), stream=ocp.args.JsonSave(stream))
     try:
       os.makedirs(self.directory, exist_ok=True)
+      # An unwritable directory fails here, at once: orbax's async save would wait minutes for
+      # a step directory that its background thread could not create.
+      probe = os.path.join(self.directory, f".write-test-{jax.process_index()}")
+      with open(probe, "w"):
+        pass
+      os.remove(probe)
       self.manager.save(step, args=ocp.args.Composite(**items), force=force)
     except Exception as e:  # noqa: BLE001  (a full disk, a read-only mount: say so in one line)
       raise CheckpointError(f"saving step {step} in {self.directory} failed: {_first_line(e)}") from e

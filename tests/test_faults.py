@@ -1,6 +1,7 @@
 """Runs that survive: SIGTERM, damaged and unfinished checkpoints, other meshes, non-finite steps,
 changed configs, a wrong tokenizer and failed saves."""
 
+import contextlib
 import glob
 import json
 import os
@@ -270,19 +271,37 @@ def test_a_wrong_tokenizer_leaves_nothing_behind_and_the_right_one_then_works(tm
                              devices=jax.devices()[:1])
 
 
-def test_a_failed_save_is_one_line_and_keeps_the_checkpoints_there(tmp_path, monkeypatch):
+@contextlib.contextmanager
+def _read_only(directory, monkeypatch):
+  """`directory` made read-only by a read-only bind mount onto itself; where this machine does not
+  allow mounting, orbax's save is made to fail as it would there (EROFS)."""
+  mount = subprocess.run(["mount", "--bind", directory, directory], capture_output=True)
+  if mount.returncode == 0:
+    try:
+      subprocess.run(["mount", "-o", "remount,ro,bind", directory], check=True)
+      yield
+    finally:
+      subprocess.run(["umount", directory], check=True)
+    return
   import orbax.checkpoint as ocp
+
+  def read_only_fs(*args, **kwargs):
+    raise OSError(30, "Read-only file system")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", read_only_fs)
+  yield
+
+
+def test_a_failed_save_is_one_line_and_keeps_the_checkpoints_there(tmp_path, monkeypatch):
   workdir = tmp_path / "run"
-  trainer.train_and_evaluate(_config(), str(workdir), devices=jax.devices()[:1], stop_after=4)
-  before = {p: os.path.getsize(p) for p in glob.glob(str(workdir / "checkpoints" / "**"), recursive=True)
-            if os.path.isfile(p)}
-
-  def full_disk(*args, **kwargs):
-    raise OSError(28, "No space left on device")
-
-  monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
-  with pytest.raises(ConfigError, match=r"^saving step 8 in .*checkpoints failed: \[Errno 28\] No space left"):
-    trainer.train_and_evaluate(_config(), str(workdir), devices=jax.devices()[:1])
-  after = {p: os.path.getsize(p) for p in glob.glob(str(workdir / "checkpoints" / "**"), recursive=True)
-           if os.path.isfile(p)}
-  assert after == before
+  config = _config(**{"train.async_checkpoint": True})
+  trainer.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1], stop_after=4)
+  files = lambda: {p: open(p, "rb").read() for p in glob.glob(str(workdir / "checkpoints" / "**"), recursive=True)
+                   if os.path.isfile(p)}
+  before = files()
+  with _read_only(str(workdir / "checkpoints"), monkeypatch):
+    with pytest.raises(ConfigError, match=r"^saving step 8 in .*checkpoints failed: .*Read-only file system"):
+      trainer.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
+  assert files() == before
+  # Once the directory is writable again, the same command goes on from step 4.
+  assert trainer.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])["step"] == 8
