@@ -250,7 +250,7 @@ def test_resume_in_a_new_process_continues_the_stream_exactly(sources, tmp_path)
     for _ in range(k):
       next(it)
     checkpointer = ckpt_lib.Checkpointer(str(tmp_path / name), tiny_test_config(**{"train.async_checkpoint": True}).train)
-    checkpointer.save(k, {"step": np.int32(k)}, config, it, {})
+    checkpointer.save(k, {"step": np.int32(k)}, config, it, {}, force=True)
     next(it)  # reading on while the save finishes must not move the saved position
     checkpointer.wait()
     checkpointer.close()
