@@ -93,21 +93,24 @@ def _flat(config, prefix=""):
   return out
 
 
-def changed_on_resume(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list[str]:
+def changed_on_resume(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                      model_only: bool = False) -> list[str]:
   """The keys, as 'key: saved -> now', that make a resumed run a different run: model fields other
-  than how it is computed, data order, seeds. train.steps and the rest may change."""
+  than how it is computed, data order, seeds (model_only: just the model). The rest may change."""
   a, b = _flat(saved), _flat(config)
   keys = [k for k in sorted(set(a) | set(b))
-          if (k.startswith("model.") and k not in _COMPUTE_FIELDS) or k in _GUARDED_FIELDS]
+          if (k.startswith("model.") and k not in _COMPUTE_FIELDS) or (k in _GUARDED_FIELDS and not model_only)]
   return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
-def check_resume(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, step: int) -> bool:
+def check_resume(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, step: int,
+                 model_only: bool = False) -> bool:
   """Stops a resume that changes the model or the data order, unless train.allow_config_change.
+  model_only: a checkpoint with no data position yet (an HF import), whose data settings are moot.
 
   Returns whether anything guarded changed (then the caller starts the data stream afresh).
   """
-  changed = changed_on_resume(saved, config)
+  changed = changed_on_resume(saved, config, model_only)
   if changed and not config.train.allow_config_change:
     raise ConfigError(f"resuming from checkpoint {step} with a changed config: {'; '.join(changed)} "
                       "(--config.train.allow_config_change=True to resume anyway)")

@@ -183,7 +183,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 def _restore(checkpointer, step, setup, config, stream, train_iter):
   """The state of checkpoint `step`, with the data iterator moved to its position; refuses a
   resume that would silently be another run (config_lib.check_resume, data.check_stream)."""
-  changed = config_lib.check_resume(checkpointer.restore_config(step), config, step)
+  changed = config_lib.check_resume(checkpointer.restore_config(step), config, step,
+                                    model_only=not checkpointer.has_data(step))
   checkpointer.check_structure(step, setup.abstract_state)
   if checkpointer.has_data(step):  # (an HF import has no data position)
     saved_stream = checkpointer.restore_stream(step)
@@ -260,18 +261,20 @@ def load_run(workdir: str, step: int | None = None, devices=None):
   if not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
     raise config_lib.ConfigError(f"--workdir {workdir}: no checkpoints directory")
   checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
-  steps = checkpointer.all_steps()
-  if not steps:
-    raise config_lib.ConfigError(f"--workdir {workdir}: no checkpoint saved yet")
-  if step is None:
-    step = max(steps)
-  elif step not in steps:
-    raise config_lib.ConfigError(f"--step {step}: no such checkpoint in {workdir} (have {sorted(steps)})")
-  config = checkpointer.restore_config(step)
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1  # whatever devices are here
-  setup = Setup(config, devices)
-  tok = tok_lib.load_tokenizer(tokenizer_path(workdir))
-  config_lib.check_vocab(tok, setup.llama, tokenizer_path(workdir))
-  params = checkpointer.restore_params(step, setup.abstract_state["params"])
-  checkpointer.close()
+  try:  # closed on every path: orbax's background threads must not outlive an error
+    steps = checkpointer.all_steps()
+    if not steps:
+      raise config_lib.ConfigError(f"--workdir {workdir}: no checkpoint saved yet")
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise config_lib.ConfigError(f"--step {step}: no such checkpoint in {workdir} (have {sorted(steps)})")
+    config = checkpointer.restore_config(step)
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1  # whatever devices are here
+    setup = Setup(config, devices)
+    tok = tok_lib.load_tokenizer(tokenizer_path(workdir))
+    config_lib.check_vocab(tok, setup.llama, tokenizer_path(workdir))
+    params = checkpointer.restore_params(step, setup.abstract_state["params"])
+  finally:
+    checkpointer.close()
   return setup, params, tok, step

@@ -136,11 +136,12 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(tmp_path):
 
 
 def _damage(step_dir):
-  """Truncates the largest array file of a checkpoint, as a full disk or a bad copy would."""
-  files = [f for f in glob.glob(os.path.join(step_dir, "state", "**"), recursive=True) if os.path.isfile(f)]
-  largest = max(files, key=os.path.getsize)
-  with open(largest, "r+b") as f:
-    f.truncate(os.path.getsize(largest) // 3)
+  """Truncates the array data files of a checkpoint, as a full disk or a bad copy would."""
+  files = glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+  assert files
+  for path in files:
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 3)
 
 
 def test_a_damaged_latest_checkpoint_falls_back_and_then_matches_a_straight_run(tmp_path, straight_12, capsys):
