@@ -2,6 +2,7 @@
 changed configs, a wrong tokenizer and failed saves."""
 
 import contextlib
+import functools
 import glob
 import json
 import os
@@ -9,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -25,8 +27,17 @@ EVAL = "text:" + os.path.join(ROOT, "tests", "data", "heldout_sample.txt")
 COMPARED = ("loss", "grad_norm", "learning_rate", "num_targets")
 
 
+@functools.cache
+def _tokenizer():
+  """One 320-piece tokenizer for every run here (training one per run costs seconds each)."""
+  from llama_jax import corpus, tokenizer as tok_lib
+  path = os.path.join(tempfile.mkdtemp(), "tokenizer.model")
+  return tok_lib.train_sentencepiece(tok_lib.training_lines(corpus.shakespeare_plays("train")[:3]), 320, path).path
+
+
 def _config(**overrides):
-  return tiny_test_config(**{"data.eval_corpus": EVAL, "sample.max_new_tokens": 0, **overrides})
+  return tiny_test_config(**{"data.eval_corpus": EVAL, "sample.max_new_tokens": 0,
+                             "data.tokenizer_path": _tokenizer(), **overrides})
 
 
 def _metrics(workdir):
