@@ -20,7 +20,6 @@ from conftest import tiny_test_config
 from llama_jax import data as data_lib
 from llama_jax import trainer
 from llama_jax.errors import ConfigError, StopRun
-from test_multiprocess import _one_process_losses
 from test_train import ROOT, _flat
 
 EVAL = "text:" + os.path.join(ROOT, "tests", "data", "heldout_sample.txt")
@@ -117,7 +116,8 @@ def test_sigterm_twice_then_finishing_equals_a_straight_run(tmp_path):
 @pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(tmp_path):
   import portpicker
-  config = _config(**{"train.steps": 12, "train.checkpoint_every": 4})
+  # Enough steps (~10 ms each) for the notice to cross the coordination service before the end.
+  config = _config(**{"train.steps": 200, "train.checkpoint_every": 50})
 
   def pair(workdir, at_step=None):
     port = portpicker.pick_unused_port()
@@ -125,11 +125,12 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(tmp_path):
                  "--num_processes=2", f"--process_id={i}", "--distributed_timeout_s=60") for i in range(2)]
     other = subprocess.Popen(cmds[1], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     send = lambda _: other.send_signal(signal.SIGTERM)  # process 1 only; process 0 logs
-    code, out = _run_until_signalled(cmds[0], at_step, 12, send)
+    code, out = _run_until_signalled(cmds[0], at_step, 200, send)
     other_out = other.communicate(timeout=120)[0]
     assert code == 0 and other.returncode == 0, out + other_out
     return out
 
+  pair(tmp_path / "a")
   out = pair(tmp_path / "b", at_step=5)
   last = out.strip().splitlines()[-1]
   assert "preemption notice: saved step" in last, out
@@ -138,9 +139,8 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(tmp_path):
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(step_dir / "data"))
   out = pair(tmp_path / "b")
   assert f"resumed from step {saved}" in out
-  # Every step, before and after the preemption, as one process with 4 devices fed the same batches.
-  losses = [loss for _, (loss, *_) in sorted(_metrics(tmp_path / "b").items())]
-  assert losses == pytest.approx(_one_process_losses(tmp_path / "b", config, 12), rel=1e-5)
+  assert 5 <= saved < 200
+  assert _metrics(tmp_path / "b") == _metrics(tmp_path / "a")  # every step, exactly
 
 
 # ------------------------------------------------------------------ damaged and unfinished checkpoints
