@@ -59,7 +59,9 @@ def _options(train_config, read_only: bool) -> ocp.CheckpointManagerOptions:
 
 
 def _first_line(e: Exception) -> str:
-  return (str(e).strip().splitlines() or [type(e).__name__])[0]
+  """The reason in one readable line (tensorstore appends its whole JSON spec to the first)."""
+  line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  return line.split(" [tensorstore_spec")[0]
 
 
 class Checkpointer:

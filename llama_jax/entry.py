@@ -1,5 +1,6 @@
 """What train.py and eval.py share: bad input is one line on stderr and a non-zero exit."""
 
+import os
 import re
 import sys
 
@@ -35,7 +36,11 @@ def run(fn):
     distributed.initialize_from_flags()
     return fn()
   except (ConfigError, FileNotFoundError, StopRun) as e:
-    sys.exit(f"error: {e}")
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Not sys.exit: background threads of orbax and tensorstore (a failed restore's, say) would
+    # print their own tracebacks while the interpreter shuts down, after the one line.
+    os._exit(1)
 
 
 def main(main_fn):
