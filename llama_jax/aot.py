@@ -37,9 +37,9 @@ def tpu_devices(topology: str):
 
 def lower_train_step(config, devices):
   """The train step lowered for `devices` from abstract shapes only: nothing is allocated."""
-  from llama_jax import trainer
-  setup = trainer.Setup(config, devices)
-  trainer.check_batch(config, setup.mesh)
+  from llama_jax import run_setup
+  setup = run_setup.Setup(config, devices)
+  run_setup.check_batch(config, setup.mesh)
   B, T = config.data.batch_size, config.data.seq_len
   batch = {k: jax.ShapeDtypeStruct((B, T), jax.numpy.int32, sharding=setup.batch_sharding)
            for k in ("inputs", "targets", "weights", "positions", "segment_ids")}

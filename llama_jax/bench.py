@@ -20,10 +20,10 @@ flags.mark_flags_as_required(["config"])
 
 
 def bench(config, steps: int) -> dict:
-  from llama_jax import trainer
+  from llama_jax import run_setup
 
-  setup = trainer.Setup(config)
-  trainer.check_batch(config, setup.mesh)
+  setup = run_setup.Setup(config)
+  run_setup.check_batch(config, setup.mesh)
   B, T, V = config.data.batch_size, config.data.seq_len, config.model.vocab_size
   rng = np.random.default_rng(0)
   windows = rng.integers(0, V, (B, T + 1), dtype=np.int32)

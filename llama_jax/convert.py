@@ -432,7 +432,7 @@ def import_hf(hf_dir: str, workdir: str, config_arg: str = "configs/llama.py"):
   (with `--config configs/llama.py:<preset>` or any config of the same architecture) and eval.py
   scores it. The training config saved with it is `config_arg`'s with the HF model in it."""
   from llama_jax import checkpoint as ckpt_lib
-  from llama_jax import config_lib, trainer
+  from llama_jax import config_lib, run_setup
   from llama_jax import tokenizer as tok_lib
 
   config_lib.check_workdir(workdir)
@@ -442,7 +442,7 @@ def import_hf(hf_dir: str, workdir: str, config_arg: str = "configs/llama.py"):
   for key in ("dtype", "scan_layers", "remat"):  # how to compute stays the config's choice
     model[key] = config.model[key]
   config.model = model
-  setup = trainer.Setup(config)
+  setup = run_setup.Setup(config)
   ckpt = ckpt_lib.Checkpointer(workdir)
   if ckpt.latest_step() is not None:
     raise ValueError(f"--workdir {workdir} already has checkpoints; import into a new workdir")
@@ -458,10 +458,10 @@ def import_hf(hf_dir: str, workdir: str, config_arg: str = "configs/llama.py"):
     if os.path.isfile(src):
       tok = tok_lib.load_tokenizer(src)
       config_lib.check_vocab(tok, llama, src)
-      shutil.copyfile(src, trainer.tokenizer_path(workdir))
+      shutil.copyfile(src, run_setup.tokenizer_path(workdir))
       break
   else:
-    print(f"note: {hf_dir} has no tokenizer.model; put the model's tokenizer at {trainer.tokenizer_path(workdir)}")
+    print(f"note: {hf_dir} has no tokenizer.model; put the model's tokenizer at {run_setup.tokenizer_path(workdir)}")
   return llama, state
 
 
@@ -479,11 +479,11 @@ def _load_config_file(config_arg: str):
 
 def export_hf(workdir: str, hf_dir: str, step: int | None = None, dtype: str | None = "bfloat16"):
   """Writes WORKDIR's checkpoint (latest by default) as an HF Llama dir; returns the step."""
-  from llama_jax import trainer
-  setup, params, tok, step = trainer.load_run(workdir, step)
+  from llama_jax import run_setup
+  setup, params, tok, step = run_setup.load_run(workdir, step)
   to_hf(setup.llama, jax.device_get(params), hf_dir, dtype=dtype,
         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-  shutil.copyfile(trainer.tokenizer_path(workdir), os.path.join(hf_dir, "tokenizer.model"))
+  shutil.copyfile(run_setup.tokenizer_path(workdir), os.path.join(hf_dir, "tokenizer.model"))
   return step
 
 
@@ -501,38 +501,45 @@ def max_logit_difference(hf_dir: str, config: LlamaConfig, params, seq_len: int 
   return float(np.abs(mine - theirs).max())
 
 
-def main(argv=None):
-  import argparse
-  import sys
+def main():
+  """`import-hf` or `export-hf`, then flags (absl; the error path of llama_jax.entry)."""
+  from absl import flags
 
-  parser = argparse.ArgumentParser(description="Hugging Face Llama checkpoints <-> llama_jax workdirs.")
-  sub = parser.add_subparsers(dest="command", required=True)
-  imp = sub.add_parser("import-hf", help="HF dir -> orbax checkpoint at step 0 in a new workdir")
-  imp.add_argument("--hf_dir", required=True)
-  imp.add_argument("--workdir", required=True)
-  imp.add_argument("--config", default="configs/llama.py", help="training config to store with it")
-  imp.add_argument("--check", action="store_true", help="compare logits with transformers (needs torch)")
-  exp = sub.add_parser("export-hf", help="workdir checkpoint -> HF dir")
-  exp.add_argument("--workdir", required=True)
-  exp.add_argument("--hf_dir", required=True)
-  exp.add_argument("--step", type=int, default=None)
-  exp.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-  args = parser.parse_args(argv)
-  try:
-    if args.command == "import-hf":
-      llama, state = import_hf(args.hf_dir, args.workdir, args.config)
-      print(f"wrote {args.workdir}/checkpoints/0 ({model_lib.count_params(llama):,} parameters)")
-      if args.check:
+  from llama_jax import entry
+  from llama_jax.errors import ConfigError
+
+  hf_dir = flags.DEFINE_string("hf_dir", None, "The Hugging Face checkpoint directory (read or written).")
+  workdir = flags.DEFINE_string("workdir", None, "The llama_jax workdir (written or read).")
+  config = flags.DEFINE_string("config", "configs/llama.py", "import-hf: training config to store with it.")
+  check = flags.DEFINE_bool("check", False, "import-hf: compare logits with transformers (needs torch).")
+  step = flags.DEFINE_integer("step", None, "export-hf: checkpoint step (default: the latest).")
+  dtype = flags.DEFINE_enum("dtype", "bfloat16", sorted(DTYPES), "export-hf: dtype of the written tensors.")
+  flags.mark_flags_as_required(["hf_dir", "workdir"])
+
+  def run(argv):
+    command = argv[1] if len(argv) == 2 else None
+    if command not in ("import-hf", "export-hf"):
+      raise ConfigError("usage: python -m llama_jax.convert (import-hf | export-hf) --hf_dir=... --workdir=...")
+    if command == "import-hf":
+      llama, state = import_hf(hf_dir.value, workdir.value, config.value)
+      print(f"wrote {workdir.value}/checkpoints/0 ({model_lib.count_params(llama):,} parameters)")
+      if check.value:
         try:
-          diff = max_logit_difference(args.hf_dir, llama, state["params"])
+          diff = max_logit_difference(hf_dir.value, llama, state["params"])
           print(f"check: max |logit difference| vs transformers = {diff:.2e}")
         except ImportError:
           print("check: skipped, torch and transformers are not installed")
     else:
-      step = export_hf(args.workdir, args.hf_dir, args.step, args.dtype)
-      print(f"wrote {args.hf_dir} from step {step}")
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
+      exported = export_hf(workdir.value, hf_dir.value, step.value, dtype.value)
+      print(f"wrote {hf_dir.value} from step {exported}")
+
+  def run_reporting_bad_checkpoints(argv):
+    try:
+      run(argv)
+    except ValueError as e:  # a bad or mismatched checkpoint, said in one line by from_hf / import_hf
+      raise ConfigError(str(e)) from None
+
+  entry.main(lambda argv: entry.run(lambda: run_reporting_bad_checkpoints(argv)))
 
 
 if __name__ == "__main__":

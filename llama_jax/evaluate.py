@@ -19,6 +19,7 @@ from llama_jax import config_lib
 from llama_jax import corpus as corpus_lib
 from llama_jax import data as data_lib
 from llama_jax import metrics as metrics_lib
+from llama_jax import run_setup
 from llama_jax import sharding as sh
 
 
@@ -79,9 +80,8 @@ def as_eval_metrics(result: dict) -> dict:
 def evaluate_checkpoint(workdir: str, step: int | None = None, corpus_spec: str | None = None) -> dict:
   """Loads WORKDIR's checkpoint (latest by default) and its config, and scores a corpus
   (default: the run's data.eval_corpus)."""
-  from llama_jax import trainer  # the Setup lives with the training loop
 
-  setup, params, tok, step = trainer.load_run(workdir, step)
+  setup, params, tok, step = run_setup.load_run(workdir, step)
   d = setup.config.data
   if corpus_spec:
     corpus = corpus_lib.open_corpus(corpus_spec, name="--corpus", tfds_data_dir=d.tfds_data_dir,

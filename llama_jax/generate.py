@@ -3,9 +3,6 @@
   python -m llama_jax.generate --workdir runs/tiny --prompt "ROMEO." [--step N]
 """
 
-import argparse
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,25 +44,28 @@ def sample_text(setup, params, tok, sample_config) -> str:
   return sample_config.prompt + tok.decode(new)
 
 
-def main(argv=None):
-  from llama_jax import config_lib
-  from llama_jax import trainer
+def main():
+  """The command line; its flags are defined here because trainer.py imports this module."""
+  from absl import flags
 
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  parser.add_argument("--prompt", default="ROMEO.\n")
-  parser.add_argument("--max_new_tokens", type=int, default=200)
-  parser.add_argument("--temperature", type=float, default=0.8)
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
-  try:
-    setup, params, tok, _ = trainer.load_run(args.workdir, args.step)
-  except (config_lib.ConfigError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
-  sample_config = ml_collections.ConfigDict(dict(prompt=args.prompt, max_new_tokens=args.max_new_tokens,
-                                                 temperature=args.temperature, seed=args.seed))
-  print(sample_text(setup, params, tok, sample_config))
+  from llama_jax import entry
+  from llama_jax import run_setup
+
+  workdir = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ and tokenizer.model.")
+  step = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  prompt = flags.DEFINE_string("prompt", "ROMEO.\n", "Text to continue.")
+  max_new_tokens = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to sample.")
+  temperature = flags.DEFINE_float("temperature", 0.8, "Softmax temperature (0: greedy).")
+  seed = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.mark_flags_as_required(["workdir"])
+
+  def run():
+    setup, params, tok, _ = run_setup.load_run(workdir.value, step.value)
+    sample_config = ml_collections.ConfigDict(dict(prompt=prompt.value, max_new_tokens=max_new_tokens.value,
+                                                   temperature=temperature.value, seed=seed.value))
+    print(sample_text(setup, params, tok, sample_config))
+
+  entry.main(lambda argv: entry.run(run))
 
 
 if __name__ == "__main__":

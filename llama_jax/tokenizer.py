@@ -10,13 +10,11 @@ fallback on a corpus:
 `--input` is a corpus spec (see corpus.py); a shuffled sample of up to `--sample_bytes` of it is used.
 """
 
-import argparse
 import base64
 import concurrent.futures
 import io
 import os
 import re
-import sys
 
 import sentencepiece as spm
 
@@ -116,24 +114,27 @@ def training_lines(texts):
     yield from text.splitlines(keepends=True)
 
 
-def main(argv=None):
-  from llama_jax import corpus
+def main():
+  """`train`, then flags (absl; the error path of llama_jax.entry)."""
+  from absl import flags
 
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest="command", required=True)
-  train = sub.add_parser("train", help="train a BPE sentencepiece model")
-  train.add_argument("--input", required=True, help="corpus spec (e.g. shakespeare:train, jsonl:web/*.jsonl)")
-  train.add_argument("--sample_bytes", type=int, default=100_000_000, help="train on a sample this large")
-  train.add_argument("--vocab_size", type=int, required=True)
-  train.add_argument("--output", required=True, help="path of the .model file to write")
-  args = parser.parse_args(argv)
-  try:
-    texts = corpus.open_corpus(args.input, name="--input").sample(args.sample_bytes)
-    tok = train_sentencepiece(training_lines(texts), args.vocab_size, args.output)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
-  print(f"wrote {args.output} (vocab {tok.vocab_size})")
+  from llama_jax import corpus, entry
+  from llama_jax.errors import ConfigError
 
+  source = flags.DEFINE_string("input", None, "Corpus spec (e.g. shakespeare:train, jsonl:web/*.jsonl).")
+  sample_bytes = flags.DEFINE_integer("sample_bytes", 100_000_000, "Train on a shuffled sample this large.")
+  vocab_size = flags.DEFINE_integer("vocab_size", None, "Pieces in the vocabulary.")
+  output = flags.DEFINE_string("output", None, "Path of the .model file to write.")
+  flags.mark_flags_as_required(["input", "vocab_size", "output"])
+
+  def run(argv):
+    if argv[1:] != ["train"]:
+      raise ConfigError("usage: python -m llama_jax.tokenizer train --input=SPEC --vocab_size=N --output=FILE")
+    texts = corpus.open_corpus(source.value, name="--input").sample(sample_bytes.value)
+    tok = train_sentencepiece(training_lines(texts), vocab_size.value, output.value)
+    print(f"wrote {output.value} (vocab {tok.vocab_size})")
+
+  entry.main(lambda argv: entry.run(lambda: run(argv)))
 
 
 # ---------------------------------------------------------------------------- Llama 3

@@ -1,4 +1,6 @@
-"""train_and_evaluate(config, workdir): the training loop, from config to checkpoints and metrics."""
+"""train_and_evaluate(config, workdir): the training loop, from config to checkpoints and metrics.
+
+The run's Setup (mesh, shardings, jitted steps) comes from run_setup.py."""
 
 import itertools
 import os
@@ -9,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from llama_jax import checkpoint as ckpt_lib
 from llama_jax import config_lib
@@ -19,16 +20,11 @@ from llama_jax import flops
 from llama_jax import generate as generate_lib
 from llama_jax import metrics as metrics_lib
 from llama_jax import model as model_lib
-from llama_jax import optim
 from llama_jax import preemption
+from llama_jax import run_setup
 from llama_jax import sharding as sh
 from llama_jax import tokenizer as tok_lib
-from llama_jax import train_step as step_lib
 from llama_jax.errors import StopRun
-
-
-def tokenizer_path(workdir: str) -> str:
-  return os.path.join(workdir, "tokenizer.model")
 
 
 def prepare_tokenizer(config, workdir: str, train_corpus, llama):
@@ -37,7 +33,7 @@ def prepare_tokenizer(config, workdir: str, train_corpus, llama):
   A given tokenizer is checked against the model before it is copied, so a wrong one leaves
   nothing behind and a corrected data.tokenizer_path then works.
   """
-  path = tokenizer_path(workdir)
+  path = run_setup.tokenizer_path(workdir)
   if not os.path.exists(path):
     if config.data.tokenizer_path:
       config_lib.check_vocab(tok_lib.load_tokenizer(config.data.tokenizer_path), llama, config.data.tokenizer_path)
@@ -64,63 +60,6 @@ def _wait_for_file(path, timeout_s=600):
     time.sleep(0.5)
 
 
-class Setup:
-  """Everything a run needs that follows from the config: mesh, model structure, optimizer,
-  shardings, jitted steps. Shared by training, eval.py and generation."""
-
-  def __init__(self, config: ml_collections.ConfigDict, devices=None):
-    self.config = config
-    self.llama = config_lib.llama_config(config.model)
-    self.mesh = sh.make_mesh(config.mesh, devices)
-    abstract_model = model_lib.abstract_model(self.llama)
-    self.graphdef, _ = nnx.split(abstract_model)
-    sh.check_params_divisible(self.mesh, abstract_model)
-    self.tx, self.schedule = optim.make_optimizer(config.optim, config.train.steps,
-                                                  config.train.skip_nonfinite_steps)
-
-    def init_state():
-      params = nnx.to_pure_dict(nnx.state(model_lib.init_model(self.llama, config.seed), nnx.Param))
-      return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
-
-    self._init_state = init_state
-    abstract_state = jax.eval_shape(init_state)
-    self.params_sharding = sh.param_shardings(self.mesh, abstract_model)
-    self.state_sharding = sh.state_shardings(self.mesh, abstract_state, self.params_sharding, self.tx)
-    self.abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, self.state_sharding)
-    self.batch_sharding = sh.batch_sharding(self.mesh)
-
-  def init_state(self):
-    """The initial train state, created directly sharded over the mesh."""
-    with jax.set_mesh(self.mesh):
-      return jax.jit(self._init_state, out_shardings=self.state_sharding)()
-
-  def jit_train_step(self):
-    t = self.config.train
-    step = step_lib.make_train_step(self.graphdef, self.tx, self.schedule, t.grad_accum_steps, t.loss_chunk_size,
-                                    t.skip_nonfinite_steps)
-    return jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
-                   out_shardings=(self.state_sharding, None), donate_argnums=0)
-
-  def jit_eval_step(self):
-    return jax.jit(step_lib.make_eval_step(self.graphdef, self.config.train.loss_chunk_size),
-                   in_shardings=(self.params_sharding, self.batch_sharding))
-
-  def global_batch(self, local_batch):
-    """Assembles this process's rows into global arrays sharded over (data, fsdp)."""
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local_batch.items()}
-
-
-def check_batch(config, mesh):
-  shards = mesh.shape[sh.DATA] * mesh.shape[sh.FSDP]
-  micro = config.data.batch_size // config.train.grad_accum_steps
-  if micro % shards:
-    raise config_lib.ConfigError(
-        f"config.data.batch_size={config.data.batch_size} / train.grad_accum_steps="
-        f"{config.train.grad_accum_steps} = {micro} rows per micro-batch is not divisible by the "
-        f"{shards} batch shards (mesh data x fsdp)")
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None,
                        stop_after: int | None = None):
   """Trains per `config` in `workdir`, resuming from its latest good checkpoint; returns the final
@@ -132,8 +71,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   """
   config_lib.check_workdir(workdir)
   llama = config_lib.check_config(config)
-  setup = Setup(config, devices)
-  check_batch(config, setup.mesh)
+  setup = run_setup.Setup(config, devices)
+  run_setup.check_batch(config, setup.mesh)
   os.makedirs(workdir, exist_ok=True)
 
   train_corpus = data_lib.open_corpus(config.data, "train_corpus")
@@ -254,27 +193,3 @@ def _train_loop(config, setup, state, start, end, batches, train_iter, stream, c
                         "run the same command to resume")
         return state, True
   return state, False
-
-
-def load_run(workdir: str, step: int | None = None, devices=None):
-  """(setup, params, tokenizer, step) of WORKDIR's checkpoint (latest by default), for eval/sampling."""
-  if not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
-    raise config_lib.ConfigError(f"--workdir {workdir}: no checkpoints directory")
-  checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
-  try:  # closed on every path: orbax's background threads must not outlive an error
-    steps = checkpointer.all_steps()
-    if not steps:
-      raise config_lib.ConfigError(f"--workdir {workdir}: no checkpoint saved yet")
-    if step is None:
-      step = max(steps)
-    elif step not in steps:
-      raise config_lib.ConfigError(f"--step {step}: no such checkpoint in {workdir} (have {sorted(steps)})")
-    config = checkpointer.restore_config(step)
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1  # whatever devices are here
-    setup = Setup(config, devices)
-    tok = tok_lib.load_tokenizer(tokenizer_path(workdir))
-    config_lib.check_vocab(tok, setup.llama, tokenizer_path(workdir))
-    params = checkpointer.restore_params(step, setup.abstract_state["params"])
-  finally:
-    checkpointer.close()
-  return setup, params, tok, step

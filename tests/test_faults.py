@@ -18,7 +18,7 @@ import pytest
 
 from conftest import tiny_test_config
 from llama_jax import data as data_lib
-from llama_jax import trainer
+from llama_jax import run_setup, trainer
 from llama_jax.errors import ConfigError, StopRun
 from test_train import ROOT, _flat
 
@@ -46,7 +46,7 @@ def _metrics(workdir):
 
 
 def _params(workdir, step):
-  return jax.device_get(trainer.load_run(str(workdir), step, devices=jax.devices()[:1])[1])
+  return jax.device_get(run_setup.load_run(str(workdir), step, devices=jax.devices()[:1])[1])
 
 
 def _assert_same_params(a, b):
@@ -278,7 +278,7 @@ def test_a_wrong_tokenizer_leaves_nothing_behind_and_the_right_one_then_works(tm
   with pytest.raises(ConfigError, match="vocab size 400"):
     trainer.train_and_evaluate(_config(**{"data.tokenizer_path": wrong.path}), str(workdir),
                                devices=jax.devices()[:1])
-  assert not os.path.exists(trainer.tokenizer_path(str(workdir)))
+  assert not os.path.exists(run_setup.tokenizer_path(str(workdir)))
   trainer.train_and_evaluate(_config(**{"data.tokenizer_path": right.path, "train.steps": 2}), str(workdir),
                              devices=jax.devices()[:1])
 
@@ -287,14 +287,16 @@ def test_a_wrong_tokenizer_leaves_nothing_behind_and_the_right_one_then_works(tm
 def _read_only(directory, monkeypatch):
   """`directory` made read-only by a read-only bind mount onto itself; where this machine does not
   allow mounting, orbax's save is made to fail as it would there (EROFS)."""
-  mount = subprocess.run(["mount", "--bind", directory, directory], capture_output=True)
-  if mount.returncode == 0:
+  mounted = subprocess.run(["mount", "--bind", directory, directory], capture_output=True).returncode == 0
+  if mounted:
+    read_only = subprocess.run(["mount", "-o", "remount,ro,bind", directory], capture_output=True).returncode == 0
     try:
-      subprocess.run(["mount", "-o", "remount,ro,bind", directory], check=True)
-      yield
+      if read_only:
+        yield
     finally:
       subprocess.run(["umount", directory], check=True)
-    return
+    if read_only:
+      return
   import orbax.checkpoint as ocp
 
   def read_only_fs(*args, **kwargs):

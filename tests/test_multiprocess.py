@@ -57,9 +57,9 @@ def _one_process_losses(workdir, config, steps):
   """The same global batches (process 0's rows, then process 1's) on one process with 4 devices."""
   import jax
   import numpy as np
-  from llama_jax import data as data_lib, tokenizer as tok_lib, trainer
-  setup = trainer.Setup(config, jax.devices()[:4])
-  tok = tok_lib.load_tokenizer(trainer.tokenizer_path(str(workdir)))
+  from llama_jax import data as data_lib, run_setup, tokenizer as tok_lib
+  setup = run_setup.Setup(config, jax.devices()[:4])
+  tok = tok_lib.load_tokenizer(run_setup.tokenizer_path(str(workdir)))
   corpus = data_lib.open_corpus(config.data, "train_corpus")
   shares = [iter(data_lib.train_batches(corpus, tok, config.data, p, 2)) for p in range(2)]
   state, step_fn, losses = setup.init_state(), setup.jit_train_step(), []

@@ -6,12 +6,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import ByteTokenizer, tiny_test_config
-from llama_jax import config_lib, corpus, data as data_lib, trainer
+from llama_jax import config_lib, corpus, data as data_lib, run_setup
 
 
 def _train_losses(config, devices, steps):
-  setup = trainer.Setup(config, devices)
-  trainer.check_batch(config, setup.mesh)
+  setup = run_setup.Setup(config, devices)
+  run_setup.check_batch(config, setup.mesh)
   # Packed rows of the plays, bytes as tokens (no tokenizer to train), masks and all.
   batches = iter(data_lib.train_batches(corpus.open_corpus("shakespeare:train"), ByteTokenizer(), config.data))
   state = setup.init_state()
@@ -43,7 +43,7 @@ def test_sharded_training_equals_one_device(single_device_run, mesh):
 
 def test_param_and_optimizer_shardings_follow_the_rules():
   config = tiny_test_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
-  setup = trainer.Setup(config, jax.devices())
+  setup = run_setup.Setup(config, jax.devices())
   state = setup.init_state()
   params = state["params"]
   assert params["embed_VD"].sharding.spec == P("tensor", "fsdp")
@@ -67,22 +67,22 @@ def test_param_and_optimizer_shardings_follow_the_rules():
 def test_bad_meshes_fail_before_compiling(mesh, overrides, message):
   config = tiny_test_config(**{f"mesh.{k}": v for k, v in mesh.items()}, **overrides)
   with pytest.raises(config_lib.ConfigError, match=message):
-    setup = trainer.Setup(config, jax.devices())
-    trainer.check_batch(config, setup.mesh)
+    setup = run_setup.Setup(config, jax.devices())
+    run_setup.check_batch(config, setup.mesh)
 
 
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
   from llama_jax import checkpoint as ckpt_lib
-  saved_setup = trainer.Setup(tiny_test_config(**{"mesh.fsdp": 8}), jax.devices())
+  saved_setup = run_setup.Setup(tiny_test_config(**{"mesh.fsdp": 8}), jax.devices())
   state = saved_setup.init_state()
   ckpt = ckpt_lib.Checkpointer(str(tmp_path))
   ckpt.save(0, state, saved_setup.config)
   ckpt.wait()
 
-  other = trainer.Setup(tiny_test_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}), jax.devices())
+  other = run_setup.Setup(tiny_test_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}), jax.devices())
   restored = ckpt.restore_state(0, other.abstract_state)
   wq = restored["params"]["blocks"]["attn"]["wq_DNH"]
   assert wq.sharding.spec == P(None, "fsdp", "tensor", None)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
-  params_only = ckpt.restore_params(0, trainer.Setup(tiny_test_config(), jax.devices()[:1]).abstract_state["params"])
+  params_only = ckpt.restore_params(0, run_setup.Setup(tiny_test_config(), jax.devices()[:1]).abstract_state["params"])
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params_only), jax.device_get(state["params"]))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_test_config
-from llama_jax import trainer
+from llama_jax import run_setup, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,8 +63,8 @@ def test_resume_from_a_checkpoint_equals_training_straight(tmp_path, trained, ev
 
   losses = lambda d: {e["step"]: e["loss"] for e in _events(d) if "loss" in e}
   assert losses(resumed_dir) == losses(straight_dir)
-  _, params_a, _, _ = trainer.load_run(straight_dir, 8, devices=jax.devices()[:1])
-  _, params_b, _, _ = trainer.load_run(resumed_dir, 8, devices=jax.devices()[:1])
+  _, params_a, _, _ = run_setup.load_run(straight_dir, 8, devices=jax.devices()[:1])
+  _, params_b, _, _ = run_setup.load_run(resumed_dir, 8, devices=jax.devices()[:1])
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
 
 
@@ -128,7 +128,7 @@ def _flat(config):
     (["--config.data.train_corpus=jsonl:{tmp}/bad.jsonl"], "bad.jsonl:2: not JSON"),
 ])
 def test_bad_input_is_one_line_naming_the_culprit(tmp_path, trained, args, culprit):
-  tokenizer = trainer.tokenizer_path(trained[0])  # 320 pieces; configs/tiny.py wants 1024
+  tokenizer = run_setup.tokenizer_path(trained[0])  # 320 pieces; configs/tiny.py wants 1024
   (tmp_path / "empty.jsonl").write_text("\n")
   (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": tru\n')
   args = [a.format(tokenizer=tokenizer, tmp=tmp_path) for a in args]

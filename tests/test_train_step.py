@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_test_config
-from llama_jax import data as data_lib, trainer
+from llama_jax import data as data_lib, run_setup
 from test_sharding import _train_losses
 
 
@@ -26,7 +26,7 @@ def _batch(B=8, T=32, V=320, seed=0):
 def _two_steps(grad_accum_steps, batch):
   """Params after two steps: the first has warmup lr 0, the second a real update."""
   config = tiny_test_config(**{"train.grad_accum_steps": grad_accum_steps})
-  setup = trainer.Setup(config, jax.devices()[:1])
+  setup = run_setup.Setup(config, jax.devices()[:1])
   state = setup.init_state()
   init = jax.device_get(state["params"])
   step = setup.jit_train_step()
@@ -52,7 +52,7 @@ def test_four_micro_batches_of_two_equal_one_batch_of_eight():
 def _dot_dtypes(config):
   """Operand types of the dots in the compiled-for-CPU train step's HLO, as written there."""
   import re
-  setup = trainer.Setup(config, jax.devices()[:1])
+  setup = run_setup.Setup(config, jax.devices()[:1])
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=setup.batch_sharding), _batch())
   with jax.set_mesh(setup.mesh):
     hlo = setup.jit_train_step().lower(setup.abstract_state, batch).as_text(dialect="hlo")
@@ -77,7 +77,7 @@ def test_bf16_compute_trains_like_fp32():
 def test_chunked_loss_equals_whole_sequence_loss():
   from llama_jax import train_step as step_lib
   config = tiny_test_config()
-  setup = trainer.Setup(config, jax.devices()[:1])
+  setup = run_setup.Setup(config, jax.devices()[:1])
   params = setup.init_state()["params"]
   batch = _batch()
   grad = lambda chunk: jax.jit(jax.value_and_grad(

@@ -1,0 +1,106 @@
+"""What a run is, from its config or its workdir: Setup (mesh, model structure, optimizer,
+shardings, jitted steps) and load_run (a checkpoint's setup, params and tokenizer).
+
+Training (trainer.py), evaluation (evaluate.py), generation, the benchmark, AOT compilation and
+HF conversion all start here; this module imports none of them.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from llama_jax import checkpoint as ckpt_lib
+from llama_jax import config_lib
+from llama_jax import model as model_lib
+from llama_jax import optim
+from llama_jax import sharding as sh
+from llama_jax import tokenizer as tok_lib
+from llama_jax import train_step as step_lib
+
+
+def tokenizer_path(workdir: str) -> str:
+  return os.path.join(workdir, "tokenizer.model")
+
+
+class Setup:
+  """Everything a run needs that follows from the config: mesh, model structure, optimizer,
+  shardings, jitted steps. Shared by training, eval.py and generation."""
+
+  def __init__(self, config: ml_collections.ConfigDict, devices=None):
+    self.config = config
+    self.llama = config_lib.llama_config(config.model)
+    self.mesh = sh.make_mesh(config.mesh, devices)
+    abstract_model = model_lib.abstract_model(self.llama)
+    self.graphdef, _ = nnx.split(abstract_model)
+    sh.check_params_divisible(self.mesh, abstract_model)
+    self.tx, self.schedule = optim.make_optimizer(config.optim, config.train.steps,
+                                                  config.train.skip_nonfinite_steps)
+
+    def init_state():
+      params = nnx.to_pure_dict(nnx.state(model_lib.init_model(self.llama, config.seed), nnx.Param))
+      return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
+
+    self._init_state = init_state
+    abstract_state = jax.eval_shape(init_state)
+    self.params_sharding = sh.param_shardings(self.mesh, abstract_model)
+    self.state_sharding = sh.state_shardings(self.mesh, abstract_state, self.params_sharding, self.tx)
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, self.state_sharding)
+    self.batch_sharding = sh.batch_sharding(self.mesh)
+
+  def init_state(self):
+    """The initial train state, created directly sharded over the mesh."""
+    with jax.set_mesh(self.mesh):
+      return jax.jit(self._init_state, out_shardings=self.state_sharding)()
+
+  def jit_train_step(self):
+    t = self.config.train
+    step = step_lib.make_train_step(self.graphdef, self.tx, self.schedule, t.grad_accum_steps, t.loss_chunk_size,
+                                    t.skip_nonfinite_steps)
+    return jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
+                   out_shardings=(self.state_sharding, None), donate_argnums=0)
+
+  def jit_eval_step(self):
+    return jax.jit(step_lib.make_eval_step(self.graphdef, self.config.train.loss_chunk_size),
+                   in_shardings=(self.params_sharding, self.batch_sharding))
+
+  def global_batch(self, local_batch):
+    """Assembles this process's rows into global arrays sharded over (data, fsdp)."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local_batch.items()}
+
+
+def check_batch(config, mesh):
+  shards = mesh.shape[sh.DATA] * mesh.shape[sh.FSDP]
+  micro = config.data.batch_size // config.train.grad_accum_steps
+  if micro % shards:
+    raise config_lib.ConfigError(
+        f"config.data.batch_size={config.data.batch_size} / train.grad_accum_steps="
+        f"{config.train.grad_accum_steps} = {micro} rows per micro-batch is not divisible by the "
+        f"{shards} batch shards (mesh data x fsdp)")
+
+
+def load_run(workdir: str, step: int | None = None, devices=None):
+  """(setup, params, tokenizer, step) of WORKDIR's checkpoint (latest by default), for eval/sampling."""
+  if not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
+    raise config_lib.ConfigError(f"--workdir {workdir}: no checkpoints directory")
+  checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
+  try:  # closed on every path: orbax's background threads must not outlive an error
+    steps = checkpointer.all_steps()
+    if not steps:
+      raise config_lib.ConfigError(f"--workdir {workdir}: no checkpoint saved yet")
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise config_lib.ConfigError(f"--step {step}: no such checkpoint in {workdir} (have {sorted(steps)})")
+    config = checkpointer.restore_config(step)
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1  # whatever devices are here
+    setup = Setup(config, devices)
+    tok = tok_lib.load_tokenizer(tokenizer_path(workdir))
+    config_lib.check_vocab(tok, setup.llama, tokenizer_path(workdir))
+    params = checkpointer.restore_params(step, setup.abstract_state["params"])
+  finally:
+    checkpointer.close()
+  return setup, params, tok, step
