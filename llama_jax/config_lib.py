@@ -76,42 +76,16 @@ def check_vocab(tokenizer, llama: model_lib.LlamaConfig, source: str):
                       f"config.model.vocab_size={llama.vocab_size}")
 
 
-# What a resumed run may change freely: how the model is computed (not what it is).
+# What a resumed run may change freely: how the model is computed (not what it is). The data
+# stream is guarded by what each checkpoint records of it (data.stream_definition).
 _COMPUTE_FIELDS = ("model.dtype", "model.scan_layers", "model.remat", "model.attention")
-# What else decides the run's result: the data order and the initialisation.
-_GUARDED_FIELDS = ("seed", "data.train_corpus", "data.seq_len", "data.batch_size", "data.shuffle_seed",
-                   "data.shuffle_window", "data.pack_bins", "data.skip_bad_documents")
 
 
-def _flat(config, prefix=""):
-  out = {}
-  for key, value in dict(config).items():
-    if hasattr(value, "items") and prefix + key != "model.rope_scaling":
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[prefix + key] = value.to_dict() if hasattr(value, "to_dict") else value
-  return out
-
-
-def changed_on_resume(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
-                      model_only: bool = False) -> list[str]:
-  """The keys, as 'key: saved -> now', that make a resumed run a different run: model fields other
-  than how it is computed, data order, seeds (model_only: just the model). The rest may change."""
-  a, b = _flat(saved), _flat(config)
-  keys = [k for k in sorted(set(a) | set(b))
-          if (k.startswith("model.") and k not in _COMPUTE_FIELDS) or (k in _GUARDED_FIELDS and not model_only)]
-  return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
-
-
-def check_resume(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, step: int,
-                 model_only: bool = False) -> bool:
-  """Stops a resume that changes the model or the data order, unless train.allow_config_change.
-  model_only: a checkpoint with no data position yet (an HF import), whose data settings are moot.
-
-  Returns whether anything guarded changed (then the caller starts the data stream afresh).
-  """
-  changed = changed_on_resume(saved, config, model_only)
-  if changed and not config.train.allow_config_change:
-    raise ConfigError(f"resuming from checkpoint {step} with a changed config: {'; '.join(changed)} "
-                      "(--config.train.allow_config_change=True to resume anyway)")
-  return bool(changed)
+def changed_on_resume(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list[str]:
+  """The model fields (other than how it is computed) and the seed that differ between a checkpoint's
+  config and this run's, as 'key: saved -> now'. Anything else (train.steps, optim, ...) may change."""
+  def guarded(c):
+    fields = {f"model.{k}": v.to_dict() if hasattr(v, "to_dict") else v for k, v in c.model.items()}
+    return {"seed": c.seed, **{k: v for k, v in fields.items() if k not in _COMPUTE_FIELDS}}
+  a, b = guarded(saved), guarded(config)
+  return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

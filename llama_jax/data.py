@@ -155,12 +155,9 @@ def stream_definition(data_config, process_count: int) -> dict:
   return {**{f"data.{k}": data_config[k] for k in STREAM_FIELDS}, "process_count": process_count}
 
 
-def check_stream(saved: dict, current: dict, step: int):
-  """Stops a resume whose data stream would differ from the one the checkpoint continues."""
-  changed = [f"{k} {saved.get(k)!r} -> {current[k]!r}" for k in current if saved.get(k) != current[k]]
-  if changed:
-    raise ConfigError(f"resuming from step {step} would read a different data stream: {'; '.join(changed)} "
-                      "(use a new workdir, or restore these settings)")
+def stream_changes(saved: dict, current: dict) -> list[str]:
+  """What differs between a checkpoint's stream definition and this run's, as 'key: saved -> now'."""
+  return [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current if saved.get(k) != current[k]]
 
 
 # ------------------------------------------------------------------ inspecting a pipeline

@@ -120,25 +120,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
 
 def _restore(checkpointer, step, setup, config, stream, train_iter):
-  """The state of checkpoint `step`, with the data iterator moved to its position; refuses a
-  resume that would silently be another run (config_lib.check_resume, data.check_stream)."""
-  changed = config_lib.check_resume(checkpointer.restore_config(step), config, step,
-                                    model_only=not checkpointer.has_data(step))
+  """The state of checkpoint `step`, with the data iterator moved to its position. A resume that
+  would silently be another run (a changed model or seed: config_lib; a changed data stream:
+  data.stream_changes) stops with one line listing every change, unless train.allow_config_change."""
+  has_data = checkpointer.has_data(step)  # an HF import has no data position yet
+  changes = config_lib.changed_on_resume(checkpointer.restore_config(step), config)
+  stream_changes = data_lib.stream_changes(checkpointer.restore_stream(step), stream) if has_data else []
+  if (changes or stream_changes) and not config.train.allow_config_change:
+    raise config_lib.ConfigError(f"resuming from checkpoint {step} with a changed config: "
+                                 f"{'; '.join(sorted(changes + stream_changes))} "
+                                 "(--config.train.allow_config_change=True to resume anyway)")
   checkpointer.check_structure(step, setup.abstract_state)
-  if checkpointer.has_data(step):  # (an HF import has no data position)
-    saved_stream = checkpointer.restore_stream(step)
-    if not changed:
-      data_lib.check_stream(saved_stream, stream, step)
-    if saved_stream == stream:
-      checkpointer.restore_data(step, train_iter)
-    else:
-      metrics_lib.log("warning: the data stream changed (train.allow_config_change): it starts from the beginning")
+  if stream_changes:
+    metrics_lib.log("warning: the data stream changed (train.allow_config_change): it starts from the beginning")
+  elif has_data:
+    checkpointer.restore_data(step, train_iter)
   return checkpointer.restore_state(step, setup.abstract_state)
 
 
 @jax.jit
-def _first_bad_step(first_bad, nonfinite, step):
-  return jnp.where((first_bad == 0) & nonfinite, step, first_bad)
+def _accumulate(totals, metrics, step):
+  """One dispatch per step: the loss sum since the last log line, skipped updates, and the first
+  step whose update was not finite (0: none)."""
+  bad = (totals["first_bad"] == 0) & metrics["nonfinite"]
+  return {"loss_sum": totals["loss_sum"] + metrics["loss"], "skipped": totals["skipped"] + metrics["skipped"],
+          "first_bad": jnp.where(bad, step, totals["first_bad"])}
 
 
 def _train_loop(config, setup, state, start, end, batches, train_iter, stream, checkpointer, writer, watch,
@@ -153,11 +159,12 @@ def _train_loop(config, setup, state, start, end, batches, train_iter, stream, c
   progress = metrics_lib.ProgressLogger(start, t.steps)
   train_step = setup.jit_train_step()
   # Sums and flags stay on the device between log lines: no host sync per step.
-  loss_sum, logged_at = 0.0, start
-  skipped, first_bad = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
+  zero_loss = jnp.zeros((), jnp.float32)
+  totals = {"loss_sum": zero_loss, "skipped": jnp.zeros((), jnp.int32), "first_bad": jnp.zeros((), jnp.int32)}
+  logged_at = start
 
   def check_finite():
-    bad = int(sh.replicated_to_host(first_bad))
+    bad = int(sh.replicated_to_host(totals["first_bad"]))
     if bad:
       checkpointer.wait()
       raise StopRun(f"loss or gradient norm is not finite at step {bad}; stopped without saving it; last good "
@@ -167,14 +174,13 @@ def _train_loop(config, setup, state, start, end, batches, train_iter, stream, c
     for step in range(start, end):
       state, metrics = train_step(state, setup.global_batch(next(batches)))
       done = step + 1
-      loss_sum = loss_sum + metrics["loss"]
-      skipped = skipped + metrics["skipped"]
-      first_bad = _first_bad_step(first_bad, metrics["nonfinite"], np.int32(done))
+      totals = _accumulate(totals, metrics, np.int32(done))
       preempted = watch.reached(done)
       if done % t.log_every == 0 or done == end or preempted:
         check_finite()
-        metrics = sh.replicated_to_host(dict(metrics, loss=loss_sum / (done - logged_at), skipped_steps=skipped))
-        loss_sum, logged_at = 0.0, done
+        metrics = sh.replicated_to_host(dict(metrics, loss=totals["loss_sum"] / (done - logged_at),
+                                             skipped_steps=totals["skipped"]))
+        totals, logged_at = dict(totals, loss_sum=zero_loss), done
         metrics = {k: v for k, v in metrics.items() if k not in ("nonfinite", "skipped")}
         metrics["tokens_per_sec"] = progress.tokens_per_sec(done, tokens_per_step)
         metrics["mfu"] = metrics["tokens_per_sec"] * flops_per_token / peak_flops if peak_flops else 0.0
