@@ -20,7 +20,7 @@ from conftest import tiny_test_config
 from llama_jax import data as data_lib
 from llama_jax import run_setup, trainer
 from llama_jax.errors import ConfigError, StopRun
-from test_train import ROOT, _flat
+from test_train import ROOT, subprocess_env, train_cmd
 
 EVAL = "text:" + os.path.join(ROOT, "tests", "data", "heldout_sample.txt")
 COMPARED = ("loss", "grad_norm", "learning_rate", "num_targets")
@@ -64,20 +64,9 @@ def straight_12(tmp_path_factory):
 # ------------------------------------------------------------------ SIGTERM
 
 
-def _cmd(workdir, config, *extra):
-  return [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
-          *[f"--config.{k}={v}" for k, v in _flat(config).items()], *extra]
-
-
-def _env():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # the test session's 8 fake devices; these processes have 1 (or ask)
-  return env
-
-
 def _run_until_signalled(cmd, at_step, total, send):
   """Starts cmd, calls send(proc) when it logs step `at_step`, returns its whole output."""
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   lines = []
   for line in proc.stdout:
     lines.append(line)
@@ -90,14 +79,14 @@ def _run_until_signalled(cmd, at_step, total, send):
 @pytest.mark.slow
 def test_sigterm_twice_then_finishing_equals_a_straight_run(tmp_path):
   config = _config(**{"train.steps": 30, "train.checkpoint_every": 2, "train.async_checkpoint": True})
-  straight = subprocess.run(_cmd(tmp_path / "a", config), cwd=ROOT, env=_env(), capture_output=True, text=True,
+  straight = subprocess.run(train_cmd(tmp_path / "a", config), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
                             timeout=300)
   assert straight.returncode == 0, straight.stdout + straight.stderr
   rng = np.random.default_rng()
   saved = 0
   for _ in range(2):
     at = saved + int(rng.integers(2, 9))  # saves every 2 steps, asynchronously: one is often in flight
-    code, out = _run_until_signalled(_cmd(tmp_path / "b", config), at, 30, lambda p: p.send_signal(signal.SIGTERM))
+    code, out = _run_until_signalled(train_cmd(tmp_path / "b", config), at, 30, lambda p: p.send_signal(signal.SIGTERM))
     assert code == 0, out
     assert "Traceback" not in out
     last = out.strip().splitlines()[-1]
@@ -105,7 +94,7 @@ def test_sigterm_twice_then_finishing_equals_a_straight_run(tmp_path):
     saved = int(last.split("saved step ")[1].split()[0])
     assert saved >= at
     assert sorted(int(s) for s in os.listdir(tmp_path / "b" / "checkpoints"))[-1] == saved
-  finish = subprocess.run(_cmd(tmp_path / "b", config), cwd=ROOT, env=_env(), capture_output=True, text=True,
+  finish = subprocess.run(train_cmd(tmp_path / "b", config), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
                           timeout=300)
   assert finish.returncode == 0, finish.stdout + finish.stderr
   assert f"resumed from step {saved}" in finish.stdout
@@ -121,9 +110,9 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(tmp_path):
 
   def pair(workdir, at_step=None):
     port = portpicker.pick_unused_port()
-    cmds = [_cmd(workdir, config, "--num_cpu_devices=2", f"--coordinator_address=127.0.0.1:{port}",
+    cmds = [train_cmd(workdir, config, "--num_cpu_devices=2", f"--coordinator_address=127.0.0.1:{port}",
                  "--num_processes=2", f"--process_id={i}", "--distributed_timeout_s=60") for i in range(2)]
-    other = subprocess.Popen(cmds[1], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    other = subprocess.Popen(cmds[1], cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     send = lambda _: other.send_signal(signal.SIGTERM)  # process 1 only; process 0 logs
     code, out = _run_until_signalled(cmds[0], at_step, 200, send)
     other_out = other.communicate(timeout=120)[0]
@@ -161,7 +150,7 @@ def test_a_damaged_latest_checkpoint_falls_back_and_then_matches_a_straight_run(
   trainer.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1], stop_after=8)
   _damage(workdir / "checkpoints" / "8")
 
-  proc = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}", "--step=8"], cwd=ROOT, env=_env(),
+  proc = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}", "--step=8"], cwd=ROOT, env=subprocess_env(),
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
   last = proc.stderr.strip().splitlines()[-1]
@@ -319,3 +308,10 @@ def test_a_failed_save_is_one_line_and_keeps_the_checkpoints_there(tmp_path, mon
   assert files() == before
   # Once the directory is writable again, the same command goes on from step 4.
   assert trainer.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])["step"] == 8
+
+
+def test_the_keep_policy_keeps_the_newest_and_every_nth_step(tmp_path):
+  config = _config(**{"train.steps": 12, "train.checkpoint_every": 2, "train.keep_checkpoints": 2,
+                      "train.keep_every": 4})
+  trainer.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+  assert sorted(int(s) for s in os.listdir(tmp_path / "run" / "checkpoints")) == [4, 8, 10, 12]

@@ -4,14 +4,13 @@ the same global batches (each process packs its own share of the documents)."""
 import json
 import os
 import subprocess
-import sys
 import time
 
 import portpicker
 import pytest
 
 from conftest import tiny_test_config
-from test_train import ROOT, _flat
+from test_train import ROOT, subprocess_env, train_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -22,14 +21,7 @@ def _config():
 
 
 def _train_cmd(workdir, *extra):
-  return [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
-          *[f"--config.{k}={v}" for k, v in _flat(_config()).items()], *extra]
-
-
-def _env():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # the test session's 8 fake devices; these processes pick their own
-  return env
+  return train_cmd(workdir, _config(), *extra)
 
 
 def _losses(workdir):
@@ -41,7 +33,7 @@ def test_two_processes_train_like_one_with_four_devices(tmp_path):
   port = portpicker.pick_unused_port()
   procs = [subprocess.Popen(_train_cmd(tmp_path / "multi", "--num_cpu_devices=2", f"--coordinator_address=127.0.0.1:{port}",
                                        "--num_processes=2", f"--process_id={i}", "--distributed_timeout_s=60"),
-                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
   outputs = [p.communicate(timeout=300)[0] for p in procs]
   for p, out in zip(procs, outputs):
@@ -79,7 +71,7 @@ def test_a_missing_peer_fails_both_within_the_timeout(tmp_path):
   procs = [subprocess.Popen(_train_cmd(tmp_path / f"alone{i}", "--num_cpu_devices=2",
                                        f"--coordinator_address=127.0.0.1:{portpicker.pick_unused_port()}",
                                        "--num_processes=2", f"--process_id={i}", "--distributed_timeout_s=10"),
-                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]  # each waits for a peer that never comes
   for p in procs:
     p.communicate(timeout=120)

@@ -98,6 +98,19 @@ def test_second_run_resumes_and_finishes_at_once(trained):
   assert [e for e in _events(workdir) if "loss" in e] == [e for e in before if "loss" in e]
 
 
+def train_cmd(workdir, config, *extra):
+  """`python train.py` running `config` (as overrides of configs/tiny.py) in `workdir`."""
+  return [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
+          *[f"--config.{k}={v}" for k, v in _flat(config).items()], *extra]
+
+
+def subprocess_env():
+  """This session's environment without its 8 fake devices: a subprocess picks its own."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
 def _flat(config):
   """The overrides that turn configs/tiny.py into `config`."""
   from configs import tiny
