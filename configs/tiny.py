@@ -82,8 +82,11 @@ def get_config():
   c.mesh.tensor = 1  # heads / ffw / vocab split over this axis
 
   c.sample = ml_collections.ConfigDict()
-  c.sample.prompt = "ROMEO.\n"  # printed continuation at the end of training
-  c.sample.max_new_tokens = 200
+  c.sample.prompt = "ROMEO.\n"  # continued at the end of training (and every sample.every steps)
+  c.sample.max_new_tokens = 200  # 0: no sample
   c.sample.temperature = 0.8  # 0: greedy
+  c.sample.top_k = 0  # sample among the k most likely tokens (0: all)
+  c.sample.top_p = 1.0  # sample from the smallest set of tokens with this probability (1: all)
   c.sample.seed = 0
+  c.sample.every = 0  # steps between samples during training, logged and in TensorBoard (0: only at the end)
   return c

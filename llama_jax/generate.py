@@ -1,47 +1,194 @@
-"""Sampling text from a model (no KV cache: each new token re-reads a fixed-size window).
+"""Text from a model, decoded with a KV cache.
 
-  python -m llama_jax.generate --workdir runs/tiny --prompt "ROMEO." [--step N]
+All prompts of a batch are prefilled in one call (right-padded; row b's prompt fills cache
+slots 0 .. len_b - 1), then one token per step inside a jitted `lax.while_loop`: row b's
+step i feeds its previous token at position len_b + i - 1 (model.Llama.decode). The cache holds
+prompt + max_new_tokens positions, never max_seq_len, and the shapes are fixed per
+(batch, prompt-length bucket, max_new_tokens), so a bucket compiles once. A row stops at its EOS.
+
+  python -m llama_jax.generate --workdir runs/tiny --prompt "ROMEO." [--prompt "JULIET." ...]
+      [--max_new_tokens 100] [--temperature 0.8 --top_k 50 --top_p 0.95] [--seed 0] [--json]
+  python -m llama_jax.generate --workdir runs/tiny --prompt_ids "1 306 626" --temperature 0
 """
+
+import dataclasses
+import json
+import math
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import ml_collections
 from flax import nnx
 
+from llama_jax import model as model_lib
 from llama_jax import sharding as sh
+from llama_jax.errors import ConfigError
 
 
-def sample(graphdef, params, prompt_ids, max_new_tokens: int, window: int, temperature: float, seed: int):
-  """Appends max_new_tokens sampled tokens (greedy if temperature == 0) to prompt_ids."""
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How the next token is drawn: greedy at temperature 0, else from softmax(logits / temperature)
+  restricted to the top_k tokens (0: all) and to the smallest set whose probability reaches
+  top_p (the nucleus; 1: all)."""
 
-  @jax.jit
-  def next_token(params, tokens_1W, last, key):
-    logits_V = nnx.merge(graphdef, params)(tokens_1W)[0, last].astype(jnp.float32)
-    if temperature == 0:
-      return jnp.argmax(logits_V)
-    return jax.random.categorical(key, logits_V / temperature)
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
 
-  ids = list(prompt_ids)
-  key = jax.random.key(seed)
-  for _ in range(max_new_tokens):
-    context = ids[-window:]
-    tokens_1W = np.zeros((1, window), np.int32)
-    tokens_1W[0, :len(context)] = context
-    key, sub = jax.random.split(key)
-    ids.append(int(sh.replicated_to_host(next_token(params, tokens_1W, len(context) - 1, sub))))
-  return ids
+  def check(self, name: str = "sample"):
+    if not self.temperature >= 0:
+      raise ConfigError(f"{name}.temperature={self.temperature}: must be >= 0 (0: greedy)")
+    if self.top_k < 0:
+      raise ConfigError(f"{name}.top_k={self.top_k}: must be >= 0 (0: no limit)")
+    if not 0 < self.top_p <= 1:
+      raise ConfigError(f"{name}.top_p={self.top_p}: must lie in (0, 1]")
+
+
+def sample_tokens(logits_BV, key, sampling: Sampling):
+  """One token per row drawn from logits_BV per `sampling`."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  if sampling.temperature == 0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits_BV = logits_BV / sampling.temperature
+  if 0 < sampling.top_k < logits_BV.shape[-1]:
+    kth_B1 = jax.lax.top_k(logits_BV, sampling.top_k)[0][:, -1:]
+    logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+  if sampling.top_p < 1:
+    sorted_BV = -jnp.sort(-logits_BV, axis=-1)
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    # A token is in the nucleus when the tokens above it hold less than top_p (the first always is).
+    in_nucleus_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV < sampling.top_p
+    cutoff_B1 = jnp.take_along_axis(sorted_BV, jnp.sum(in_nucleus_BV, axis=-1, keepdims=True) - 1, axis=-1)
+    logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
+  return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+def check_request(prompts, max_new_tokens: int, llama, name: str = "prompt"):
+  """One line for a request the model cannot serve, before anything compiles."""
+  if not prompts:
+    raise ConfigError(f"no {name} given")
+  if max_new_tokens < 1:
+    raise ConfigError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+  for i, ids in enumerate(prompts):
+    where = f"{name} {i + 1}" if len(prompts) > 1 else name
+    if len(ids) == 0:
+      raise ConfigError(f"{where} is empty")
+    if len(ids) + max_new_tokens > llama.max_seq_len:
+      raise ConfigError(f"{where}: {len(ids)} tokens + max_new_tokens={max_new_tokens} = "
+                        f"{len(ids) + max_new_tokens} > the model's max_seq_len {llama.max_seq_len}")
+    bad = [t for t in ids if not 0 <= t < llama.vocab_size]
+    if bad:
+      raise ConfigError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {llama.vocab_size})")
+
+
+@dataclasses.dataclass
+class Generation:
+  ids: list[list[int]]  # per prompt: the new tokens, up to and including its EOS
+  compile_s: float  # 0 when this shape bucket was compiled before
+  prefill_s: float
+  decode_s: float
+  decode_steps: int  # steps of the decode loop after the first token (the batch's longest row)
+
+
+class Generator:
+  """Compiled prefill and decode loop for one model structure on one mesh; params come per call."""
+
+  def __init__(self, graphdef, llama, mesh):
+    self._graphdef, self._llama, self._mesh = graphdef, llama, mesh
+    self._compiled = {}
+
+  def __call__(self, params, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
+               sampling: Sampling = Sampling(), seed: int = 0) -> Generation:
+    check_request(prompts, max_new_tokens, self._llama)
+    sampling.check()
+    lengths = [len(p) for p in prompts]
+    # Rows: a multiple of the batch shards (extra rows repeat prompt 0). Prompt length: the next
+    # power of two (fewer compiles), never past what max_seq_len leaves for the new tokens.
+    shards = self._mesh.shape[sh.DATA] * self._mesh.shape[sh.FSDP]
+    B = -(-len(prompts) // shards) * shards
+    P = min(max(8, 1 << math.ceil(math.log2(max(lengths)))), self._llama.max_seq_len - max_new_tokens)
+    tokens_BP = np.zeros((B, P), np.int32)
+    lengths_B = np.full((B,), lengths[0], np.int32)
+    for b in range(B):
+      ids = prompts[b if b < len(prompts) else 0]
+      tokens_BP[b, :len(ids)] = ids
+      lengths_B[b] = len(ids)
+    key = jax.random.key(seed)
+    compile_s = 0.0
+    with jax.set_mesh(self._mesh):
+      signature = (B, P, max_new_tokens, eos_id, sampling)
+      if signature not in self._compiled:
+        start = time.perf_counter()
+        self._compiled[signature] = self._compile(params, tokens_BP, lengths_B, key, max_new_tokens, eos_id, sampling)
+        compile_s = time.perf_counter() - start
+      prefill, decode = self._compiled[signature]
+      start = time.perf_counter()
+      first_B, cache = prefill(params, tokens_BP, lengths_B, key)
+      jax.block_until_ready(first_B)
+      prefill_s = time.perf_counter() - start
+      start = time.perf_counter()
+      new_BN, steps = decode(params, first_B, lengths_B, cache, key)
+      new_BN, steps = sh.replicated_to_host((new_BN, steps))
+      decode_s = time.perf_counter() - start
+    return Generation([_until_eos(new_BN[b], eos_id) for b in range(len(prompts))], compile_s, prefill_s, decode_s,
+                      int(steps) - 1)
+
+  def _compile(self, params, tokens_BP, lengths_B, key, max_new_tokens, eos_id, sampling):
+    graphdef, llama = self._graphdef, self._llama
+    B, P = tokens_BP.shape
+    N = max_new_tokens
+
+    def prefill(params, tokens_BP, lengths_B, key):
+      model = nnx.merge(graphdef, params)
+      positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+      x_BPD, cache = model.decode(tokens_BP, positions_BP, model_lib.init_cache(llama, B, P + N))
+      last_BD = x_BPD[jnp.arange(B), lengths_B - 1]
+      return sample_tokens(model.logits(last_BD[:, None])[:, 0], jax.random.fold_in(key, 0), sampling), cache
+
+    def decode(params, first_B, lengths_B, cache, key):
+      model = nnx.merge(graphdef, params)
+
+      def unfinished(carry):
+        i, _, _, done_B, _ = carry
+        return (i < N) & ~jnp.all(done_B)
+
+      def step(carry):
+        i, token_B, new_BN, done_B, cache = carry
+        x_B1D, cache = model.decode(token_B[:, None], (lengths_B + i - 1)[:, None], cache)
+        token_B = sample_tokens(model.logits(x_B1D)[:, 0], jax.random.fold_in(key, i), sampling)
+        token_B = jnp.where(done_B, eos_id, token_B)
+        return i + 1, token_B, new_BN.at[:, i].set(token_B), done_B | (token_B == eos_id), cache
+
+      new_BN = jnp.full((B, N), eos_id, jnp.int32).at[:, 0].set(first_B)
+      carry = (jnp.int32(1), first_B, new_BN, first_B == eos_id, cache)
+      i, _, new_BN, _, _ = jax.lax.while_loop(unfinished, step, carry)
+      return new_BN, i
+
+    prefill_args = (params, tokens_BP, lengths_B, key)
+    prefill_jit = jax.jit(prefill)
+    prefill = prefill_jit.lower(*prefill_args).compile()
+    first_B, cache = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  jax.eval_shape(prefill_jit, *prefill_args), prefill.output_shardings)
+    # The new tokens come back whole to every process.
+    replicated = jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec())
+    decode = jax.jit(decode, out_shardings=replicated).lower(params, first_B, lengths_B, cache, key).compile()
+    return prefill, decode
+
+
+def _until_eos(ids_N, eos_id: int) -> list[int]:
+  ids = [int(t) for t in ids_N]
+  return ids[:ids.index(eos_id) + 1] if eos_id in ids else ids
 
 
 def sample_text(setup, params, tok, sample_config) -> str:
+  """The continuation of config.sample.prompt (for the end-of-training and periodic samples)."""
+  sampling = Sampling(sample_config.temperature, sample_config.top_k, sample_config.top_p)
   prompt_ids = tok.encode(sample_config.prompt, bos=True)
-  with jax.set_mesh(setup.mesh):
-    ids = sample(setup.graphdef, params, prompt_ids, sample_config.max_new_tokens,
-                 setup.llama.max_seq_len, sample_config.temperature, sample_config.seed)
-  new = ids[len(prompt_ids):]
-  if tok.eos_id in new:
-    new = new[:new.index(tok.eos_id)]
-  return sample_config.prompt + tok.decode(new)
+  max_new = min(sample_config.max_new_tokens, setup.llama.max_seq_len - len(prompt_ids))
+  out = Generator(setup.graphdef, setup.llama, setup.mesh)(params, [prompt_ids], max_new, tok.eos_id, sampling,
+                                                            sample_config.seed)
+  return sample_config.prompt + tok.decode([t for t in out.ids[0] if t != tok.eos_id])
 
 
 def main():
@@ -51,21 +198,55 @@ def main():
   from llama_jax import entry
   from llama_jax import run_setup
 
-  workdir = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/ and tokenizer.model.")
+  workdir = flags.DEFINE_string("workdir", None, "Training workdir (or HF import) with checkpoints/ and tokenizer.model.")
   step = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-  prompt = flags.DEFINE_string("prompt", "ROMEO.\n", "Text to continue.")
-  max_new_tokens = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to sample.")
+  prompt = flags.DEFINE_multi_string("prompt", [], "Text to continue (BOS is prepended); repeat for a batch.")
+  prompt_ids = flags.DEFINE_multi_string("prompt_ids", [], 'Token ids to continue, e.g. "1 306 626"; repeat for a batch.')
+  max_new_tokens = flags.DEFINE_integer("max_new_tokens", 100, "Tokens to generate per prompt (fewer at EOS).")
   temperature = flags.DEFINE_float("temperature", 0.8, "Softmax temperature (0: greedy).")
-  seed = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  top_k = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
+  top_p = flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set of tokens with this probability (1: all).")
+  seed = flags.DEFINE_integer("seed", 0, "Sampling seed: the same seed gives the same output.")
+  as_json = flags.DEFINE_bool("json", False, "Print one JSON object per prompt: prompt_ids, ids, text.")
   flags.mark_flags_as_required(["workdir"])
 
   def run():
+    if bool(prompt.value) == bool(prompt_ids.value):
+      raise ConfigError("give --prompt TEXT (repeatable) or --prompt_ids 'ID ID ...', not both")
+    sampling = Sampling(temperature.value, top_k.value, top_p.value)
+    sampling.check(name="-")
     setup, params, tok, _ = run_setup.load_run(workdir.value, step.value)
-    sample_config = ml_collections.ConfigDict(dict(prompt=prompt.value, max_new_tokens=max_new_tokens.value,
-                                                   temperature=temperature.value, seed=seed.value))
-    print(sample_text(setup, params, tok, sample_config))
+    if prompt.value:
+      for i, text in enumerate(prompt.value):
+        if not text:
+          raise ConfigError(f"--prompt {i + 1} is empty")
+      prompts = [tok.encode(text, bos=True) for text in prompt.value]
+    else:
+      prompts = [_parse_ids(s, i) for i, s in enumerate(prompt_ids.value)]
+    check_request(prompts, max_new_tokens.value, setup.llama, name="--prompt")
+    out = Generator(setup.graphdef, setup.llama, setup.mesh)(params, prompts, max_new_tokens.value, tok.eos_id,
+                                                             sampling, seed.value)
+    for i, (ids, new) in enumerate(zip(prompts, out.ids)):
+      text = tok.decode([t for t in new if t != tok.eos_id])
+      if as_json.value:
+        print(json.dumps({"prompt_ids": ids, "ids": new, "text": text}))
+      else:
+        print((prompt.value[i] if prompt.value else tok.decode(ids)) + text)
+        print("---")
+    if not as_json.value:
+      new_tokens = sum(len(ids) for ids in out.ids) - len(out.ids)  # the decode loop's; the first come from prefill
+      print(f"{len(prompts)} prompts | compile {out.compile_s:.1f} s | prefill {out.prefill_s * 1e3:.1f} ms | "
+            f"decode {new_tokens / max(out.decode_s, 1e-9):,.0f} tokens/s, "
+            f"{out.decode_s / max(out.decode_steps, 1) * 1e3:.2f} ms per token")
 
   entry.main(lambda argv: entry.run(run))
+
+
+def _parse_ids(text: str, i: int) -> list[int]:
+  try:
+    return [int(t) for t in text.replace(",", " ").split()]
+  except ValueError:
+    raise ConfigError(f"--prompt_ids {i + 1}: {text!r} is not a list of integers") from None
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@ Dimension letters: B batch, T query positions, S key positions, D model, F ffw, 
 heads, K kv heads, G query heads per kv head (N = K * G), H head dim, L layers, V vocab.
 Parameters are stored in float32 (`param_dtype`) and cast to `dtype` for compute. The
 layers are stored stacked (leading L axis) and run with `jax.lax.scan` or unrolled.
+
+Decoding (generate.py) passes a KV cache {"k", "v"} of [L, B, S, K, H] arrays: a token at
+position p writes its keys and values to slot p of its row and attends to slots <= p.
 """
 
 import dataclasses
@@ -135,8 +138,10 @@ class Attention(nnx.Module):
     self.wv_DKH = _param(rngs, (D, K, H), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), std, pd)
     self.wo_NHD = _param(rngs, (N, H, D), (sh.HEADS, sh.HEAD_DIM, sh.EMBED), out_std, pd)
 
-  def __call__(self, x_BTD, positions_BT, mask_BTS=None):
-    """mask_BTS: which keys each query sees (None: all earlier positions)."""
+  def __call__(self, x_BTD, positions_BT, mask_BTS=None, cache=None):
+    """mask_BTS: which keys each query sees (None: all earlier positions). With a cache (k, v of
+    [B, S, K, H]), the new keys and values go to the slots of their positions, the queries
+    attend to every slot up to their own position, and the updated cache comes back too."""
     c = self.config
     dt = x_BTD.dtype
     q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...].astype(dt))
@@ -145,12 +150,23 @@ class Attention(nnx.Module):
     inv_freq = rope_frequencies(c)
     q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
     k_BSKH = apply_rope(k_BSKH, positions_BT, inv_freq)
+    if cache is not None:
+      k_BSKH, v_BSKH = (_write_slots(cache_BSKH, new_BTKH.astype(cache_BSKH.dtype), positions_BT[:, 0])
+                        for cache_BSKH, new_BTKH in zip(cache, (k_BSKH, v_BSKH)))
+      cache = (k_BSKH, v_BSKH)
+      mask_BTS = jnp.arange(k_BSKH.shape[1])[None, None, :] <= positions_BT[:, :, None]
     if c.attention == "dot_product":
       out_BTNH = jax.nn.dot_product_attention(
           q_BTNH, k_BSKH, v_BSKH, mask=None if mask_BTS is None else mask_BTS[:, None], is_causal=mask_BTS is None)
     else:
       out_BTNH = _attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
-    return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.wo_NHD[...].astype(dt))
+    return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.wo_NHD[...].astype(dt)), cache
+
+
+def _write_slots(cache_BSKH, new_BTKH, start_B):
+  """Row b of the cache with new_BTKH[b] written to slots start_B[b] .. start_B[b] + T - 1."""
+  write = lambda c_SKH, n_TKH, s: jax.lax.dynamic_update_slice_in_dim(c_SKH, n_TKH, s, axis=0)
+  return jax.vmap(write)(cache_BSKH, new_BTKH, start_B)
 
 
 def _attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
@@ -193,12 +209,12 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(config.dim, config.norm_eps, config.param_dtype)
     self.mlp = MLP(config, rngs)
 
-  def __call__(self, x_BTD, positions_BT, mask_BTS):
+  def __call__(self, x_BTD, positions_BT, mask_BTS, cache=None):
     x_BTD = sh.constrain(x_BTD, (sh.BATCH, sh.SEQ, sh.ACT_EMBED))
     x_BTD = checkpoint_name(x_BTD, "block_input")
-    attn_BTD = self.attn(self.attn_norm(x_BTD), positions_BT, mask_BTS)
+    attn_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, mask_BTS, cache)
     h_BTD = x_BTD + checkpoint_name(attn_BTD, "attn_out")
-    return h_BTD + self.mlp(self.mlp_norm(h_BTD))
+    return h_BTD + self.mlp(self.mlp_norm(h_BTD)), cache
 
 
 def attention_mask(segment_ids_BT):
@@ -232,27 +248,42 @@ class Llama(nnx.Module):
 
   def hidden_states(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
     """The final-normed hidden states x_BTD that the LM head turns into logits."""
-    c = self.config
-    dt = jnp.dtype(c.dtype)
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
     mask_BTS = None if segment_ids_BT is None else attention_mask(segment_ids_BT)
-    x_BTD = self.embed_VD[...].astype(dt)[tokens_BT]
+    x_BTD, _ = self._blocks(self._embed(tokens_BT), positions_BT, mask_BTS, None)
+    return self.final_norm(sh.constrain(x_BTD, (sh.BATCH, sh.SEQ, sh.ACT_EMBED)))
 
+  def decode(self, tokens_BT, positions_BT, cache):
+    """(x_BTD, cache): hidden states (as hidden_states; `logits` of them as needed) of tokens at
+    consecutive positions per row, which attend to themselves and to what the cache holds at
+    earlier positions; their keys and values are written into the cache."""
+    x_BTD, (k, v) = self._blocks(self._embed(tokens_BT), positions_BT, None, (cache["k"], cache["v"]))
+    return self.final_norm(x_BTD), {"k": k, "v": v}
+
+  def _embed(self, tokens_BT):
+    return self.embed_VD[...].astype(jnp.dtype(self.config.dtype))[tokens_BT]
+
+  def _blocks(self, x_BTD, positions_BT, mask_BTS, cache):
+    """The L blocks in turn; cache (k, v of [L, B, S, K, H]) or None, updated per layer."""
+    c = self.config
     block_graph, block_params = nnx.split(self.blocks)
 
-    def block_fn(x_BTD, params):
-      return nnx.merge(block_graph, params)(x_BTD, positions_BT, mask_BTS), None
+    def block_fn(x_BTD, params_and_cache):
+      params, layer_cache = params_and_cache
+      return nnx.merge(block_graph, params)(x_BTD, positions_BT, mask_BTS, layer_cache)
 
     if c.remat != "none":
       block_fn = jax.checkpoint(block_fn, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
     if c.scan_layers:
-      x_BTD, _ = jax.lax.scan(block_fn, x_BTD, block_params)
-    else:
-      for i in range(c.n_layers):
-        x_BTD, _ = block_fn(x_BTD, jax.tree.map(lambda p: p[i], block_params))
-
-    return self.final_norm(sh.constrain(x_BTD, (sh.BATCH, sh.SEQ, sh.ACT_EMBED)))
+      return jax.lax.scan(block_fn, x_BTD, (block_params, cache))
+    layer_caches = []
+    for i in range(c.n_layers):
+      x_BTD, layer_cache = block_fn(x_BTD, jax.tree.map(lambda a: a[i], (block_params, cache)))
+      layer_caches.append(layer_cache)
+    if cache is None:
+      return x_BTD, None
+    return x_BTD, jax.tree.map(lambda *layers: jnp.stack(layers), *layer_caches)
 
   def logits(self, x_BTD):
     lm_head_DV = self.embed_VD[...].T if self.config.tie_embeddings else self.lm_head_DV[...]
@@ -267,6 +298,13 @@ def init_model(config: LlamaConfig, seed: int) -> Llama:
 def abstract_model(config: LlamaConfig) -> Llama:
   """The model with ShapeDtypeStructs for parameters: nothing is allocated."""
   return nnx.eval_shape(lambda: init_model(config, 0))
+
+
+def init_cache(config: LlamaConfig, batch_size: int, length: int):
+  """An empty KV cache for `batch_size` rows of `length` positions (zeros; slots are written
+  before they are read)."""
+  shape = (config.n_layers, batch_size, length, config.n_kv_heads, config.head_dim)
+  return {"k": jnp.zeros(shape, config.dtype), "v": jnp.zeros(shape, config.dtype)}
 
 
 def count_params(config: LlamaConfig) -> int:

@@ -1,0 +1,202 @@
+"""KV-cache decoding: HF greedy parity, cached logits = full-forward logits (scan, unrolled,
+8 fake devices), sampling restricted to top-k / nucleus, reproducible seeds, bad requests."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from llama_jax import generate as gen_lib
+from llama_jax import model as model_lib
+from llama_jax import sharding as sh
+from llama_jax.errors import ConfigError
+
+SMALL = model_lib.LlamaConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffw_dim=160,
+                              rope_theta=500000.0, max_seq_len=128, init_std=0.2)
+
+
+def mesh_of(devices, data=1, fsdp=-1, tensor=1):
+  return sh.make_mesh(ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor)), devices)
+
+
+def split(model):
+  """(graphdef, params as a pure dict), the form training and checkpoints hold them in."""
+  graphdef, state = nnx.split(model)
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def prompts_of(lengths, vocab, seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(3, vocab, n).tolist() for n in lengths]
+
+
+# ---------------------------------------------------------------------------- parity with HF
+
+
+@pytest.mark.parametrize("case", ["gqa", "llama3.1_rope", "tied"])
+def test_greedy_equals_transformers_generate(case, tmp_path):
+  """A batch of prompts of different lengths (one past 300 tokens), decoded together, gives
+  token for token what transformers' greedy generate gives for each prompt alone."""
+  torch = pytest.importorskip("torch")
+  from test_hf import CASES, hf_model, save_hf
+
+  from llama_jax import convert
+
+  config = CASES[case]
+  if config.max_seq_len < 512:
+    config = dataclasses.replace(config, max_seq_len=512)
+  hf = hf_model(config, seed=1)
+  model = convert.from_hf_model(save_hf(hf, tmp_path / "hf"))
+  graphdef, params = split(model)
+  prompts = prompts_of([5, 37, 301], config.vocab_size)
+  max_new, eos = 16, hf.generation_config.eos_token_id
+  ours = gen_lib.Generator(graphdef, model.config, mesh_of(jax.devices()[:1]))(params, prompts, max_new, eos)
+  for prompt, new in zip(prompts, ours.ids):
+    with torch.no_grad():
+      out = hf.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False, pad_token_id=0,
+                        attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    assert new == out[0, len(prompt):].tolist()
+  assert len({tuple(ids) for ids in ours.ids}) == 3  # not one degenerate answer
+
+
+# ---------------------------------------------------------------------------- cache vs full forward
+
+
+def _cached_logits(model, prompts, max_new, feed):
+  """Logits of every step of cached decoding as generate.py lays it out: right-padded prefill,
+  then row b's token i at position len_b + i - 1; `feed[b]` are the tokens fed after the prompt."""
+  B, P = len(prompts), max(len(p) for p in prompts)
+  lengths = np.array([len(p) for p in prompts])
+  tokens = np.zeros((B, P), np.int32)
+  for b, p in enumerate(prompts):
+    tokens[b, :len(p)] = p
+  prefill = jax.jit(lambda m, t, c: m.decode(t, jnp.broadcast_to(jnp.arange(P), (B, P)), c))
+  step = jax.jit(lambda m, t, pos, c: m.decode(t[:, None], pos[:, None], c))
+  logits = jax.jit(lambda m, x: m.logits(x))
+  x, cache = prefill(model, tokens, model_lib.init_cache(model.config, B, P + max_new))
+  out = [np.asarray(logits(model, x))[np.arange(B), lengths - 1]]
+  for i in range(1, max_new):
+    x, cache = step(model, np.array([f[i - 1] for f in feed], np.int32), jnp.asarray(lengths + i - 1), cache)
+    out.append(np.asarray(logits(model, x))[:, 0])
+  return np.stack(out, axis=1)  # [B, max_new, V]
+
+
+@pytest.mark.parametrize("layout", ["scan", "unrolled", "scan_8_devices", "dot_product"])
+def test_cached_decoding_gives_the_full_forward_logits(layout):
+  config = dataclasses.replace(SMALL, scan_layers=layout != "unrolled",
+                               attention="dot_product" if layout == "dot_product" else "einsum")
+  model = model_lib.init_model(config, seed=0)
+  prompts = prompts_of([3, 11, 7, 9], config.vocab_size)
+  max_new = 9
+  feed = prompts_of([max_new] * 4, config.vocab_size, seed=1)  # any tokens: logits must match whatever is fed
+  if layout == "scan_8_devices":
+    mesh = mesh_of(jax.devices(), fsdp=4, tensor=2)
+    graphdef, params = split(model)
+    params = jax.device_put(params, sh.param_shardings(mesh, model_lib.abstract_model(config)))
+    assert len(jax.tree.leaves(params)[0].sharding.device_set) == 8
+    with jax.set_mesh(mesh):
+      cached = _cached_logits(nnx.merge(graphdef, params), prompts, max_new, feed)
+  else:
+    cached = _cached_logits(model, prompts, max_new, feed)
+  for b, (prompt, fed) in enumerate(zip(prompts, feed)):
+    sequence = np.array([prompt + fed[:max_new - 1]])
+    full = np.asarray(model(sequence))[0, len(prompt) - 1:]
+    assert np.abs(full).max() > 1.0
+    np.testing.assert_allclose(cached[b], full, atol=1e-5, rtol=0)
+
+
+def test_generator_on_8_devices_equals_one_device():
+  """Greedy rows decoded on a sharded mesh (3 prompts padded to the 4 batch shards) equal one
+  device's, and each equals greedy decoding by full forward passes."""
+  model = model_lib.init_model(SMALL, seed=0)
+  graphdef, params = split(model)
+  prompts = prompts_of([4, 13, 6], SMALL.vocab_size)
+  one = gen_lib.Generator(graphdef, SMALL, mesh_of(jax.devices()[:1]))(params, prompts, 8, eos_id=-1)
+  mesh = mesh_of(jax.devices(), fsdp=4, tensor=2)
+  sharded = jax.device_put(params, sh.param_shardings(mesh, model_lib.abstract_model(SMALL)))
+  eight = gen_lib.Generator(graphdef, SMALL, mesh)(sharded, prompts, 8, eos_id=-1)
+  assert eight.ids == one.ids
+  for prompt, new in zip(prompts, one.ids):
+    ids = list(prompt)
+    for _ in range(8):
+      ids.append(int(np.argmax(np.asarray(model(np.array([ids])))[0, -1])))
+    assert ids[len(prompt):] == new
+
+
+def test_rows_stop_at_their_own_eos():
+  model = model_lib.init_model(SMALL, seed=0)
+  graphdef, params = split(model)
+  generator = gen_lib.Generator(graphdef, SMALL, mesh_of(jax.devices()[:1]))
+  prompts = prompts_of([4, 9], SMALL.vocab_size)
+  free = generator(params, prompts, 12, eos_id=-1).ids
+  eos = free[0][3]  # make row 0's fourth token the EOS
+  stopped = generator(params, prompts, 12, eos_id=eos).ids
+  assert stopped[0] == free[0][:4]
+  cut = free[1].index(eos) + 1 if eos in free[1] else 12
+  assert stopped[1] == free[1][:cut]
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def _allowed(logits_V, k=0, p=1.0):
+  """The tokens top-k / top-p may draw, computed directly: the k largest, then the fewest
+  largest whose softmax mass reaches p."""
+  order = np.argsort(-logits_V)
+  if k:
+    order = order[:k]
+  probs = np.exp(logits_V[order] - logits_V[order].max())
+  probs /= probs.sum()
+  n = int(np.searchsorted(np.cumsum(probs), p) + 1) if p < 1 else len(order)
+  return set(order[:n].tolist())
+
+
+@pytest.mark.parametrize("k,p", [(5, 1.0), (0, 0.6), (20, 0.3), (1, 1.0), (0, 1e-6)])
+def test_sampled_tokens_lie_in_the_allowed_set(k, p):
+  logits_BV = jax.random.normal(jax.random.key(0), (4, 64)) * 2.0
+  sampling = gen_lib.Sampling(temperature=1.0, top_k=k, top_p=p)
+  draw = jax.jit(lambda key: gen_lib.sample_tokens(logits_BV, key, sampling))
+  drawn = np.stack([np.asarray(draw(jax.random.key(seed))) for seed in range(300)])
+  for b in range(4):
+    allowed = _allowed(np.asarray(logits_BV[b]), k, p)
+    assert set(drawn[:, b].tolist()) <= allowed
+    if len(allowed) > 1:
+      assert len(set(drawn[:, b].tolist())) > 1  # it samples, not argmax
+    else:  # k = 1 and p -> 0 are greedy
+      assert allowed == {int(np.argmax(logits_BV[b]))}
+
+
+def test_a_seed_reproduces_the_sample():
+  model = model_lib.init_model(SMALL, seed=0)
+  graphdef, params = split(model)
+  generator = gen_lib.Generator(graphdef, SMALL, mesh_of(jax.devices()[:1]))
+  prompts = prompts_of([4, 9], SMALL.vocab_size)
+  sampling = gen_lib.Sampling(temperature=1.0, top_k=40, top_p=0.95)
+  a, b, c = (generator(params, prompts, 10, -1, sampling, seed) .ids for seed in (7, 7, 8))
+  assert a == b
+  assert a != c
+
+
+# ---------------------------------------------------------------------------- bad requests
+
+
+@pytest.mark.parametrize("prompts,max_new,sampling,culprit", [
+    ([[5, 6], []], 4, {}, "prompt 2 is empty"),
+    ([[5] * 120], 9, {}, "120 tokens + max_new_tokens=9 = 129 > the model's max_seq_len 128"),
+    ([[5]], 4, {"top_p": 0.0}, "top_p=0.0: must lie in (0, 1]"),
+    ([[5]], 4, {"top_p": 1.5}, "top_p=1.5"),
+    ([[5]], 4, {"top_k": -1}, "top_k=-1: must be >= 0"),
+    ([[5, 96]], 4, {}, "token id 96 is outside the vocabulary [0, 96)"),
+])
+def test_bad_requests_fail_in_one_line_before_compiling(prompts, max_new, sampling, culprit):
+  model = model_lib.init_model(SMALL, seed=0)
+  graphdef, params = split(model)
+  generator = gen_lib.Generator(graphdef, SMALL, mesh_of(jax.devices()[:1]))
+  with pytest.raises(ConfigError, match=None) as e:
+    generator(params, prompts, max_new, -1, gen_lib.Sampling(temperature=1.0, **sampling))
+  assert culprit in str(e.value) and "\n" not in str(e.value)
+  assert not generator._compiled
