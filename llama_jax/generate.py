@@ -36,13 +36,14 @@ class Sampling:
   top_k: int = 0
   top_p: float = 1.0
 
-  def check(self, name: str = "sample"):
+  def check(self, prefix: str = ""):
+    """One line for a setting out of range; `prefix` says where it came from ("config.sample.", "--")."""
     if not self.temperature >= 0:
-      raise ConfigError(f"{name}.temperature={self.temperature}: must be >= 0 (0: greedy)")
+      raise ConfigError(f"{prefix}temperature={self.temperature}: must be >= 0 (0: greedy)")
     if self.top_k < 0:
-      raise ConfigError(f"{name}.top_k={self.top_k}: must be >= 0 (0: no limit)")
+      raise ConfigError(f"{prefix}top_k={self.top_k}: must be >= 0 (0: no limit)")
     if not 0 < self.top_p <= 1:
-      raise ConfigError(f"{name}.top_p={self.top_p}: must lie in (0, 1]")
+      raise ConfigError(f"{prefix}top_p={self.top_p}: must lie in (0, 1]")
 
 
 def sample_tokens(logits_BV, key, sampling: Sampling):
@@ -181,14 +182,25 @@ def _until_eos(ids_N, eos_id: int) -> list[int]:
   return ids[:ids.index(eos_id) + 1] if eos_id in ids else ids
 
 
-def sample_text(setup, params, tok, sample_config) -> str:
-  """The continuation of config.sample.prompt (for the end-of-training and periodic samples)."""
-  sampling = Sampling(sample_config.temperature, sample_config.top_k, sample_config.top_p)
-  prompt_ids = tok.encode(sample_config.prompt, bos=True)
-  max_new = min(sample_config.max_new_tokens, setup.llama.max_seq_len - len(prompt_ids))
-  out = Generator(setup.graphdef, setup.llama, setup.mesh)(params, [prompt_ids], max_new, tok.eos_id, sampling,
-                                                            sample_config.seed)
-  return sample_config.prompt + tok.decode([t for t in out.ids[0] if t != tok.eos_id])
+class TextSampler:
+  """config.sample's prompt continued by a model: the end-of-training and periodic samples.
+  Its settings are checked when it is made (before training), and it compiles once."""
+
+  def __init__(self, setup, tok, sample_config):
+    self._sampling = Sampling(sample_config.temperature, sample_config.top_k, sample_config.top_p)
+    self._sampling.check("config.sample.")
+    self._config, self._tok = sample_config, tok
+    self._prompt_ids = tok.encode(sample_config.prompt, bos=True)
+    self._max_new = min(sample_config.max_new_tokens, setup.llama.max_seq_len - len(self._prompt_ids))
+    if sample_config.max_new_tokens > 0 and self._max_new < 1:
+      raise ConfigError(f"config.sample.prompt has {len(self._prompt_ids)} tokens: no room left in "
+                        f"model.max_seq_len={setup.llama.max_seq_len}")
+    self._generator = Generator(setup.graphdef, setup.llama, setup.mesh)
+
+  def __call__(self, params) -> str:
+    out = self._generator(params, [self._prompt_ids], self._max_new, self._tok.eos_id, self._sampling,
+                          self._config.seed)
+    return self._config.prompt + self._tok.decode([t for t in out.ids[0] if t != self._tok.eos_id])
 
 
 def main():
@@ -214,7 +226,7 @@ def main():
     if bool(prompt.value) == bool(prompt_ids.value):
       raise ConfigError("give --prompt TEXT (repeatable) or --prompt_ids 'ID ID ...', not both")
     sampling = Sampling(temperature.value, top_k.value, top_p.value)
-    sampling.check(name="-")
+    sampling.check("--")
     setup, params, tok, _ = run_setup.load_run(workdir.value, step.value)
     if prompt.value:
       for i, text in enumerate(prompt.value):

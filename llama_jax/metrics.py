@@ -30,6 +30,15 @@ class MetricWriter:
         self._tb.add_scalar(k, v, step)
     self._tb.flush()
 
+  def write_text(self, step: int, tag: str, text: str):
+    """A text (a sample) as {"step", tag: text} in metrics.jsonl and under `tag` in TensorBoard."""
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps({"step": int(step), tag: text}) + "\n")
+    self._jsonl.flush()
+    self._tb.add_text(tag, text, step)
+    self._tb.flush()
+
   def close(self):
     if self.enabled:
       self._jsonl.close()

@@ -80,6 +80,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   tok = prepare_tokenizer(config, workdir, train_corpus, llama)
   evaluator = eval_lib.Evaluator(setup, tok, eval_corpus)
   evaluator.check_not_empty()
+  sampler = generate_lib.TextSampler(setup, tok, config.sample)
   stream = data_lib.stream_definition(config.data, jax.process_count())
   train_iter = iter(data_lib.train_batches(train_corpus, tok, config.data, jax.process_index(),
                                            jax.process_count()))
@@ -98,7 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       metrics_lib.log(f"resumed from step {start} in {checkpointer.directory}")
     end = config.train.steps if stop_after is None else min(stop_after, config.train.steps)
     state, stopped_early = _train_loop(config, setup, state, start, end, batches, train_iter, stream,
-                                       checkpointer, writer, watch, evaluator, train_corpus)
+                                       checkpointer, writer, watch, evaluator, sampler, train_corpus)
     if stopped_early or end < config.train.steps:
       return None
     result = evaluator(state["params"])
@@ -107,7 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     metrics_lib.log(f"held-out: loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
                     f"{result['bits_per_byte']:.4f} bits/byte over {result['num_tokens']:,} tokens")
     if config.sample.max_new_tokens > 0:
-      metrics_lib.log(f"sample:\n{generate_lib.sample_text(setup, state['params'], tok, config.sample)}")
+      _sample(sampler, state["params"], config.train.steps, writer if start < config.train.steps else None)
     return {"step": config.train.steps, **result}
   finally:  # an error still finishes the save in flight, and stops the data threads
     watch.close()
@@ -147,8 +148,15 @@ def _accumulate(totals, metrics, step):
           "first_bad": jnp.where(bad, step, totals["first_bad"])}
 
 
+def _sample(sampler, params, step, writer):
+  text = sampler(params)
+  if writer is not None:
+    writer.write_text(step, "sample", text)
+  metrics_lib.log(f"sample at step {step}:\n{text}")
+
+
 def _train_loop(config, setup, state, start, end, batches, train_iter, stream, checkpointer, writer, watch,
-                evaluator, train_corpus):
+                evaluator, sampler, train_corpus):
   """Steps start+1 .. end; saves per the policy, at the end, and when preempted. Returns
   (state, whether a preemption stopped it). Nothing non-finite is ever saved."""
   t = config.train
@@ -190,6 +198,8 @@ def _train_loop(config, setup, state, start, end, batches, train_iter, stream, c
         metrics_lib.log(progress.line(done, metrics))
       if t.eval_every and done % t.eval_every == 0 and done != t.steps:
         writer.write(done, eval_lib.as_eval_metrics(evaluator(state["params"])))
+      if config.sample.every and done % config.sample.every == 0 and done != t.steps and config.sample.max_new_tokens:
+        _sample(sampler, state["params"], done, writer)
       if preempted or done == end or checkpointer.should_save(done):
         check_finite()
         checkpointer.save(done, state, config, train_iter, stream, force=True)

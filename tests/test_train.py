@@ -26,7 +26,7 @@ def eval_corpus():
 def trained(tmp_path_factory, eval_corpus):
   """One tiny run of 8 steps on one device; its workdir and result."""
   workdir = str(tmp_path_factory.mktemp("run") / "tiny")
-  config = tiny_test_config(**{"data.eval_corpus": eval_corpus})
+  config = tiny_test_config(**{"data.eval_corpus": eval_corpus, "sample.every": 4})
   result = trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   return workdir, config, result
 
@@ -50,6 +50,42 @@ def test_train_and_evaluate_logs_falling_loss_and_eval(trained):
   assert result["bits_per_byte"] == final["eval_bits_per_byte"]
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
+  samples = [e for e in events if "sample" in e]  # every sample.every steps, and at the end
+  assert [e["step"] for e in samples] == [4, 8]
+  assert all(e["sample"].startswith("ROMEO.\n") for e in samples)
+
+
+def test_generate_cli_prints_json_per_prompt_and_decode_speed(trained):
+  workdir, _, _ = trained
+  proc = _run("-m", "llama_jax.generate", f"--workdir={workdir}", "--prompt=ROMEO.", "--prompt=O, what a rogue",
+              "--max_new_tokens=6", "--temperature=0", "--json")
+  assert proc.returncode == 0, proc.stderr
+  rows = [json.loads(line) for line in proc.stdout.splitlines()]
+  assert len(rows) == 2 and all(set(r) == {"prompt_ids", "ids", "text"} for r in rows)
+  assert all(1 <= len(r["ids"]) <= 6 for r in rows) and rows[0]["prompt_ids"][0] == 1  # BOS first
+  again = _run("-m", "llama_jax.generate", f"--workdir={workdir}", "--prompt_ids=" + " ".join(map(str, rows[0]["prompt_ids"])),
+               "--max_new_tokens=6", "--temperature=0", "--json")
+  assert json.loads(again.stdout)["ids"] == rows[0]["ids"]  # ids in, the same greedy tokens out
+  proc = _run("-m", "llama_jax.generate", f"--workdir={workdir}", "--prompt=ROMEO.", "--max_new_tokens=6",
+              "--top_k=5", "--top_p=0.9")
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.startswith("ROMEO.")
+  assert "decode" in proc.stdout.splitlines()[-1] and "tokens/s" in proc.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize("args,culprit", [
+    (["--prompt="], "--prompt 1 is empty"),
+    (["--prompt=ROMEO.", "--max_new_tokens=40"], "> the model's max_seq_len 32"),
+    (["--prompt=ROMEO.", "--top_p=0"], "top_p=0.0: must lie in (0, 1]"),
+    (["--prompt=ROMEO.", "--top_k=-2"], "top_k=-2: must be >= 0"),
+    (["--prompt=a", "--prompt_ids=1 2"], "not both"),
+    (["--prompt_ids=1 x"], "is not a list of integers"),
+])
+def test_generate_cli_bad_input_is_one_line(trained, args, culprit):
+  proc = _run("-m", "llama_jax.generate", f"--workdir={trained[0]}", *args)
+  assert proc.returncode != 0
+  assert culprit in proc.stderr.strip().splitlines()[-1], proc.stderr
+  assert "Traceback" not in proc.stderr
 
 
 def test_resume_from_a_checkpoint_equals_training_straight(tmp_path, trained, eval_corpus):
