@@ -1,6 +1,7 @@
-"""Scores a checkpoint on the held-out corpus: loss, perplexity and bits per byte.
+"""Scores a checkpoint on the held-out corpus: loss, perplexity and bits per byte (for SFT data:
+of the responses, plus the exact-match accuracy of greedy answers).
 
-  python eval.py --workdir runs/tiny [--step N] [--output FILE]
+  python eval.py --workdir runs/tiny [--step N] [--output FILE] [--corpus SPEC]
 """
 
 from absl import flags
@@ -11,6 +12,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkp
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the JSON result (default: WORKDIR/eval_<step>.json).")
 _CORPUS = flags.DEFINE_string("corpus", None, "Corpus spec to score (default: the run's data.eval_corpus).")
+_FORMAT = flags.DEFINE_enum("format", None, ["text", "sft"], "What --corpus holds (default: the run's data.format); "
+                            "sft scores a base model on prompt/response pairs.")
+_EXACT_MATCH = flags.DEFINE_integer("exact_match", 500, "SFT data: answer this many prompts greedily and count "
+                                    "the exact responses (0: skip).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -19,9 +24,13 @@ def main(argv):
   from llama_jax import evaluate
 
   def run():
-    result = evaluate.evaluate_checkpoint(_WORKDIR.value, _STEP.value, _CORPUS.value)
-    print(f"step {result['step']}: loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | "
-          f"bits/byte {result['bits_per_byte']:.4f} | {result['num_tokens']:,} tokens")
+    result = evaluate.evaluate_checkpoint(_WORKDIR.value, _STEP.value, _CORPUS.value, _EXACT_MATCH.value,
+                                          _FORMAT.value)
+    line = (f"step {result['step']}: loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | "
+            f"bits/byte {result['bits_per_byte']:.4f} | {result['num_tokens']:,} tokens")
+    if "exact_match" in result:
+      line += f" | exact match {result['exact_match']:.1%} of {result['exact_match_examples']:,}"
+    print(line)
     evaluate.write_json(result, _OUTPUT.value or f"{_WORKDIR.value}/eval_{result['step']}.json")
 
   entry.run(run)

@@ -17,6 +17,7 @@ import ml_collections
 def get_config():
   c = ml_collections.ConfigDict()
   c.seed = 0  # parameter initialisation
+  c.init_from = ""  # WORKDIR[:STEP]: start from that run's params (fresh optimizer, step 0); "": random
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = 1024  # must equal the tokenizer's vocabulary
@@ -40,6 +41,10 @@ def get_config():
   c.data = ml_collections.ConfigDict()
   c.data.train_corpus = "shakespeare:train"  # corpus spec: text:, jsonl:, parquet:, tfds:, mix: (llama_jax/corpus.py)
   c.data.eval_corpus = "shakespeare:heldout"  # scored by eval.py and the in-training eval
+  c.data.format = "text"  # documents to pretrain on; "sft": (prompt, response) pairs, loss on the response
+  c.data.prompt_field = "prompt"  # sft: the JSONL fields of a pair
+  c.data.response_field = "response"
+  c.data.sft_overlong = "truncate_prompt"  # sft: a pair longer than a row loses its prompt's start, or "skip"
   c.data.tfds_data_dir = ""  # where tfds: corpora were prepared (array_record format)
   c.data.skip_bad_documents = False  # skip (and count) unreadable documents instead of stopping
   c.data.tokenizer_path = ""  # a tokenizer file; "" trains one on train_corpus into the workdir

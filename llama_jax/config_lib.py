@@ -81,11 +81,48 @@ def check_vocab(tokenizer, llama: model_lib.LlamaConfig, source: str):
 _COMPUTE_FIELDS = ("model.dtype", "model.scan_layers", "model.remat", "model.attention")
 
 
+def _diff(a: dict, b: dict) -> list[str]:
+  return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _architecture(c) -> dict:
+  fields = {f"model.{k}": v.to_dict() if hasattr(v, "to_dict") else v for k, v in c.model.items()}
+  return {k: v for k, v in fields.items() if k not in _COMPUTE_FIELDS}
+
+
+def model_changes(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list[str]:
+  """The model fields, other than how it is computed, that differ, as 'key: saved -> now'."""
+  return _diff(_architecture(saved), _architecture(config))
+
+
 def changed_on_resume(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list[str]:
   """The model fields (other than how it is computed) and the seed that differ between a checkpoint's
   config and this run's, as 'key: saved -> now'. Anything else (train.steps, optim, ...) may change."""
-  def guarded(c):
-    fields = {f"model.{k}": v.to_dict() if hasattr(v, "to_dict") else v for k, v in c.model.items()}
-    return {"seed": c.seed, **{k: v for k, v in fields.items() if k not in _COMPUTE_FIELDS}}
-  a, b = guarded(saved), guarded(config)
-  return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  return model_changes(saved, config) + _diff({"seed": saved.seed}, {"seed": config.seed})
+
+
+# Keys added to the config after checkpoints were first written, with the values that keep an
+# older checkpoint's run as it was (eval.py and generation read a checkpoint's own config).
+_ADDED_KEYS = {
+    "init_from": "",
+    "data.format": "text", "data.prompt_field": "prompt", "data.response_field": "response",
+    "data.sft_overlong": "truncate_prompt", "data.tfds_data_dir": "", "data.skip_bad_documents": False,
+    "data.tokenizer_sample_bytes": 100_000_000, "data.shuffle_window": 0, "data.pack_bins": 64,
+    "data.read_threads": 2,
+    "train.checkpoint_every_minutes": 0.0, "train.keep_every": 0, "train.skip_nonfinite_steps": 0,
+    "train.allow_config_change": False,
+    "sample.top_k": 0, "sample.top_p": 1.0, "sample.every": 0,
+}
+
+
+def with_added_keys(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A checkpoint's config with the keys it predates filled in (see _ADDED_KEYS)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for key, value in _ADDED_KEYS.items():
+    *sections, name = key.split(".")
+    node = config
+    for section in sections:
+      node = node[section]
+    if name not in node:
+      node[name] = value
+  return config

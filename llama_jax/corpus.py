@@ -9,6 +9,13 @@
                                               data.tfds_data_dir, its text FEATURE ("text")
   mix:SPEC=WEIGHT,SPEC=WEIGHT,...             documents of each SPEC in proportion to WEIGHT
 
+Fine-tuning data (data.format = "sft") are (prompt, response) pairs instead of texts:
+  jsonl:GLOB                                  one pair per line: its fields data.prompt_field
+                                              and data.response_field
+  speakers:train | speakers:heldout           "Who speaks this line in <play>? <line>" ->
+                                              "<SPEAKER>", from the first line of every speech
+                                              of the 34 / 4 embedded plays
+
 Nothing reads a corpus into memory. `text:`, `jsonl:` and `tfds:` are random access (a JSONL
 file is indexed by its line offsets at open, 8 bytes a line, and read with `os.pread`, which
 is safe from many threads), so they shuffle globally; `parquet:` is read sequentially, whole
@@ -58,20 +65,39 @@ def strip_markdown(text: str) -> str:
   return "\n".join(lines).strip() + "\n"
 
 
-def shakespeare_plays(split: str) -> list[str]:
-  """The plays of a split ("train" or "heldout"), in a fixed order."""
+def _play_files(split: str) -> list[str]:
   if split not in ("train", "heldout"):
     raise ConfigError(f"unknown Shakespeare split {split!r}: use 'train' or 'heldout'")
   paths = sorted(glob.glob(os.path.join(_plays_dir(), "*", "*.md")))
   if len(paths) != 38:
     raise FileNotFoundError(f"expected 38 plays under {_plays_dir()}, found {len(paths)}")
   names = {os.path.splitext(os.path.basename(p))[0]: p for p in paths}
-  chosen = [n for n in sorted(names) if (n in HELDOUT_PLAYS) == (split == "heldout")]
+  return [names[n] for n in sorted(names) if (n in HELDOUT_PLAYS) == (split == "heldout")]
+
+
+def shakespeare_plays(split: str) -> list[str]:
+  """The plays of a split ("train" or "heldout"), in a fixed order."""
   docs = []
-  for name in chosen:
-    with open(names[name], encoding="utf-8") as f:
+  for path in _play_files(split):
+    with open(path, encoding="utf-8") as f:
       docs.append(strip_markdown(f.read()))
   return docs
+
+
+def speaker_pairs(split: str) -> list[tuple[str, str]]:
+  """("Who speaks this line in <title>? <first line of a speech>\n", "<SPEAKER>") for every
+  speech of the plays of a split, in play order."""
+  pairs = []
+  for path in _play_files(split):
+    with open(path, encoding="utf-8") as f:
+      raw = f.read().splitlines()
+    title = strip_markdown(raw[0]).strip()
+    for i, line in enumerate(raw[:-1]):  # a speech: its speaker's name in bold, then its lines
+      speaker = re.fullmatch(r"\*\*([^*]+)\*\*\s*", line)
+      first = strip_markdown(raw[i + 1]).strip()
+      if speaker and first and not raw[i + 1].startswith(("_", "#", "*")):
+        pairs.append((f"Who speaks this line in {title}? {first}\n", speaker.group(1).strip()))
+  return pairs
 
 
 # ------------------------------------------------------------------ random-access sources
@@ -128,10 +154,11 @@ def line_offsets(path: str, block_bytes: int = 1 << 26) -> np.ndarray:
 
 
 class JsonlLines(grain.sources.RandomAccessDataSource):
-  """Document i is field `field` of the i-th line over all files (blank lines are skipped)."""
+  """Document i is the string field `fields[0]` of the i-th line over all files (blank lines are
+  skipped), or the tuple of its `fields` when there are several (SFT pairs)."""
 
-  def __init__(self, paths: list[str], field: str, skips: _Skips):
-    self._paths, self._field, self._skips = paths, field, skips
+  def __init__(self, paths: list[str], fields: tuple[str, ...], skips: _Skips):
+    self._paths, self._fields, self._skips = paths, fields, skips
     self._offsets = [line_offsets(p) for p in paths]  # per file: line starts + end
     counts = [len(o) - 1 for o in self._offsets]
     self._first_line = np.cumsum([0] + counts)  # global index of each file's first line
@@ -161,9 +188,10 @@ class JsonlLines(grain.sources.RandomAccessDataSource):
       return self._skips.bad(where, "not UTF-8")
     except json.JSONDecodeError as e:
       return self._skips.bad(where, f"not JSON ({e.msg})")
-    if not isinstance(record, dict) or not isinstance(record.get(self._field), str):
-      return self._skips.bad(where, f"no string field {self._field!r}")
-    return record[self._field]
+    for field in self._fields:
+      if not isinstance(record, dict) or not isinstance(record.get(field), str):
+        return self._skips.bad(where, f"no string field {field!r}")
+    return record[self._fields[0]] if len(self._fields) == 1 else tuple(record[f] for f in self._fields)
 
   def __getstate__(self):  # open file descriptors stay with their process
     return {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_lock")}
@@ -287,6 +315,8 @@ def _up_to_bytes(docs, max_bytes: int):
   for doc in docs:
     if doc is None:
       continue
+    if isinstance(doc, tuple):  # an SFT pair
+      doc = "".join(doc)
     yield doc
     seen += len(doc.encode("utf-8"))
     if seen >= max_bytes:
@@ -368,13 +398,24 @@ def _mixture(spec: str, rest: str, name: str, **kwargs) -> MixtureCorpus:
 
 
 def open_corpus(spec: str, *, name: str = "corpus", tfds_data_dir: str = "",
-                skip_bad_documents: bool = False):
-  """The corpus named by `spec` (see the module docstring); `name` prefixes error messages."""
+                skip_bad_documents: bool = False, pair_fields: tuple[str, str] | None = None):
+  """The corpus named by `spec` (see the module docstring); `name` prefixes error messages.
+  With `pair_fields` (prompt, response field names) its documents are SFT pairs."""
   kind, sep, rest = spec.partition(":")
   skips = _Skips(skip_bad_documents)
   if not sep:
     raise ConfigError(f"{name}={spec!r}: a corpus spec starts with shakespeare:, text:, jsonl:, "
-                      "parquet:, tfds: or mix:")
+                      "parquet:, tfds:, speakers: or mix:")
+  if kind == "mix":
+    return _mixture(spec, rest, name, tfds_data_dir=tfds_data_dir, skip_bad_documents=skip_bad_documents,
+                    pair_fields=pair_fields)
+  if pair_fields:
+    if kind == "speakers":
+      return MapCorpus(spec, speaker_pairs(rest), skips)
+    if kind == "jsonl":
+      return MapCorpus(spec, JsonlLines(_glob(rest, name), tuple(pair_fields), skips), skips)
+    raise ConfigError(f"{name}={spec!r}: data.format='sft' reads prompt/response pairs from jsonl: or "
+                      "speakers: (or a mix: of them)")
   if kind == "shakespeare":
     plays = shakespeare_plays(rest)
     return MapCorpus(spec, plays, skips)
@@ -382,12 +423,12 @@ def open_corpus(spec: str, *, name: str = "corpus", tfds_data_dir: str = "",
     return MapCorpus(spec, TextFiles(_glob(rest, name), skips), skips)
   if kind == "jsonl":
     pattern, field = _split_field(rest, "text")
-    return MapCorpus(spec, JsonlLines(_glob(pattern, name), field, skips), skips)
+    return MapCorpus(spec, JsonlLines(_glob(pattern, name), (field,), skips), skips)
   if kind == "parquet":
     return _parquet_corpus(spec, rest, name)
   if kind == "tfds":
     return _tfds_corpus(spec, rest, tfds_data_dir, name, skips)
-  if kind == "mix":
-    return _mixture(spec, rest, name, tfds_data_dir=tfds_data_dir, skip_bad_documents=skip_bad_documents)
-  raise ConfigError(f"{name}={spec!r}: unknown corpus kind {kind!r} (shakespeare, text, jsonl, parquet, tfds, mix)")
-
+  if kind == "speakers":
+    raise ConfigError(f"{name}={spec!r}: speakers: holds prompt/response pairs; it needs data.format='sft'")
+  raise ConfigError(f"{name}={spec!r}: unknown corpus kind {kind!r} (shakespeare, text, jsonl, parquet, tfds, "
+                    "speakers, mix)")

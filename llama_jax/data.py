@@ -16,6 +16,11 @@ checkpoint (checkpoint.py) and a resumed run reads exactly the batches it would 
   boundary or on padding. The model attends only within a segment and RoPE positions restart
   at 0 in each one (model.attention_mask).
 
+Fine-tuning data (`data.format = "sft"`) are (prompt, response) pairs, each one segment
+[BOS] prompt response [EOS] that is never cut into chunks: only the response tokens and the
+EOS are targets (the model learns to answer and to stop), and an example longer than a row
+loses the start of its prompt or is skipped (`data.sft_overlong`), counted in the log.
+
 A batch is a dict of int32 arrays [B, T]: inputs, targets, weights, positions, segment_ids
 (1, 2, ... per document within a row; 0 for padding); evaluation batches add num_bytes (the
 UTF-8 size of a document on its first token) for bits per byte. Training and evaluation use
@@ -26,6 +31,7 @@ the same layout; evaluation reads each document once, in order, and pads the las
 """
 
 import functools
+import threading
 import time
 
 import grain
@@ -39,13 +45,40 @@ from llama_jax.errors import ConfigError
 # The fields of config.data that decide which batch comes at which step; a resume must keep them.
 STREAM_FIELDS = ("train_corpus", "shuffle_seed", "seq_len", "batch_size", "shuffle_window", "pack_bins",
                  "skip_bad_documents")
+SFT_STREAM_FIELDS = ("format", "prompt_field", "response_field", "sft_overlong")
+FORMATS = ("text", "sft")
+SFT_OVERLONG = ("truncate_prompt", "skip")
 
 
-def open_corpus(data_config, key: str):
-  """The corpus of `config.data.<key>` (train_corpus or eval_corpus)."""
-  return corpus_lib.open_corpus(data_config[key], name=f"config.data.{key}",
-                                tfds_data_dir=data_config.tfds_data_dir,
-                                skip_bad_documents=data_config.skip_bad_documents)
+def check_data_config(data_config):
+  if data_config.format not in FORMATS:
+    raise ConfigError(f"config.data.format={data_config.format!r} is not one of {FORMATS}")
+  if data_config.sft_overlong not in SFT_OVERLONG:
+    raise ConfigError(f"config.data.sft_overlong={data_config.sft_overlong!r} is not one of {SFT_OVERLONG}")
+
+
+def open_corpus(data_config, key: str, spec: str | None = None):
+  """The corpus of `config.data.<key>` (train_corpus or eval_corpus), or of `spec` read the same way."""
+  c = data_config
+  pairs = (c.prompt_field, c.response_field) if c.format == "sft" else None
+  return corpus_lib.open_corpus(spec or c[key], name=f"--corpus" if spec else f"config.data.{key}",
+                                tfds_data_dir=c.tfds_data_dir, skip_bad_documents=c.skip_bad_documents,
+                                pair_fields=pairs)
+
+
+class Overlong:
+  """Counts SFT examples longer than a row: truncated from the prompt side, or skipped."""
+
+  def __init__(self):
+    self.truncated = self.skipped = 0
+    self._lock = threading.Lock()
+
+  def add(self, truncated: bool):
+    with self._lock:
+      if truncated:
+        self.truncated += 1
+      else:
+        self.skipped += 1
 
 
 class _Encode:
@@ -67,6 +100,40 @@ class _Encode:
     return chunks
 
 
+def encode_pair(tok, prompt: str, response: str) -> tuple[np.ndarray, np.ndarray]:
+  """[BOS] prompt response [EOS] and its loss mask: 1 on the response tokens and the EOS."""
+  prompt_ids, response_ids = tok.encode(prompt), tok.encode(response)
+  ids = [tok.bos_id] + prompt_ids + response_ids + [tok.eos_id]
+  loss = [0] * (1 + len(prompt_ids)) + [1] * (len(response_ids) + 1)
+  return np.asarray(ids, np.int32), np.asarray(loss, np.int32)
+
+
+class _EncodePair:
+  """(prompt, response) -> [one chunk {"tokens", "loss"}], or [] when skipped (see Overlong)."""
+
+  def __init__(self, tok, row_len: int, overlong: str, counts: Overlong, count_bytes: bool):
+    self._tok, self._row_len, self._overlong, self._counts = tok, row_len, overlong, counts
+    self._count_bytes = count_bytes
+
+  def __call__(self, pair):
+    if pair is None:  # a skipped document
+      return []
+    ids, loss = encode_pair(self._tok, *pair)
+    excess = len(ids) - self._row_len
+    if excess > 0:
+      prompt_len = int(np.argmax(loss)) - 1  # tokens between BOS and the response
+      if self._overlong == "skip" or excess > prompt_len:
+        self._counts.add(truncated=False)
+        return []
+      self._counts.add(truncated=True)
+      ids, loss = np.delete(ids, np.s_[1:1 + excess]), np.delete(loss, np.s_[1:1 + excess])
+    chunk = {"tokens": ids, "loss": loss}
+    if self._count_bytes:  # bits per byte of the responses
+      chunk["num_bytes"] = np.zeros(len(ids), np.int32)
+      chunk["num_bytes"][0] = len(pair[1].encode("utf-8"))
+    return [chunk]
+
+
 class _Flatten(grain.experimental.FlatMapTransform):
   max_fan_out = 1 << 30
 
@@ -75,14 +142,19 @@ class _Flatten(grain.experimental.FlatMapTransform):
 
 
 def packed_rows(docs, tok, seq_len: int, *, read_threads: int, pack_bins: int, seed: int | None = None,
-                shuffle_window: int = 0, count_bytes: bool = False) -> grain.IterDataset:
-  """Rows {"tokens", "tokens_segment_ids", "tokens_positions"} of seq_len + 1 tokens.
+                shuffle_window: int = 0, count_bytes: bool = False, sft_overlong: str | None = None,
+                overlong: Overlong | None = None) -> grain.IterDataset:
+  """Rows {"tokens", "tokens_segment_ids", "tokens_positions"} (+ "loss" for SFT) of seq_len + 1 tokens.
 
   Args:
-    docs: a grain dataset of documents (str; None for a skipped one).
+    docs: a grain dataset of documents (str, or (prompt, response) for SFT; None for a skipped one).
     seed: shuffles chunks (within `shuffle_window`) and rows; None keeps the corpus order.
+    sft_overlong: set for SFT pairs: what happens to one longer than a row (counted in `overlong`).
   """
-  encode = _Encode(tok, seq_len + 1, count_bytes)
+  if sft_overlong:
+    encode = _EncodePair(tok, seq_len + 1, sft_overlong, overlong or Overlong(), count_bytes)
+  else:
+    encode = _Encode(tok, seq_len + 1, count_bytes)
   if isinstance(docs, grain.MapDataset):
     chunks = docs.map(encode).to_iter_dataset(
         grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * read_threads))
@@ -94,6 +166,8 @@ def packed_rows(docs, tok, seq_len: int, *, read_threads: int, pack_bins: int, s
   lengths = {"tokens": seq_len + 1}
   if count_bytes:
     lengths["num_bytes"] = seq_len + 1
+  if sft_overlong:
+    lengths["loss"] = seq_len + 1
   return grain.experimental.FirstFitPackIterDataset(
       chunks, length_struct=lengths, num_packing_bins=pack_bins, seed=seed or 0, shuffle_bins=seed is not None)
 
@@ -101,10 +175,13 @@ def packed_rows(docs, tok, seq_len: int, *, read_threads: int, pack_bins: int, s
 def rows_to_batch(rows):
   """Packed rows [B, T + 1] -> the batch layout [B, T] (see the module docstring)."""
   tokens, segments = rows["tokens"], rows["tokens_segment_ids"]
+  weights = (segments[:, :-1] == segments[:, 1:]) & (segments[:, :-1] > 0)
+  if "loss" in rows:  # SFT: only response tokens and the EOS are targets
+    weights &= rows["loss"][:, 1:] > 0
   batch = {
       "inputs": tokens[:, :-1],
       "targets": tokens[:, 1:],
-      "weights": ((segments[:, :-1] == segments[:, 1:]) & (segments[:, :-1] > 0)).astype(np.int32),
+      "weights": weights.astype(np.int32),
       "positions": rows["tokens_positions"][:, :-1],
       "segment_ids": segments[:, :-1],
   }
@@ -129,12 +206,18 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
-def train_batches(corpus, tok, data_config, process_index: int = 0, process_count: int = 1):
+def _sft_overlong(data_config):
+  return data_config.sft_overlong if data_config.format == "sft" else None
+
+
+def train_batches(corpus, tok, data_config, process_index: int = 0, process_count: int = 1,
+                  overlong: Overlong | None = None):
   """The endless stream of this process's training batches (a grain IterDataset)."""
   c = data_config
   docs = corpus.documents(c.shuffle_seed, process_index, process_count)
   rows = packed_rows(docs, tok, c.seq_len, read_threads=c.read_threads, pack_bins=c.pack_bins,
-                     seed=c.shuffle_seed, shuffle_window=c.shuffle_window)
+                     seed=c.shuffle_seed, shuffle_window=c.shuffle_window, sft_overlong=_sft_overlong(c),
+                     overlong=overlong)
   batches = rows.batch(local_batch_size(c.batch_size, process_count), drop_remainder=True).map(rows_to_batch)
   # Batches are made in a background thread while the step runs.
   return grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=2)
@@ -145,14 +228,15 @@ def eval_batches(corpus, tok, data_config, batch_size: int, process_index: int =
   c = data_config
   docs = corpus.documents(None, process_index, process_count)
   rows = packed_rows(docs, tok, c.seq_len, read_threads=c.read_threads, pack_bins=c.pack_bins,
-                     count_bytes=True)
+                     count_bytes=True, sft_overlong=_sft_overlong(c))
   pad = functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size)
   return rows.batch(batch_size, batch_fn=pad).map(rows_to_batch)
 
 
 def stream_definition(data_config, process_count: int) -> dict:
   """What fixes the training stream; saved with each checkpoint and compared on resume."""
-  return {**{f"data.{k}": data_config[k] for k in STREAM_FIELDS}, "process_count": process_count}
+  fields = STREAM_FIELDS + (SFT_STREAM_FIELDS if data_config.format == "sft" else ())
+  return {**{f"data.{k}": data_config[k] for k in fields}, "process_count": process_count}
 
 
 def stream_changes(saved: dict, current: dict) -> list[str]:

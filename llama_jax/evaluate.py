@@ -16,8 +16,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from llama_jax import config_lib
-from llama_jax import corpus as corpus_lib
 from llama_jax import data as data_lib
+from llama_jax import generate as generate_lib
 from llama_jax import metrics as metrics_lib
 from llama_jax import run_setup
 from llama_jax import sharding as sh
@@ -77,18 +77,47 @@ def as_eval_metrics(result: dict) -> dict:
           "eval_bits_per_byte": result["bits_per_byte"], "eval_num_tokens": result["num_tokens"]}
 
 
-def evaluate_checkpoint(workdir: str, step: int | None = None, corpus_spec: str | None = None) -> dict:
+def exact_match(setup, params, tok, corpus, max_examples: int, batch_size: int = 64) -> dict:
+  """Greedy answers to the first `max_examples` (prompt, response) pairs of a corpus: the fraction
+  whose answer is exactly the response's tokens followed by EOS. Pairs that do not fit in
+  model.max_seq_len with the longest answer are left out (counted)."""
+  examples = []
+  for pair in corpus.documents(None):
+    if len(examples) == max_examples:
+      break
+    if pair is not None:
+      ids, loss = data_lib.encode_pair(tok, *pair)
+      start = int(np.argmax(loss))
+      examples.append((ids[:start].tolist(), ids[start:].tolist()))
+  if not examples:
+    raise config_lib.ConfigError(f"exact match: corpus {corpus.spec!r} has no prompt/response pairs")
+  max_new = max(len(answer) for _, answer in examples)
+  fits = [e for e in examples if len(e[0]) + max_new <= setup.llama.max_seq_len]
+  generator = generate_lib.Generator(setup.graphdef, setup.llama, setup.mesh)
+  correct = 0
+  for i in range(0, len(fits), batch_size):
+    batch = fits[i:i + batch_size]
+    out = generator(params, [prompt for prompt, _ in batch], max_new, tok.eos_id)
+    correct += sum(new == answer for new, (_, answer) in zip(out.ids, batch))
+  return {"exact_match": correct / max(len(fits), 1), "exact_match_examples": len(fits),
+          "exact_match_left_out": len(examples) - len(fits)}
+
+
+def evaluate_checkpoint(workdir: str, step: int | None = None, corpus_spec: str | None = None,
+                        exact_match_examples: int = 0, data_format: str | None = None) -> dict:
   """Loads WORKDIR's checkpoint (latest by default) and its config, and scores a corpus
-  (default: the run's data.eval_corpus)."""
+  (default: the run's data.eval_corpus). SFT data (data.format = "sft") is scored on the responses
+  (and EOS) only, plus the exact-match accuracy of greedy answers to its first pairs."""
 
   setup, params, tok, step = run_setup.load_run(workdir, step)
   d = setup.config.data
-  if corpus_spec:
-    corpus = corpus_lib.open_corpus(corpus_spec, name="--corpus", tfds_data_dir=d.tfds_data_dir,
-                                    skip_bad_documents=d.skip_bad_documents)
-  else:
-    corpus = data_lib.open_corpus(d, "eval_corpus")
-  return {"step": int(step), **Evaluator(setup, tok, corpus)(params)}
+  if data_format:
+    d.format = data_format
+  corpus = data_lib.open_corpus(d, "eval_corpus", spec=corpus_spec)
+  result = {"step": int(step), **Evaluator(setup, tok, corpus)(params)}
+  if d.format == "sft" and exact_match_examples > 0:
+    result.update(exact_match(setup, params, tok, corpus, exact_match_examples))
+  return result
 
 
 def write_json(result: dict, path: str):

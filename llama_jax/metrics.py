@@ -69,9 +69,12 @@ class ProgressLogger:
     done = step - self._first_step
     elapsed = time.perf_counter() - self._first_time
     eta = elapsed / max(done, 1) * (self.total_steps - step)
-    return (f"step {step}/{self.total_steps} | loss {metrics['loss']:.4f} | "
+    line = (f"step {step}/{self.total_steps} | loss {metrics['loss']:.4f} | "
             f"{metrics['tokens_per_sec']:,.0f} tok/s | MFU {metrics['mfu']:.1%} | lr {metrics['learning_rate']:.2e} | "
             f"grad_norm {metrics['grad_norm']:.3f} | eta {_hms(eta)}")
+    counts = [f"{metrics[k]:,} {k.replace('_', ' ')}" for k in ("skipped_documents", "truncated_examples",
+                                                                 "skipped_examples") if metrics.get(k)]
+    return line + "".join(f" | {c}" for c in counts)
 
 
 def _hms(seconds: float) -> str:

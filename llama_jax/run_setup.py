@@ -56,6 +56,13 @@ class Setup:
     with jax.set_mesh(self.mesh):
       return jax.jit(self._init_state, out_shardings=self.state_sharding)()
 
+  def state_from_params(self, params):
+    """A train state at step 0 around given params (init_from): a fresh optimizer state, sharded."""
+    def make(params):
+      return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
+    with jax.set_mesh(self.mesh):
+      return jax.jit(make, in_shardings=(self.params_sharding,), out_shardings=self.state_sharding)(params)
+
   def jit_train_step(self):
     t = self.config.train
     step = step_lib.make_train_step(self.graphdef, self.tx, self.schedule, t.grad_accum_steps, t.loss_chunk_size,
@@ -95,7 +102,7 @@ def load_run(workdir: str, step: int | None = None, devices=None):
       step = max(steps)
     elif step not in steps:
       raise config_lib.ConfigError(f"--step {step}: no such checkpoint in {workdir} (have {sorted(steps)})")
-    config = checkpointer.restore_config(step)
+    config = config_lib.with_added_keys(checkpointer.restore_config(step))
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1  # whatever devices are here
     setup = Setup(config, devices)
     tok = tok_lib.load_tokenizer(tokenizer_path(workdir))
@@ -104,3 +111,45 @@ def load_run(workdir: str, step: int | None = None, devices=None):
   finally:
     checkpointer.close()
   return setup, params, tok, step
+
+
+def parse_init_from(init_from: str) -> tuple[str, int | None]:
+  """config.init_from = WORKDIR[:STEP] -> (WORKDIR, STEP or None for the latest)."""
+  workdir, sep, step = init_from.rpartition(":")
+  if sep and step.isdigit():
+    return workdir, int(step)
+  return init_from, None
+
+
+def check_init_from(config) -> tuple[str, int]:
+  """(workdir, step) of config.init_from after checking, before anything compiles, that it holds a
+  checkpoint of the architecture this config builds."""
+  workdir, step = parse_init_from(config.init_from)
+  name = f"config.init_from={config.init_from}"
+  if not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
+    raise config_lib.ConfigError(f"{name}: no checkpoints directory in {workdir} (run it first, or set "
+                                 "config.init_from='' to start from random weights)")
+  checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
+  try:
+    steps = checkpointer.all_steps()
+    if step is None and steps:
+      step = max(steps)
+    if step not in steps:
+      raise config_lib.ConfigError(f"{name}: no checkpoint {'saved yet' if step is None else step} (have {steps})")
+    changes = config_lib.model_changes(checkpointer.restore_config(step), config)
+  finally:
+    checkpointer.close()
+  if changes:
+    raise config_lib.ConfigError(f"{name}: its model differs from config.model: {'; '.join(changes)}")
+  if not os.path.isfile(tokenizer_path(workdir)):
+    raise config_lib.ConfigError(f"{name}: no tokenizer.model in {workdir}")
+  return workdir, step
+
+
+def restore_init_params(workdir: str, step: int, setup):
+  """The params of checkpoint `step` of `workdir`, sharded as `setup` shards them."""
+  checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
+  try:
+    return checkpointer.restore_params(step, setup.abstract_state["params"])
+  finally:
+    checkpointer.close()

@@ -27,18 +27,20 @@ from llama_jax import tokenizer as tok_lib
 from llama_jax.errors import StopRun
 
 
-def prepare_tokenizer(config, workdir: str, train_corpus, llama):
-  """The run's tokenizer, kept as WORKDIR/tokenizer.model so the workdir is self-contained.
+def prepare_tokenizer(config, workdir: str, train_corpus, llama, init_from: str | None = None):
+  """The run's tokenizer, kept as WORKDIR/tokenizer.model so the workdir is self-contained:
+  data.tokenizer_path, else the tokenizer of the init_from run, else one trained on the corpus.
 
   A given tokenizer is checked against the model before it is copied, so a wrong one leaves
   nothing behind and a corrected data.tokenizer_path then works.
   """
   path = run_setup.tokenizer_path(workdir)
+  given = config.data.tokenizer_path or (run_setup.tokenizer_path(init_from) if init_from else "")
   if not os.path.exists(path):
-    if config.data.tokenizer_path:
-      config_lib.check_vocab(tok_lib.load_tokenizer(config.data.tokenizer_path), llama, config.data.tokenizer_path)
+    if given:
+      config_lib.check_vocab(tok_lib.load_tokenizer(given), llama, given)
       if jax.process_index() == 0:
-        shutil.copyfile(config.data.tokenizer_path, path + ".tmp")
+        shutil.copyfile(given, path + ".tmp")
         os.replace(path + ".tmp", path)
     else:
       metrics_lib.log(f"training a {config.model.vocab_size}-piece tokenizer on up to "
@@ -71,19 +73,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   """
   config_lib.check_workdir(workdir)
   llama = config_lib.check_config(config)
+  data_lib.check_data_config(config.data)
   setup = run_setup.Setup(config, devices)
   run_setup.check_batch(config, setup.mesh)
+  init_from = run_setup.check_init_from(config) if config.init_from else None
+  if init_from is None and config.data.format == "sft":
+    metrics_lib.log("warning: fine-tuning from random weights (config.init_from is empty)")
   os.makedirs(workdir, exist_ok=True)
 
   train_corpus = data_lib.open_corpus(config.data, "train_corpus")
   eval_corpus = data_lib.open_corpus(config.data, "eval_corpus")
-  tok = prepare_tokenizer(config, workdir, train_corpus, llama)
+  tok = prepare_tokenizer(config, workdir, train_corpus, llama, init_from and init_from[0])
   evaluator = eval_lib.Evaluator(setup, tok, eval_corpus)
   evaluator.check_not_empty()
   sampler = generate_lib.TextSampler(setup, tok, config.sample)
   stream = data_lib.stream_definition(config.data, jax.process_count())
+  overlong = data_lib.Overlong()
   train_iter = iter(data_lib.train_batches(train_corpus, tok, config.data, jax.process_index(),
-                                           jax.process_count()))
+                                           jax.process_count(), overlong))
   checkpointer = ckpt_lib.Checkpointer(workdir, config.train)
   writer = metrics_lib.MetricWriter(workdir)
   watch = preemption.PreemptionWatch()
@@ -91,15 +98,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     resumed = checkpointer.restore_latest(
         lambda step: _restore(checkpointer, step, setup, config, stream, train_iter))
     batches = itertools.chain([next(train_iter)], train_iter)  # unreadable data shows up now, before compiling
-    if resumed is None:
+    if resumed is None and init_from:
+      start, state = 0, setup.state_from_params(run_setup.restore_init_params(*init_from, setup))
+      metrics_lib.log(f"{model_lib.count_params(llama):,} parameters from step {init_from[1]} of {init_from[0]}")
+    elif resumed is None:
       start, state = 0, setup.init_state()
       metrics_lib.log(f"{model_lib.count_params(llama):,} parameters; training from scratch")
     else:
       start, state = resumed
       metrics_lib.log(f"resumed from step {start} in {checkpointer.directory}")
+    if resumed is None and init_from:  # where fine-tuning starts from, on the held-out data
+      result = evaluator(state["params"])
+      writer.write(0, eval_lib.as_eval_metrics(result))
+      metrics_lib.log(f"held-out before training: loss {result['loss']:.4f} | "
+                      f"{result['bits_per_byte']:.4f} bits/byte over {result['num_tokens']:,} tokens")
     end = config.train.steps if stop_after is None else min(stop_after, config.train.steps)
     state, stopped_early = _train_loop(config, setup, state, start, end, batches, train_iter, stream,
-                                       checkpointer, writer, watch, evaluator, sampler, train_corpus)
+                                       checkpointer, writer, watch, evaluator, sampler, train_corpus, overlong)
     if stopped_early or end < config.train.steps:
       return None
     result = evaluator(state["params"])
@@ -156,7 +171,7 @@ def _sample(sampler, params, step, writer):
 
 
 def _train_loop(config, setup, state, start, end, batches, train_iter, stream, checkpointer, writer, watch,
-                evaluator, sampler, train_corpus):
+                evaluator, sampler, train_corpus, overlong):
   """Steps start+1 .. end; saves per the policy, at the end, and when preempted. Returns
   (state, whether a preemption stopped it). Nothing non-finite is ever saved."""
   t = config.train
@@ -194,6 +209,8 @@ def _train_loop(config, setup, state, start, end, batches, train_iter, stream, c
         metrics["mfu"] = metrics["tokens_per_sec"] * flops_per_token / peak_flops if peak_flops else 0.0
         if train_corpus.skipped():
           metrics["skipped_documents"] = train_corpus.skipped()
+        if overlong.truncated or overlong.skipped:  # SFT pairs longer than a row, so far in this run
+          metrics.update(truncated_examples=overlong.truncated, skipped_examples=overlong.skipped)
         writer.write(done, metrics)
         metrics_lib.log(progress.line(done, metrics))
       if t.eval_every and done % t.eval_every == 0 and done != t.steps:

@@ -120,11 +120,13 @@ def test_generator_on_8_devices_equals_one_device():
   sharded = jax.device_put(params, sh.param_shardings(mesh, model_lib.abstract_model(SMALL)))
   eight = gen_lib.Generator(graphdef, SMALL, mesh)(sharded, prompts, 8, eos_id=-1)
   assert eight.ids == one.ids
+  forward = jax.jit(lambda m, t: m(t))
   for prompt, new in zip(prompts, one.ids):
-    ids = list(prompt)
-    for _ in range(8):
-      ids.append(int(np.argmax(np.asarray(model(np.array([ids])))[0, -1])))
-    assert ids[len(prompt):] == new
+    ids = np.zeros((1, 13 + 8), np.int32)  # causal: what follows position i never changes its logits
+    ids[0, :len(prompt)] = prompt
+    for i in range(len(prompt), len(prompt) + 8):
+      ids[0, i] = np.argmax(np.asarray(forward(model, ids))[0, i - 1])
+    assert ids[0, len(prompt):len(prompt) + 8].tolist() == new
 
 
 def test_rows_stop_at_their_own_eos():
