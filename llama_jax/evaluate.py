@@ -79,8 +79,8 @@ def as_eval_metrics(result: dict) -> dict:
 
 def exact_match(setup, params, tok, corpus, max_examples: int, batch_size: int = 64) -> dict:
   """Greedy answers to the first `max_examples` (prompt, response) pairs of a corpus: the fraction
-  whose answer is exactly the response's tokens followed by EOS. Pairs that do not fit in
-  model.max_seq_len with the longest answer are left out (counted)."""
+  whose answer is exactly the response's tokens followed by EOS. A prompt that leaves no room for
+  the longest answer within model.max_seq_len loses its start (after BOS), as in training."""
   examples = []
   for pair in corpus.documents(None):
     if len(examples) == max_examples:
@@ -92,15 +92,18 @@ def exact_match(setup, params, tok, corpus, max_examples: int, batch_size: int =
   if not examples:
     raise config_lib.ConfigError(f"exact match: corpus {corpus.spec!r} has no prompt/response pairs")
   max_new = max(len(answer) for _, answer in examples)
-  fits = [e for e in examples if len(e[0]) + max_new <= setup.llama.max_seq_len]
+  room = setup.llama.max_seq_len - max_new  # prompt tokens that fit, BOS included
+  if room < 2:
+    raise config_lib.ConfigError(f"exact match: an answer of {max_new} tokens leaves no room for a prompt in "
+                                 f"model.max_seq_len={setup.llama.max_seq_len}")
   generator = generate_lib.Generator(setup.graphdef, setup.llama, setup.mesh)
   correct = 0
-  for i in range(0, len(fits), batch_size):
-    batch = fits[i:i + batch_size]
-    out = generator(params, [prompt for prompt, _ in batch], max_new, tok.eos_id)
+  for i in range(0, len(examples), batch_size):
+    batch = examples[i:i + batch_size]
+    prompts = [prompt[:1] + prompt[1:][-(room - 1):] for prompt, _ in batch]
+    out = generator(params, prompts, max_new, tok.eos_id)
     correct += sum(new == answer for new, (_, answer) in zip(out.ids, batch))
-  return {"exact_match": correct / max(len(fits), 1), "exact_match_examples": len(fits),
-          "exact_match_left_out": len(examples) - len(fits)}
+  return {"exact_match": correct / len(examples), "exact_match_examples": len(examples)}
 
 
 def evaluate_checkpoint(workdir: str, step: int | None = None, corpus_spec: str | None = None,
