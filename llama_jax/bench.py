@@ -1,8 +1,27 @@
-"""The train step alone, on random tokens: compile time, step time, tokens/s and MFU.
+"""The train step alone, on random tokens: compile time, step time, tokens/s, FLOP/s and the
+fraction of the roof; optionally the input pipeline beside it, and a Hugging Face peer.
 
   python -m llama_jax.bench --config configs/tiny.py [--steps 20] [--config.model.dtype=bfloat16]
+  python -m llama_jax.bench --config configs/peer_tiny.py --data [--workdir runs/peer_tiny]
+  python -m llama_jax.bench --config configs/peer_tiny.py --peer hf [--steps 20] [--rounds 3]
+
+Step times are the median of --steps timed steps after two warm-up steps, each step waited for.
+Model FLOPs per token are 6 * N_matmul + 6 * L * T * D (llama_jax/flops.py); the roof is the
+vendors' dense bf16 peak on GPU/TPU and an fp32 matmul timed in this process on CPU.
+
+--data times the training pipeline of llama_jax/data.py alone (the same iterator the trainer
+reads) with the run's tokenizer: WORKDIR/tokenizer.model if --workdir has one, else the one
+the trainer would make (data.tokenizer_path copied, or trained on the corpus) into --workdir or
+a temporary directory.
+
+--peer hf builds the same model in transformers (LlamaForCausalLM, fp32, torch on all
+cores) and times its train step (forward with labels, backward, clipping, AdamW) on the same
+tokens, alternating --rounds rounds of --steps steps each: ours, then HF's. Needs the test
+requirements (torch, transformers).
 """
 
+import os
+import tempfile
 import time
 
 import jax
@@ -10,53 +29,191 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
+from llama_jax import config_lib
 from llama_jax import data as data_lib
 from llama_jax import entry
 from llama_jax import flops
+from llama_jax import run_setup
+from llama_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after one warm-up step).")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (after two warm-up steps); per round with --peer.",
+                              lower_bound=10)
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "With --peer: alternating rounds of --steps steps each.", lower_bound=1)
+_PEER = flags.DEFINE_enum("peer", None, ["hf"], "Also time this implementation of the same model.")
+_HF_ATTENTION = flags.DEFINE_enum("hf_attention", "eager", ["eager", "sdpa"],
+                                  "transformers' attention for --peer hf (eager and sdpa ran "
+                                  "equally fast on peer-tiny on a 2-core CPU).")
+_DATA = flags.DEFINE_bool("data", False, "Also time the input pipeline alone.")
+_DATA_BATCHES = flags.DEFINE_integer("data_batches", 200, "Batches the pipeline is timed on.", lower_bound=1)
+_WORKDIR = flags.DEFINE_string("workdir", None, "With --data: a run's workdir, for (or to receive) its "
+                               "tokenizer.model (default: a temporary directory).")
 flags.mark_flags_as_required(["config"])
 
+WARMUP_STEPS = 2
 
-def bench(config, steps: int) -> dict:
-  from llama_jax import run_setup
 
+def random_windows(config) -> np.ndarray:
+  """[B, T + 1] random tokens: inputs and targets of one batch, shared by every implementation."""
+  B, T, V = config.data.batch_size, config.data.seq_len, config.model.vocab_size
+  return np.random.default_rng(0).integers(0, V, (B, T + 1), dtype=np.int32)
+
+
+def compile_train_step(config, windows):
+  """(setup, step, compile seconds): `step()` runs one train step on `windows` and waits for it."""
   setup = run_setup.Setup(config)
   run_setup.check_batch(config, setup.mesh)
-  B, T, V = config.data.batch_size, config.data.seq_len, config.model.vocab_size
-  rng = np.random.default_rng(0)
-  windows = rng.integers(0, V, (B, T + 1), dtype=np.int32)
-  batch = data_lib.dense_batch(windows)
   state = setup.init_state()
   with jax.set_mesh(setup.mesh):
-    batch = setup.global_batch(batch)
+    batch = setup.global_batch(data_lib.dense_batch(windows))
     start = time.perf_counter()
-    step_fn = setup.jit_train_step().lower(state, batch).compile()
+    compiled = setup.jit_train_step().lower(state, batch).compile()
     compile_s = time.perf_counter() - start
-    state, metrics = step_fn(state, batch)
-    jax.block_until_ready(metrics)
+  current = {"state": state}  # the state is donated: each step replaces it
+
+  def step():
+    with jax.set_mesh(setup.mesh):
+      current["state"], metrics = compiled(current["state"], batch)
+      jax.block_until_ready(metrics)
+
+  return setup, step, compile_s
+
+
+def hf_train_step(config, windows, attention: str):
+  """(description, step) of transformers' LlamaForCausalLM with config's model and AdamW, fp32."""
+  try:
+    import torch
+    import transformers
+  except ImportError as e:
+    raise ConfigError(f"--peer hf needs torch and transformers: pip install -r requirements-test.txt ({e})")
+  from llama_jax import convert
+
+  torch.set_num_threads(os.cpu_count())
+  torch.manual_seed(config.seed)
+  llama = config_lib.llama_config(config.model)
+  hf_config = transformers.LlamaConfig.from_dict(convert.config_to_hf(llama), attn_implementation=attention)
+  model = transformers.LlamaForCausalLM(hf_config).float().train()
+  o = config.optim
+  # Weight decay as optim.decay_mask: every matrix but the token embedding.
+  decayed = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n]
+  others = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed_tokens" not in n)]
+  optimizer = torch.optim.AdamW([{"params": decayed, "weight_decay": o.weight_decay},
+                                 {"params": others, "weight_decay": 0.0}],
+                                lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps)
+  # HF shifts labels itself: T inputs predict their T - 1 successors (ours: T + 1 tokens, T targets).
+  input_ids = torch.from_numpy(windows[:, :-1].astype(np.int64))
+
+  def step():
+    loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad()
+
+  description = (f"transformers {transformers.__version__} LlamaForCausalLM, attention {attention!r}, fp32; "
+                 f"torch {torch.__version__}, torch.set_num_threads({os.cpu_count()}), AdamW with the "
+                 f"same lr/betas/eps/weight decay, clipping at {o.grad_clip}")
+  return description, step
+
+
+def time_steps(step, n: int) -> list[float]:
+  """Seconds of each of n calls of `step` (which waits for its own result)."""
+  times = []
+  for _ in range(n):
     start = time.perf_counter()
-    for _ in range(steps):
-      state, metrics = step_fn(state, batch)
-    jax.block_until_ready(metrics)
-    step_s = (time.perf_counter() - start) / steps
-  tokens_per_sec = B * T / step_s
-  flops_per_token = flops.train_flops_per_token(setup.llama, T)
-  peak = flops.peak_flops_per_device(jax.devices()[0]) * setup.mesh.size
-  return {"compile_s": compile_s, "step_s": step_s, "tokens_per_sec": tokens_per_sec,
-          "model_tflops_per_sec": tokens_per_sec * flops_per_token / 1e12,
-          "mfu": tokens_per_sec * flops_per_token / peak if peak else float("nan")}
+    step()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def time_rounds(step, peer_step, steps: int, rounds: int) -> tuple[list[float], list[float]]:
+  """Step seconds of ours and of the peer (if any) after warm-up, in alternating rounds so that a
+  busy moment of the machine hits both."""
+  steps_to_time = [s for s in (step, peer_step) if s]
+  for s in steps_to_time:
+    time_steps(s, WARMUP_STEPS)
+  times = [[], []]
+  for _ in range(rounds):
+    for i, s in enumerate(steps_to_time):
+      times[i] += time_steps(s, steps)
+  return times[0], times[1]
+
+
+def roof(setup) -> tuple[float, str]:
+  """(peak FLOP/s of the mesh, what it is)."""
+  device = setup.mesh.devices.flat[0]
+  peak = flops.peak_flops_per_device(device) * setup.mesh.size
+  if device.platform == "cpu":
+    return peak, "an fp32 2048x2048 matmul timed in this process (best of 4)"
+  return peak, f"the dense bf16 peak of {setup.mesh.size} x {device.device_kind}" if peak else "unknown device"
+
+
+def peak_memory_bytes(setup) -> int | None:
+  """The largest peak allocation over the mesh's devices; None where the backend reports none (CPU)."""
+  stats = [d.memory_stats() for d in setup.mesh.devices.flat]
+  if any(not s or "peak_bytes_in_use" not in s for s in stats):
+    return None
+  return max(s["peak_bytes_in_use"] for s in stats)
+
+
+def pipeline_throughput(config, workdir: str | None, num_batches: int) -> dict:
+  """data.pipeline_stats of the training pipeline, with the tokenizer the trainer would use."""
+  from llama_jax import trainer  # its prepare_tokenizer: an existing, copied or newly trained tokenizer
+
+  corpus = data_lib.open_corpus(config.data, "train_corpus")
+  llama = config_lib.llama_config(config.model)
+  with tempfile.TemporaryDirectory() as tmp:
+    tok = trainer.prepare_tokenizer(config, workdir or tmp, corpus, llama)
+    batches = data_lib.train_batches(corpus, tok, config.data)
+    return data_lib.pipeline_stats(batches, num_batches, tok.bos_id)
 
 
 def main(argv):
   del argv
 
   def run():
-    r = bench(_CONFIG.value, _STEPS.value)
-    print(f"devices {jax.device_count()} x {jax.devices()[0].device_kind} | compile {r['compile_s']:.1f} s | "
-          f"step {r['step_s'] * 1e3:.1f} ms | {r['tokens_per_sec']:,.0f} tokens/s | "
-          f"{r['model_tflops_per_sec']:.3f} model TFLOP/s | MFU {r['mfu']:.1%}")
+    config = _CONFIG.value
+    B, T = config.data.batch_size, config.data.seq_len
+    windows = random_windows(config)
+    peer = hf_train_step(config, windows, _HF_ATTENTION.value) if _PEER.value else None  # a missing torch: now
+    setup, step, compile_s = compile_train_step(config, windows)
+    ours_s, peer_s = time_rounds(step, peer and peer[1], _STEPS.value, _ROUNDS.value if peer else 1)
+
+    step_s = float(np.median(ours_s))
+    tokens_per_sec = B * T / step_s
+    flops_per_token = flops.train_flops_per_token(setup.llama, T)
+    achieved = tokens_per_sec * flops_per_token
+    peak, peak_what = roof(setup)
+    fraction = f"{achieved / peak:.1%}" if peak else "n/a"
+    memory = peak_memory_bytes(setup)
+    print(f"config       {B} x {T} tokens per step | {flops.matmul_params(setup.llama):,} matmul parameters | "
+          f"{setup.mesh.size} x {setup.mesh.devices.flat[0].device_kind} | {config.model.dtype} compute")
+    print(f"compile      {compile_s:.1f} s (lower + compile)")
+    print(f"step         {step_s * 1e3:.1f} ms median of {len(ours_s)} timed steps "
+          f"(min {min(ours_s) * 1e3:.1f}, max {max(ours_s) * 1e3:.1f})")
+    print(f"tokens/s     {tokens_per_sec:,.0f}")
+    print(f"model FLOPs  {flops_per_token / 1e6:,.2f} MFLOP per token (6 * N_matmul + 6 * L * T * D)")
+    print(f"achieved     {achieved / 1e9:,.2f} GFLOP/s")
+    print(f"roof         {peak / 1e9:,.2f} GFLOP/s: {peak_what}")
+    print(f"of the roof  {fraction} (model FLOPs); {fraction} counting matmul FLOPs only: the same number, "
+          "as the formula counts nothing but matmuls")
+    print(f"peak memory  {'n/a (not reported by this backend)' if memory is None else f'{memory / 2**20:,.0f} MiB'}")
+
+    if peer:
+      peer_step_s = float(np.median(peer_s))
+      print(f"peer hf      {peer[0]}")
+      print(f"rounds       {_ROUNDS.value} x ({_STEPS.value} steps ours, then {_STEPS.value} steps HF)")
+      print(f"ours         {step_s * 1e3:.1f} ms median of {len(ours_s)} | {tokens_per_sec:,.0f} tokens/s")
+      print(f"hf           {peer_step_s * 1e3:.1f} ms median of {len(peer_s)} | {B * T / peer_step_s:,.0f} tokens/s")
+      print(f"ours / hf    {peer_step_s / step_s:.2f}x tokens/s")
+
+    if _DATA.value:
+      s = pipeline_throughput(config, _WORKDIR.value, _DATA_BATCHES.value)
+      batches_per_sec = s["batches"] / s["seconds"]
+      print(f"pipeline     {s['batches']} batches in {s['seconds']:.2f} s: {batches_per_sec:,.1f} batches/s | "
+            f"{batches_per_sec * B * T:,.0f} tokens/s ({s['tokens_per_sec']:,.0f} not padding; "
+            f"padding {s['padding_fraction']:.1%}) | {batches_per_sec * B * T / tokens_per_sec:,.1f}x the step's "
+            "tokens/s")
 
   entry.run(run)
 

@@ -1,0 +1,63 @@
+"""llama_jax.plot on the metrics.jsonl of a real (tiny) training run."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import matplotlib.image
+import pytest
+
+from conftest import tiny_test_config
+from llama_jax import plot, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A run of 8 steps (a train event each step, one eval at the end), as in test_train.py."""
+  workdir = str(tmp_path_factory.mktemp("plot") / "tiny")
+  eval_corpus = "text:" + os.path.join(ROOT, "tests", "data", "heldout_sample.txt")
+  config = tiny_test_config(**{"data.eval_corpus": eval_corpus, "sample.max_new_tokens": 0})
+  trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  return workdir
+
+
+def test_the_figure_has_the_four_panels_with_one_line_per_run(workdir, tmp_path):
+  other = str(tmp_path / "other")
+  shutil.copytree(workdir, other, ignore=shutil.ignore_patterns("checkpoints"))
+  fig = plot.plot_runs([workdir, other])
+  assert [ax.get_title() for ax in fig.axes] == ["train loss", "eval bits/byte", "learning rate", "tokens/s"]
+  for ax in fig.axes:
+    assert [line.get_label() for line in ax.get_lines()] == ["tiny", "other"]
+  loss, bits_per_byte, lr, tokens_per_sec = (ax.get_lines()[0] for ax in fig.axes)
+  assert list(loss.get_xdata()) == list(range(1, 9))  # log_every = 1
+  assert list(bits_per_byte.get_xdata()) == [8]  # the final eval
+  assert 0 < bits_per_byte.get_ydata()[0] < 8
+  assert lr.get_ydata()[1] > lr.get_ydata()[0]  # warmup
+  assert min(tokens_per_sec.get_ydata()) > 0
+  assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["tiny", "other"]
+
+
+def _plot_cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, "-m", "llama_jax.plot", *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=120)
+
+
+def test_the_command_line_writes_a_png(workdir, tmp_path):
+  output = tmp_path / "run.png"
+  proc = _plot_cli(workdir, f"--output={output}")
+  assert proc.returncode == 0, proc.stderr
+  assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert matplotlib.image.imread(output).shape == (700, 1000, 4)  # 10 x 7 inches at 100 dpi, RGBA
+
+
+def test_a_workdir_without_metrics_is_one_line(tmp_path):
+  proc = _plot_cli(str(tmp_path), f"--output={tmp_path / 'run.png'}")
+  assert proc.returncode == 1
+  assert proc.stderr.strip() == f"error: {tmp_path}: no metrics.jsonl (not a training workdir, or no step logged yet)"
+  assert not (tmp_path / "run.png").exists()
