@@ -12,7 +12,13 @@ targets. The run starts from the last checkpoint of runs/tiny (its params and to
 fresh optimizer at step 0), scores the held-out pairs before its first step and at the end.
 Without runs/tiny, add --config.init_from= to fine-tune from random weights (a warning says so).
 
-Measured on a 2-core CPU (RESULTS below), 600 steps: see the docstring's numbers.
+Measured (2-core CPU shared with other jobs, 2026-11-24; 200 steps in 3.5 min at ~2.5k tokens/s):
+the held-out response loss (nats per response token, EOS included) falls from 7.556 (the base
+model: 8.23 bits per response byte) to 3.898 at step 100 and 4.000 at step 200 (4.36 bits/byte);
+the training loss reaches 0.95. Exact match of greedy answers: 0.0% of the 3,413 held-out pairs
+(the model answers with a training play's character: "KING HENRY V" for Hamlet's "To be, or not
+to be"), and 0.0% of the first 500 training pairs; 600 steps reach 9.0% on those training
+pairs but a worse held-out loss (4.43): the task mostly tests memorised speakers.
 """
 
 from configs import tiny
@@ -33,10 +39,11 @@ def get_config():
   c.optim.warmup_steps = 50
   c.optim.min_lr_ratio = 0.1
 
-  c.train.steps = 600  # ~1.5 epochs of the training pairs (8 rows of 256 tokens, ~8 pairs a row)
+  c.train.steps = 200  # ~half an epoch of the training pairs (8 rows of 256 tokens, ~8 pairs a row);
+  #   longer runs overfit the training plays' speakers (held-out loss 4.06 at step 200, 4.43 at 600)
   c.train.log_every = 50
-  c.train.eval_every = 200  # held-out response loss (also before the first step)
-  c.train.checkpoint_every = 200
+  c.train.eval_every = 100  # held-out response loss (also before the first step)
+  c.train.checkpoint_every = 100
 
   c.sample.prompt = "Who speaks this line in Hamlet? To be, or not to be: that is the question:\n"
   c.sample.max_new_tokens = 8

@@ -27,7 +27,8 @@ def test_import_train_eval_export(tmp_path):
   config = tiny_test_config(**{"data.eval_corpus": "text:" + os.path.join(ROOT, "tests", "data", "heldout_sample.txt"),
                                "train.steps": 2, "sample.max_new_tokens": 0})
   llama = config_lib.llama_config(config.model)
-  hf_dir = save_hf(hf_model(llama), tmp_path / "hf")
+  hf = hf_model(llama)
+  hf_dir = save_hf(hf, tmp_path / "hf")
   tok_lib.train_sentencepiece(tok_lib.training_lines(corpus.shakespeare_plays("train")[:2]),
                               llama.vocab_size, os.path.join(hf_dir, "tokenizer.model"))
   workdir = str(tmp_path / "run")
@@ -40,6 +41,17 @@ def test_import_train_eval_export(tmp_path):
 
   _run("eval.py", f"--workdir={workdir}", f"--output={tmp_path / 'eval.json'}")
   assert json.loads((tmp_path / "eval.json").read_text())["step"] == 0
+
+  # Generation from the import: greedy ids equal transformers' greedy generate.
+  import torch
+  prompt = [1, 40, 41, 42, 43]
+  out = _run("-m", "llama_jax.generate", f"--workdir={workdir}", f"--prompt_ids={' '.join(map(str, prompt))}",
+             "--max_new_tokens=10", "--temperature=0", "--json")
+  eos = tok_lib.load_tokenizer(os.path.join(hf_dir, "tokenizer.model")).eos_id
+  with torch.no_grad():
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=eos,
+                         pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+  assert json.loads(out)["ids"] == theirs[0, len(prompt):].tolist()
 
   out = _run("train.py", "--config=configs/tiny.py", f"--workdir={workdir}", *overrides)
   assert "resumed from step 0" in out and "step 2/2" in out
