@@ -128,7 +128,8 @@ def test_grouped_query_attention_matches_repeated_heads(n_kv_heads, attention):
   T = x_BTD.shape[1]
   positions = jnp.broadcast_to(jnp.arange(T), (2, T))
   mask = model_lib.attention_mask(jnp.zeros((2, T), jnp.int32))
-  np.testing.assert_allclose(attn(x_BTD, positions, mask), _reference_attention(attn, config, x_BTD),
+  out_BTD, _ = attn(x_BTD, positions, mask)  # (output, cache): no cache here
+  np.testing.assert_allclose(out_BTD, _reference_attention(attn, config, x_BTD),
                              atol=1e-5)
 
 
