@@ -285,10 +285,17 @@ class Llama(nnx.Module):
       return x_BTD, None
     return x_BTD, jax.tree.map(lambda *layers: jnp.stack(layers), *layer_caches)
 
+  def lm_head(self):
+    """The LM head [D, V] in param dtype: its own matrix, or the embedding transposed if tied."""
+    return self.embed_VD[...].T if self.config.tie_embeddings else self.lm_head_DV[...]
+
   def logits(self, x_BTD):
-    lm_head_DV = self.embed_VD[...].T if self.config.tie_embeddings else self.lm_head_DV[...]
-    logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, lm_head_DV.astype(x_BTD.dtype))
-    return sh.constrain(logits_BTV, (sh.BATCH, sh.SEQ, sh.VOCAB))
+    return head_logits(x_BTD, self.lm_head().astype(x_BTD.dtype))
+
+
+def head_logits(x_BTD, lm_head_DV):
+  """x_BTD @ lm_head_DV, the logits sharded over the vocabulary."""
+  return sh.constrain(jnp.einsum("BTD,DV->BTV", x_BTD, lm_head_DV), (sh.BATCH, sh.SEQ, sh.VOCAB))
 
 
 def init_model(config: LlamaConfig, seed: int) -> Llama:

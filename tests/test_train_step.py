@@ -96,3 +96,29 @@ def test_weight_decay_skips_norms_and_the_embedding():
   assert not mask["embed_VD"] and not mask["final_norm"]["scale"]
   assert not mask["blocks"]["attn_norm"]["scale"] and not mask["blocks"]["mlp_norm"]["scale"]
   assert mask["blocks"]["attn"]["wq_DNH"] and mask["blocks"]["mlp"]["w_down_FD"]
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_hand_written_loss_gradient_equals_autodiff_of_optax(tie_embeddings):
+  """loss_sums' custom-VJP cross-entropy against optax on the full logits, differentiated by JAX."""
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+  from llama_jax import train_step as step_lib
+  config = tiny_test_config(**{"model.tie_embeddings": tie_embeddings})
+  setup = run_setup.Setup(config, jax.devices()[:1])
+  params = setup.init_state()["params"]
+  batch = _batch()
+
+  def reference(p):
+    model = nnx.merge(setup.graphdef, p)
+    x_BTD = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logits_BTV = model.logits(x_BTD).astype(jnp.float32)
+    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
+    return jnp.sum(nll_BT * batch["weights"])
+
+  ours, grads = jax.jit(jax.value_and_grad(lambda p: step_lib.loss_sums(setup.graphdef, p, batch)[0]))(params)
+  ref, ref_grads = jax.jit(jax.value_and_grad(reference))(params)
+  np.testing.assert_allclose(ours, ref, rtol=1e-6)
+  # fp32 rounding only: the tolerance of test_chunked_loss_equals_whole_sequence_loss.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, ref_grads)
