@@ -26,7 +26,7 @@ def eval_corpus():
 def trained(tmp_path_factory, eval_corpus):
   """One tiny run of 8 steps on one device; its workdir and result."""
   workdir = str(tmp_path_factory.mktemp("run") / "tiny")
-  config = tiny_test_config(**{"data.eval_corpus": eval_corpus, "sample.every": 4})
+  config = tiny_test_config(**{"data.eval_corpus": eval_corpus, "sample.every": 4, "sample.max_new_tokens": 5})
   result = trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   return workdir, config, result
 
