@@ -158,12 +158,10 @@ def peak_memory_bytes(setup) -> int | None:
 
 def pipeline_throughput(config, workdir: str | None, num_batches: int) -> dict:
   """data.pipeline_stats of the training pipeline, with the tokenizer the trainer would use."""
-  from llama_jax import trainer  # its prepare_tokenizer: an existing, copied or newly trained tokenizer
-
   corpus = data_lib.open_corpus(config.data, "train_corpus")
   llama = config_lib.llama_config(config.model)
   with tempfile.TemporaryDirectory() as tmp:
-    tok = trainer.prepare_tokenizer(config, workdir or tmp, corpus, llama)
+    tok = run_setup.prepare_tokenizer(config, workdir or tmp, corpus, llama)
     batches = data_lib.train_batches(corpus, tok, config.data)
     return data_lib.pipeline_stats(batches, num_batches, tok.bos_id)
 

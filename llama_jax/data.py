@@ -61,7 +61,7 @@ def open_corpus(data_config, key: str, spec: str | None = None):
   """The corpus of `config.data.<key>` (train_corpus or eval_corpus), or of `spec` read the same way."""
   c = data_config
   pairs = (c.prompt_field, c.response_field) if c.format == "sft" else None
-  return corpus_lib.open_corpus(spec or c[key], name=f"--corpus" if spec else f"config.data.{key}",
+  return corpus_lib.open_corpus(spec or c[key], name="--corpus" if spec else f"config.data.{key}",
                                 tfds_data_dir=c.tfds_data_dir, skip_bad_documents=c.skip_bad_documents,
                                 pair_fields=pairs)
 
@@ -94,9 +94,8 @@ class _Encode:
     step = self._row_len - 1
     chunks = [{"tokens": ids[s:s + self._row_len]} for s in range(0, len(ids) - 1, step)]
     if self._count_bytes:
-      for c in chunks:
-        c["num_bytes"] = np.zeros(len(c["tokens"]), np.int32)
-      chunks[0]["num_bytes"][0] = len(text.encode("utf-8"))
+      for i, c in enumerate(chunks):
+        c["num_bytes"] = _byte_counts(len(c["tokens"]), text if i == 0 else "")
     return chunks
 
 
@@ -129,9 +128,15 @@ class _EncodePair:
       ids, loss = np.delete(ids, np.s_[1:1 + excess]), np.delete(loss, np.s_[1:1 + excess])
     chunk = {"tokens": ids, "loss": loss}
     if self._count_bytes:  # bits per byte of the responses
-      chunk["num_bytes"] = np.zeros(len(ids), np.int32)
-      chunk["num_bytes"][0] = len(pair[1].encode("utf-8"))
+      chunk["num_bytes"] = _byte_counts(len(ids), pair[1])
     return [chunk]
+
+
+def _byte_counts(num_tokens: int, text: str) -> np.ndarray:
+  """The UTF-8 size of `text` on the first of num_tokens positions (bits per byte counts it once)."""
+  counts = np.zeros(num_tokens, np.int32)
+  counts[0] = len(text.encode("utf-8"))
+  return counts
 
 
 class _Flatten(grain.experimental.FlatMapTransform):

@@ -166,11 +166,8 @@ class Generator:
       i, _, new_BN, _, _ = jax.lax.while_loop(unfinished, step, carry)
       return new_BN, i
 
-    prefill_args = (params, tokens_BP, lengths_B, key)
-    prefill_jit = jax.jit(prefill)
-    prefill = prefill_jit.lower(*prefill_args).compile()
-    first_B, cache = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  jax.eval_shape(prefill_jit, *prefill_args), prefill.output_shardings)
+    prefill = jax.jit(prefill).lower(params, tokens_BP, lengths_B, key).compile()
+    first_B, cache = prefill.out_info  # shapes and shardings the decode loop is compiled for
     # The new tokens come back whole to every process.
     replicated = jax.sharding.NamedSharding(self._mesh, jax.sharding.PartitionSpec())
     decode = jax.jit(decode, out_shardings=replicated).lower(params, first_B, lengths_B, cache, key).compile()

@@ -1,11 +1,14 @@
-"""What a run is, from its config or its workdir: Setup (mesh, model structure, optimizer,
-shardings, jitted steps) and load_run (a checkpoint's setup, params and tokenizer).
+"""What a run is, from its config or its workdir: its tokenizer (prepare_tokenizer), Setup (mesh,
+model structure, optimizer, shardings, jitted steps) and load_run (a checkpoint's setup, params
+and tokenizer).
 
 Training (trainer.py), evaluation (evaluate.py), generation, the benchmark, AOT compilation and
 HF conversion all start here; this module imports none of them.
 """
 
 import os
+import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +17,7 @@ from flax import nnx
 
 from llama_jax import checkpoint as ckpt_lib
 from llama_jax import config_lib
+from llama_jax import metrics as metrics_lib
 from llama_jax import model as model_lib
 from llama_jax import optim
 from llama_jax import sharding as sh
@@ -23,6 +27,41 @@ from llama_jax import train_step as step_lib
 
 def tokenizer_path(workdir: str) -> str:
   return os.path.join(workdir, "tokenizer.model")
+
+
+def prepare_tokenizer(config, workdir: str, train_corpus, llama, init_from: str | None = None):
+  """The run's tokenizer, kept as WORKDIR/tokenizer.model so the workdir is self-contained:
+  data.tokenizer_path, else the tokenizer of the init_from run, else one trained on the corpus.
+
+  A given tokenizer is checked against the model before it is copied, so a wrong one leaves
+  nothing behind and a corrected data.tokenizer_path then works.
+  """
+  path = tokenizer_path(workdir)
+  given = config.data.tokenizer_path or (tokenizer_path(init_from) if init_from else "")
+  if not os.path.exists(path):
+    if given:
+      config_lib.check_vocab(tok_lib.load_tokenizer(given), llama, given)
+      if jax.process_index() == 0:
+        shutil.copyfile(given, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    else:
+      metrics_lib.log(f"training a {config.model.vocab_size}-piece tokenizer on up to "
+                      f"{config.data.tokenizer_sample_bytes:,} bytes of {config.data.train_corpus}")
+      if jax.process_index() == 0:
+        sample = train_corpus.sample(config.data.tokenizer_sample_bytes, config.data.shuffle_seed)
+        tok_lib.train_sentencepiece(tok_lib.training_lines(sample), config.model.vocab_size, path)
+  _wait_for_file(path)
+  tok = tok_lib.load_tokenizer(path)
+  config_lib.check_vocab(tok, llama, path)
+  return tok
+
+
+def _wait_for_file(path, timeout_s=600):
+  deadline = time.time() + timeout_s
+  while not os.path.exists(path):
+    if time.time() > deadline:
+      raise TimeoutError(f"{path} did not appear (written by process 0)")
+    time.sleep(0.5)
 
 
 class Setup:

@@ -4,8 +4,6 @@ The run's Setup (mesh, shardings, jitted steps) comes from run_setup.py."""
 
 import itertools
 import os
-import shutil
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,43 +21,7 @@ from llama_jax import model as model_lib
 from llama_jax import preemption
 from llama_jax import run_setup
 from llama_jax import sharding as sh
-from llama_jax import tokenizer as tok_lib
 from llama_jax.errors import StopRun
-
-
-def prepare_tokenizer(config, workdir: str, train_corpus, llama, init_from: str | None = None):
-  """The run's tokenizer, kept as WORKDIR/tokenizer.model so the workdir is self-contained:
-  data.tokenizer_path, else the tokenizer of the init_from run, else one trained on the corpus.
-
-  A given tokenizer is checked against the model before it is copied, so a wrong one leaves
-  nothing behind and a corrected data.tokenizer_path then works.
-  """
-  path = run_setup.tokenizer_path(workdir)
-  given = config.data.tokenizer_path or (run_setup.tokenizer_path(init_from) if init_from else "")
-  if not os.path.exists(path):
-    if given:
-      config_lib.check_vocab(tok_lib.load_tokenizer(given), llama, given)
-      if jax.process_index() == 0:
-        shutil.copyfile(given, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    else:
-      metrics_lib.log(f"training a {config.model.vocab_size}-piece tokenizer on up to "
-                      f"{config.data.tokenizer_sample_bytes:,} bytes of {config.data.train_corpus}")
-      if jax.process_index() == 0:
-        sample = train_corpus.sample(config.data.tokenizer_sample_bytes, config.data.shuffle_seed)
-        tok_lib.train_sentencepiece(tok_lib.training_lines(sample), config.model.vocab_size, path)
-  _wait_for_file(path)
-  tok = tok_lib.load_tokenizer(path)
-  config_lib.check_vocab(tok, llama, path)
-  return tok
-
-
-def _wait_for_file(path, timeout_s=600):
-  deadline = time.time() + timeout_s
-  while not os.path.exists(path):
-    if time.time() > deadline:
-      raise TimeoutError(f"{path} did not appear (written by process 0)")
-    time.sleep(0.5)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None,
@@ -83,7 +45,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
   train_corpus = data_lib.open_corpus(config.data, "train_corpus")
   eval_corpus = data_lib.open_corpus(config.data, "eval_corpus")
-  tok = prepare_tokenizer(config, workdir, train_corpus, llama, init_from and init_from[0])
+  tok = run_setup.prepare_tokenizer(config, workdir, train_corpus, llama, init_from and init_from[0])
   evaluator = eval_lib.Evaluator(setup, tok, eval_corpus)
   evaluator.check_not_empty()
   sampler = generate_lib.TextSampler(setup, tok, config.sample)
@@ -101,17 +63,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     if resumed is None and init_from:
       start, state = 0, setup.state_from_params(run_setup.restore_init_params(*init_from, setup))
       metrics_lib.log(f"{model_lib.count_params(llama):,} parameters from step {init_from[1]} of {init_from[0]}")
+      result = evaluator(state["params"])  # where fine-tuning starts from, on the held-out data
+      writer.write(0, eval_lib.as_eval_metrics(result))
+      metrics_lib.log(f"held-out before training: loss {result['loss']:.4f} | "
+                      f"{result['bits_per_byte']:.4f} bits/byte over {result['num_tokens']:,} tokens")
     elif resumed is None:
       start, state = 0, setup.init_state()
       metrics_lib.log(f"{model_lib.count_params(llama):,} parameters; training from scratch")
     else:
       start, state = resumed
       metrics_lib.log(f"resumed from step {start} in {checkpointer.directory}")
-    if resumed is None and init_from:  # where fine-tuning starts from, on the held-out data
-      result = evaluator(state["params"])
-      writer.write(0, eval_lib.as_eval_metrics(result))
-      metrics_lib.log(f"held-out before training: loss {result['loss']:.4f} | "
-                      f"{result['bits_per_byte']:.4f} bits/byte over {result['num_tokens']:,} tokens")
     end = config.train.steps if stop_after is None else min(stop_after, config.train.steps)
     state, stopped_early = _train_loop(config, setup, state, start, end, batches, train_iter, stream,
                                        checkpointer, writer, watch, evaluator, sampler, train_corpus, overlong)
