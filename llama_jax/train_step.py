@@ -28,13 +28,13 @@ def cross_entropy_sum(x_BTD, lm_head_DV, targets_BT, weights_BT):
 
 def _cross_entropy_fwd(x_BTD, lm_head_DV, targets_BT, weights_BT):
   logits_BTV = model_lib.head_logits(x_BTD, lm_head_DV)
-  max_BT1 = jnp.max(logits_BTV.astype(jnp.float32), axis=-1, keepdims=True)
-  shifted_BTV = logits_BTV.astype(jnp.float32) - max_BT1  # as optax, for the same rounding
-  log_norm_BT = jnp.log(jnp.sum(jnp.exp(shifted_BTV), axis=-1))
-  target_BT = jnp.take_along_axis(shifted_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  nll = jnp.sum((log_norm_BT - target_BT) * weights_BT)
+  logits32_BTV = logits_BTV.astype(jnp.float32)
+  max_BT = jax.lax.stop_gradient(jnp.max(logits32_BTV, axis=-1))
+  # exp(logits - max) is summed where it is made: "logits - max" is never written out whole.
+  lse_BT = jnp.log(jnp.sum(jnp.exp(logits32_BTV - max_BT[..., None]), axis=-1)) + max_BT
+  target_BT = jnp.take_along_axis(logits32_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  nll = jnp.sum((lse_BT - target_BT) * weights_BT)
   # The logits (not an fp32 log-softmax) are kept: recomputing them would cost a third matmul.
-  lse_BT = log_norm_BT + max_BT1[..., 0]
   return nll, (x_BTD, lm_head_DV, logits_BTV, lse_BT, targets_BT, weights_BT)
 
 
