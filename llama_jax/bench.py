@@ -11,8 +11,8 @@ vendors' dense bf16 peak on GPU/TPU and an fp32 matmul timed in this process on 
 
 --data times the training pipeline of llama_jax/data.py alone (the same iterator the trainer
 reads) with the run's tokenizer: WORKDIR/tokenizer.model if --workdir has one, else the one
-the trainer would make (data.tokenizer_path copied, or trained on the corpus) into --workdir or
-a temporary directory.
+the trainer would take (data.tokenizer_path, or init_from's, copied; or one trained on the
+corpus) into --workdir or a temporary directory.
 
 --peer hf builds the same model in transformers (LlamaForCausalLM, fp32, torch on all
 cores) and times its train step (forward with labels, backward, clipping, AdamW) on the same
@@ -161,7 +161,8 @@ def pipeline_throughput(config, workdir: str | None, num_batches: int) -> dict:
   corpus = data_lib.open_corpus(config.data, "train_corpus")
   llama = config_lib.llama_config(config.model)
   with tempfile.TemporaryDirectory() as tmp:
-    tok = run_setup.prepare_tokenizer(config, workdir or tmp, corpus, llama)
+    init_from = run_setup.parse_init_from(config.init_from)[0] if config.init_from else None
+    tok = run_setup.prepare_tokenizer(config, workdir or tmp, corpus, llama, init_from)
     batches = data_lib.train_batches(corpus, tok, config.data)
     return data_lib.pipeline_stats(batches, num_batches, tok.bos_id)
 

@@ -38,8 +38,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   data_lib.check_data_config(config.data)
   setup = run_setup.Setup(config, devices)
   run_setup.check_batch(config, setup.mesh)
-  init_from = run_setup.check_init_from(config) if config.init_from else None
-  if init_from is None and config.data.format == "sft":
+  # init_from seeds a new run only: a workdir with checkpoints of its own resumes from them, even
+  # where the run it started from has moved away.
+  resuming = os.path.isdir(ckpt_lib.checkpoint_dir(workdir)) and bool(os.listdir(ckpt_lib.checkpoint_dir(workdir)))
+  init_from = run_setup.check_init_from(config) if config.init_from and not resuming else None
+  if not config.init_from and config.data.format == "sft":
     metrics_lib.log("warning: fine-tuning from random weights (config.init_from is empty)")
   os.makedirs(workdir, exist_ok=True)
 
@@ -60,7 +63,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     resumed = checkpointer.restore_latest(
         lambda step: _restore(checkpointer, step, setup, config, stream, train_iter))
     batches = itertools.chain([next(train_iter)], train_iter)  # unreadable data shows up now, before compiling
-    if resumed is None and init_from:
+    if resumed is None and config.init_from:
+      init_from = init_from or run_setup.check_init_from(config)  # every checkpoint here was unreadable
       start, state = 0, setup.state_from_params(run_setup.restore_init_params(*init_from, setup))
       metrics_lib.log(f"{model_lib.count_params(llama):,} parameters from step {init_from[1]} of {init_from[0]}")
       result = evaluator(state["params"])  # where fine-tuning starts from, on the held-out data

@@ -3,6 +3,7 @@ and EOS, overlong pairs, bad input, init_from, and configs/sft_tiny.py end to en
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -130,7 +131,11 @@ def test_sft_tiny_runs_end_to_end_and_its_heldout_response_loss_falls(base_run, 
   heldout = corpus_lib.speaker_pairs("heldout")[::17]  # 201 held-out pairs, as a JSONL file
   spec = _write_jsonl(tmp_path / "heldout.jsonl", [{"prompt": p, "response": r} for p, r in heldout])
   workdir = str(tmp_path / "sft")
-  result = trainer.train_and_evaluate(_sft_config(base_run, spec), workdir, devices=jax.devices()[:1])
+  base = str(tmp_path / "base")  # a copy, moved away half way: the run resumes from its own checkpoint
+  shutil.copytree(base_run, base)
+  assert trainer.train_and_evaluate(_sft_config(base, spec), workdir, devices=jax.devices()[:1], stop_after=20) is None
+  shutil.rmtree(base)
+  result = trainer.train_and_evaluate(_sft_config(base, spec), workdir, devices=jax.devices()[:1])
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     events = [json.loads(line) for line in f]
   evals = {e["step"]: e["eval_loss"] for e in events if "eval_loss" in e}
