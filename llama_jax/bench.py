@@ -142,9 +142,10 @@ def time_rounds(step, peer_step, steps: int, rounds: int) -> tuple[list[float], 
 def roof(setup) -> tuple[float, str]:
   """(peak FLOP/s of the mesh, what it is)."""
   device = setup.mesh.devices.flat[0]
-  peak = flops.peak_flops_per_device(device) * setup.mesh.size
+  dtype = setup.llama.dtype
+  peak = flops.peak_flops_per_device(device, dtype) * setup.mesh.size
   if device.platform == "cpu":
-    return peak, "an fp32 2048x2048 matmul timed in this process (best of 4)"
+    return peak, f"a {dtype} 2048x2048 matmul timed in this process (best of 4)"
   return peak, f"the dense bf16 peak of {setup.mesh.size} x {device.device_kind}" if peak else "unknown device"
 
 

@@ -34,9 +34,10 @@ def train_flops_per_token(config, seq_len: int) -> float:
   return 6 * matmul_params(config) + 6 * config.n_layers * seq_len * config.dim
 
 
-def peak_flops_per_device(device) -> float:
+def peak_flops_per_device(device, dtype: str = "float32") -> float:
+  """The vendors' dense bf16 peak of a GPU/TPU; on CPU, a matmul in the compute dtype timed here."""
   if device.platform == "cpu":
-    return _measured_cpu_flops()
+    return _measured_cpu_flops(dtype)
   for name, peak in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
     if name.lower() in device.device_kind.lower():
       return peak
@@ -44,13 +45,13 @@ def peak_flops_per_device(device) -> float:
 
 
 @functools.cache
-def _measured_cpu_flops(n: int = 2048, repeats: int = 4) -> float:
-  """The fp32 matmul rate of one CPU device, the best of a few timed runs.
+def _measured_cpu_flops(dtype: str, n: int = 2048, repeats: int = 4) -> float:
+  """The matmul rate of one CPU device in `dtype`, the best of a few timed runs.
 
   2048 x 2048 (three 16 MiB operands, ~1 s in all on 2 cores) outgrows the caches, so this is
   the sustained rate a model's large matmuls see, not a cache-resident burst.
   """
-  x = jax.device_put(jnp.ones((n, n), jnp.float32), jax.devices("cpu")[0])
+  x = jax.device_put(jnp.ones((n, n), dtype), jax.devices("cpu")[0])
   matmul = jax.jit(lambda a: a @ a)
   matmul(x).block_until_ready()
   best = float("inf")

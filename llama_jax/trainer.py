@@ -142,7 +142,7 @@ def _train_loop(config, setup, state, start, end, batches, train_iter, stream, c
   t = config.train
   llama = setup.llama
   tokens_per_step = config.data.batch_size * config.data.seq_len
-  peak_flops = flops.peak_flops_per_device(jax.devices()[0]) * setup.mesh.size
+  peak_flops = flops.peak_flops_per_device(jax.devices()[0], setup.llama.dtype) * setup.mesh.size
   flops_per_token = flops.train_flops_per_token(llama, config.data.seq_len)
   progress = metrics_lib.ProgressLogger(start, t.steps)
   train_step = setup.jit_train_step()
