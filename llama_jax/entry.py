@@ -68,10 +68,14 @@ def run(fn):
     distributed.initialize_from_flags()
     return fn()
   except (ConfigError, FileNotFoundError, StopRun) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
     sys.stdout.flush()
-    # Not sys.exit: background threads of orbax and tensorstore (a failed restore's, say) would
-    # print their own tracebacks while the interpreter shuts down, after the one line.
+    sys.stderr.flush()
+    # Background threads of orbax and tensorstore (a failed restore's, say) print their own
+    # tracebacks while the process ends: stderr goes to /dev/null first, so the one line stays
+    # the last. Not sys.exit, which would wait for those threads.
+    line_fd = os.dup(2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    os.write(line_fd, f"error: {e}\n".encode())
     os._exit(1)
 
 
