@@ -145,7 +145,7 @@ def roof(setup) -> tuple[float, str]:
   dtype = setup.llama.dtype
   peak = flops.peak_flops_per_device(device, dtype) * setup.mesh.size
   if device.platform == "cpu":
-    return peak, f"a {dtype} 2048x2048 matmul timed in this process (best of 4)"
+    return peak, f"a {dtype} 2048x2048 matmul timed in this process (best of 10)"
   return peak, f"the dense bf16 peak of {setup.mesh.size} x {device.device_kind}" if peak else "unknown device"
 
 

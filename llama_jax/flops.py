@@ -45,11 +45,12 @@ def peak_flops_per_device(device, dtype: str = "float32") -> float:
 
 
 @functools.cache
-def _measured_cpu_flops(dtype: str, n: int = 2048, repeats: int = 4) -> float:
-  """The matmul rate of one CPU device in `dtype`, the best of a few timed runs.
+def _measured_cpu_flops(dtype: str, n: int = 2048, repeats: int = 10) -> float:
+  """The matmul rate of one CPU device in `dtype`, the best of `repeats` timed runs (~0.1 s each
+  on 2 cores; on a shared machine a best of 4 came out up to 15% low, which flatters the fraction).
 
-  2048 x 2048 (three 16 MiB operands, ~1 s in all on 2 cores) outgrows the caches, so this is
-  the sustained rate a model's large matmuls see, not a cache-resident burst.
+  2048 x 2048 (three 16 MiB operands) outgrows the caches, so this is the sustained rate a
+  model's large matmuls see, not a cache-resident burst.
   """
   x = jax.device_put(jnp.ones((n, n), dtype), jax.devices("cpu")[0])
   matmul = jax.jit(lambda a: a @ a)
