@@ -4,11 +4,9 @@
 
 A 19.5M-parameter Llama (11.4M of them in matmuls: 4 layers of dim 256, a 32000-token vocabulary
 with an untied LM head), fp32 throughout, one batch of 8 x 256 tokens per step, AdamW as in
-configs/tiny.py. On a 2-core CPU (2026-11-24, shared, so noisy; benchmarks/README.md), nearly
-idle: our step 1.74 s median (~1,180 tokens/s, 69.7 MFLOP per token, ~42% of the measured fp32
-matmul rate, compile 3-6 s) against transformers' 1.31 s (~1,560 tokens/s): 0.75x. Under load
-(another training run beside it) the same command gave 650 against 260 tokens/s (2.50x): torch
-slows down more when a core is taken.
+configs/tiny.py. On a 2-core CPU (2026-11-25; benchmarks/README.md): 1.03-1.09 s per step
+(~1,900 tokens/s, 69.7 MFLOP per token, 61-65% of the measured fp32 matmul rate, compile
+3.5-4.6 s); transformers in the same process 1.00-1.06 s (0.92-0.97x ours / HF).
 
 Everything not set here is configs/tiny.py's; the data fields only matter to `bench --data` and
 to training (`train.py --config configs/peer_tiny.py` trains a 32000-piece tokenizer on the
