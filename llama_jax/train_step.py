@@ -29,7 +29,7 @@ def cross_entropy_sum(x_BTD, lm_head_DV, targets_BT, weights_BT):
 def _cross_entropy_fwd(x_BTD, lm_head_DV, targets_BT, weights_BT):
   logits_BTV = model_lib.head_logits(x_BTD, lm_head_DV)
   logits32_BTV = logits_BTV.astype(jnp.float32)
-  max_BT = jax.lax.stop_gradient(jnp.max(logits32_BTV, axis=-1))
+  max_BT = jnp.max(logits32_BTV, axis=-1)
   # exp(logits - max) is summed where it is made: "logits - max" is never written out whole.
   lse_BT = jnp.log(jnp.sum(jnp.exp(logits32_BTV - max_BT[..., None]), axis=-1)) + max_BT
   target_BT = jnp.take_along_axis(logits32_BTV, targets_BT[..., None], axis=-1)[..., 0]

@@ -40,7 +40,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   run_setup.check_batch(config, setup.mesh)
   # init_from seeds a new run only: a workdir with checkpoints of its own resumes from them, even
   # where the run it started from has moved away.
-  resuming = os.path.isdir(ckpt_lib.checkpoint_dir(workdir)) and bool(os.listdir(ckpt_lib.checkpoint_dir(workdir)))
+  ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
+  resuming = os.path.isdir(ckpt_dir) and bool(os.listdir(ckpt_dir))
   init_from = run_setup.check_init_from(config) if config.init_from and not resuming else None
   if not config.init_from and config.data.format == "sft":
     metrics_lib.log("warning: fine-tuning from random weights (config.init_from is empty)")
