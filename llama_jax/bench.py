@@ -141,9 +141,8 @@ def time_rounds(step, peer_step, steps: int, rounds: int) -> tuple[list[float], 
 
 def roof(setup) -> tuple[float, str]:
   """(peak FLOP/s of the mesh, what it is)."""
-  device = setup.mesh.devices.flat[0]
-  dtype = setup.llama.dtype
-  peak = flops.peak_flops_per_device(device, dtype) * setup.mesh.size
+  device, dtype = setup.mesh.devices.flat[0], setup.llama.dtype
+  peak = flops.mesh_peak_flops(setup.mesh, dtype)
   if device.platform == "cpu":
     return peak, f"a {dtype} 2048x2048 matmul timed in this process (best of 10)"
   return peak, f"the dense bf16 peak of {setup.mesh.size} x {device.device_kind}" if peak else "unknown device"

@@ -38,6 +38,12 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+def has_checkpoints(workdir: str) -> bool:
+  """Whether the workdir holds any checkpoint directory yet (finished or not)."""
+  directory = checkpoint_dir(workdir)
+  return os.path.isdir(directory) and bool(os.listdir(directory))
+
+
 def broken_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "broken_checkpoints")
 

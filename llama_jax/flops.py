@@ -34,6 +34,11 @@ def train_flops_per_token(config, seq_len: int) -> float:
   return 6 * matmul_params(config) + 6 * config.n_layers * seq_len * config.dim
 
 
+def mesh_peak_flops(mesh, dtype: str) -> float:
+  """Peak FLOP/s of all the mesh's devices (0 for an unknown accelerator)."""
+  return peak_flops_per_device(mesh.devices.flat[0], dtype) * mesh.size
+
+
 def peak_flops_per_device(device, dtype: str = "float32") -> float:
   """The vendors' dense bf16 peak of a GPU/TPU; on CPU, a matmul in the compute dtype timed here."""
   if device.platform == "cpu":

@@ -40,8 +40,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   run_setup.check_batch(config, setup.mesh)
   # init_from seeds a new run only: a workdir with checkpoints of its own resumes from them, even
   # where the run it started from has moved away.
-  ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
-  resuming = os.path.isdir(ckpt_dir) and bool(os.listdir(ckpt_dir))
+  resuming = ckpt_lib.has_checkpoints(workdir)
   init_from = run_setup.check_init_from(config) if config.init_from and not resuming else None
   if not config.init_from and config.data.format == "sft":
     metrics_lib.log("warning: fine-tuning from random weights (config.init_from is empty)")
@@ -143,7 +142,7 @@ def _train_loop(config, setup, state, start, end, batches, train_iter, stream, c
   t = config.train
   llama = setup.llama
   tokens_per_step = config.data.batch_size * config.data.seq_len
-  peak_flops = flops.peak_flops_per_device(jax.devices()[0], setup.llama.dtype) * setup.mesh.size
+  peak_flops = flops.mesh_peak_flops(setup.mesh, llama.dtype)
   flops_per_token = flops.train_flops_per_token(llama, config.data.seq_len)
   progress = metrics_lib.ProgressLogger(start, t.steps)
   train_step = setup.jit_train_step()
