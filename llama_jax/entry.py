@@ -25,9 +25,10 @@ def reuse_freed_memory() -> bool:
   posix_memalign and frees them when the step ends. glibc serves blocks this large from fresh
   mmap'd pages, so every step takes a page fault per 4 KiB on first touch: 213k faults and
   ~0.4 s of kernel time per peer-tiny step on a 2-core CPU, a fifth of its wall time
-  (benchmarks/README.md). With a single arena, no mmap and no trimming below 2 GiB of free top
-  memory, the next step gets the same, already mapped pages. Has to run before JAX starts its
-  threads: a thread picks its arena on its first malloc.
+  (benchmarks/README.md; `python benchmarks/page_faults.py` counts them with and without).
+  With a single arena, no mmap and no trimming below 2 GiB of free top memory, the next step
+  gets the same, already mapped pages. Has to run before JAX starts its threads: a thread picks
+  its arena on its first malloc.
   """
   try:
     libc = ctypes.CDLL("libc.so.6")
@@ -58,12 +59,17 @@ def _names_missing_key(arg, message):
 
 
 def run(fn):
-  """Runs fn with library logs at WARNING; a ConfigError or missing file ends it in one line."""
+  """Runs fn with library logs at WARNING; a ConfigError or missing file ends it in one line.
+
+  First (--reuse_freed_memory, the default) sets malloc up to reuse freed memory, and says so on
+  stderr where it cannot."""
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.ERROR)  # orbax logs every file it writes, and more
   from llama_jax.errors import ConfigError, StopRun
-  if _REUSE_FREED_MEMORY.value:
-    reuse_freed_memory()
+  # Before distributed.initialize_from_flags, which starts JAX and its threads (see reuse_freed_memory).
+  if _REUSE_FREED_MEMORY.value and not reuse_freed_memory():
+    print("warning: malloc cannot be told to reuse freed memory here (not glibc, or mallopt refused): "
+          "each step's host buffers are mapped and faulted in afresh", file=sys.stderr, flush=True)
   try:
     distributed.initialize_from_flags()
     return fn()
