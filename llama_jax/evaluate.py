@@ -5,10 +5,13 @@ compares models across tokenizers. Every token of every document after its BOS i
 its EOS included, in packed rows laid out as in training (data.py). It needs a lossless
 tokenizer (decode(encode(x)) == x); the ones trained here are, and the count uses the
 documents' own bytes.
+
+A loss too large for exp() (a diverged model) gives perplexity inf, not an error; the report
+keeps every field, and eval_<step>.json writes inf and NaN as the strings "inf" and "nan"
+(metrics.dumps), so that strict JSON parsers read it.
 """
 
 import contextlib
-import json
 import math
 
 import jax
@@ -33,7 +36,11 @@ class Evaluator:
     n = jax.process_count()
     if batch_size % n:
       raise config_lib.ConfigError(f"eval batch size {batch_size} is not divisible by {n} processes")
-    self._rows = batch_size // n  # each process feeds its rows of every batch
+    # A checkpoint's batch size need not split over the mesh it is loaded on (run_setup.load_run
+    # picks one that fits the model): round the rows up to a multiple of the batch shards. Extra
+    # rows only regroup the packed rows (or are padding, weight 0): the scores do not change.
+    shards = math.lcm(setup.mesh.shape[sh.DATA] * setup.mesh.shape[sh.FSDP], n)
+    self._rows = -(-batch_size // shards) * shards // n  # each process feeds its rows of every batch
     self._eval_step = setup.jit_eval_step()
 
   def _batches(self, process_index: int, process_count: int):
@@ -67,9 +74,19 @@ class Evaluator:
         nll += float(batch_nll)
         count += float(batch_count)
         num_bytes += int(batch_bytes)
-    loss = nll / max(count, 1)
-    return {"loss": loss, "perplexity": math.exp(loss),
-            "bits_per_byte": nll / math.log(2) / max(num_bytes, 1), "num_tokens": int(count)}
+    return scores(nll, count, num_bytes)
+
+
+def scores(nll: float, count: float, num_bytes: int) -> dict:
+  """Loss, perplexity and bits/byte from the summed NLL (nats) of `count` tokens over `num_bytes` bytes;
+  perplexity inf where exp(loss) overflows a float, NaN where the loss is NaN."""
+  loss = nll / max(count, 1)
+  try:
+    perplexity = math.exp(loss)
+  except OverflowError:
+    perplexity = math.inf
+  return {"loss": loss, "perplexity": perplexity, "bits_per_byte": nll / math.log(2) / max(num_bytes, 1),
+          "num_tokens": int(count)}
 
 
 def as_eval_metrics(result: dict) -> dict:
@@ -107,24 +124,27 @@ def exact_match(setup, params, tok, corpus, max_examples: int, batch_size: int =
 
 
 def evaluate_checkpoint(workdir: str, step: int | None = None, corpus_spec: str | None = None,
-                        exact_match_examples: int = 0, data_format: str | None = None) -> dict:
+                        exact_match_examples: int = 0, data_format: str | None = None,
+                        dtype: str | None = None) -> dict:
   """Loads WORKDIR's checkpoint (latest by default) and its config, and scores a corpus
   (default: the run's data.eval_corpus). SFT data (data.format = "sft") is scored on the responses
-  (and EOS) only, plus the exact-match accuracy of greedy answers to its first pairs."""
+  (and EOS) only, plus the exact-match accuracy of greedy answers to its first pairs. `dtype` overrides the
+  checkpoint's compute dtype (run_setup.load_run); the result names the one that ran ("dtype")."""
 
-  setup, params, tok, step = run_setup.load_run(workdir, step)
+  setup, params, tok, step = run_setup.load_run(workdir, step, dtype=dtype)
   d = setup.config.data
   if data_format:
     d.format = data_format
   corpus = data_lib.open_corpus(d, "eval_corpus", spec=corpus_spec)
-  result = {"step": int(step), **Evaluator(setup, tok, corpus)(params)}
+  result = {"step": int(step), "dtype": setup.llama.dtype, **Evaluator(setup, tok, corpus)(params)}
   if d.format == "sft" and exact_match_examples > 0:
     result.update(exact_match(setup, params, tok, corpus, exact_match_examples))
   return result
 
 
 def write_json(result: dict, path: str):
+  """Writes `result` as strict JSON (non-finite floats as "inf", "-inf", "nan"), from process 0."""
   if jax.process_index() == 0:
     with open(path, "w") as f:
-      json.dump(result, f, indent=2)
+      f.write(metrics_lib.dumps(result, indent=2) + "\n")
     metrics_lib.log(f"wrote {path}")

@@ -1,7 +1,14 @@
 """Where metrics go: WORKDIR/metrics.jsonl (one JSON object per event, each with "step"),
-TensorBoard event files under WORKDIR/tensorboard, and a log line. Only process 0 writes."""
+TensorBoard event files under WORKDIR/tensorboard, and a log line. Only process 0 writes.
+
+Non-finite values (an infinite perplexity, a NaN throughput) are kept, not dropped or clipped:
+JSON has no numbers for them (Python's `Infinity`/`NaN` are not JSON and strict parsers refuse
+them), so metrics.jsonl and eval_<step>.json write them as the strings "inf", "-inf" and "nan"
+(`dumps`), which `number` and `float()` read back; TensorBoard gets the float itself.
+"""
 
 import json
+import math
 import os
 import time
 
@@ -23,10 +30,10 @@ class MetricWriter:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _to_python(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.write(dumps(record) + "\n")
     self._jsonl.flush()
     for k, v in record.items():
-      if k != "step" and isinstance(v, (int, float)):
+      if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
         self._tb.add_scalar(k, v, step)
     self._tb.flush()
 
@@ -34,7 +41,7 @@ class MetricWriter:
     """A text (a sample) as {"step", tag: text} in metrics.jsonl and under `tag` in TensorBoard."""
     if not self.enabled:
       return
-    self._jsonl.write(json.dumps({"step": int(step), tag: text}) + "\n")
+    self._jsonl.write(dumps({"step": int(step), tag: text}) + "\n")
     self._jsonl.flush()
     self._tb.add_text(tag, text, step)
     self._tb.flush()
@@ -50,6 +57,30 @@ def _to_python(v):
   return v.item() if v.ndim == 0 else v.tolist()
 
 
+_NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+def json_safe(value):
+  """`value` (a dict, list or scalar) with every non-finite float replaced by "inf", "-inf" or "nan"."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+  if isinstance(value, dict):
+    return {k: json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v) for v in value]
+  return value
+
+
+def dumps(record, **kwargs) -> str:
+  """Strict JSON of a record: non-finite floats as strings (json_safe), never `Infinity` or `NaN`."""
+  return json.dumps(json_safe(record), allow_nan=False, **kwargs)
+
+
+def number(value):
+  """A metric as written by `dumps`, read back: "inf", "-inf" and "nan" become floats again."""
+  return _NONFINITE[value] if isinstance(value, str) and value in _NONFINITE else value
+
+
 class ProgressLogger:
   """Formats the train log line: step, loss, tokens/s, lr, and the time left."""
 
@@ -59,16 +90,18 @@ class ProgressLogger:
     self._first_step, self._first_time = start_step, self._last_time
 
   def tokens_per_sec(self, step: int, tokens_per_step: int) -> float:
-    """Throughput since the previous call (the caller has synced with the device)."""
+    """Throughput since the previous call (the caller has synced with the device); NaN where no
+    time was measured (the clock did not advance), since no rate follows from a zero interval."""
     now = time.perf_counter()
-    rate = (step - self._last_step) * tokens_per_step / max(now - self._last_time, 1e-9)
+    elapsed = now - self._last_time
+    rate = (step - self._last_step) * tokens_per_step / elapsed if elapsed > 0 else math.nan
     self._last_step, self._last_time = step, now
     return rate
 
   def line(self, step: int, metrics: dict) -> str:
     done = step - self._first_step
     elapsed = time.perf_counter() - self._first_time
-    eta = elapsed / max(done, 1) * (self.total_steps - step)
+    eta = elapsed / done * (self.total_steps - step) if done > 0 else math.nan  # no step timed: unknown
     line = (f"step {step}/{self.total_steps} | loss {metrics['loss']:.4f} | "
             f"{metrics['tokens_per_sec']:,.0f} tok/s | MFU {metrics['mfu']:.1%} | lr {metrics['learning_rate']:.2e} | "
             f"grad_norm {metrics['grad_norm']:.3f} | eta {_hms(eta)}")
@@ -78,6 +111,8 @@ class ProgressLogger:
 
 
 def _hms(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "unknown"
   m, s = divmod(int(seconds), 60)
   h, m = divmod(m, 60)
   return f"{h}:{m:02d}:{s:02d}"

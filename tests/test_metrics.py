@@ -1,0 +1,107 @@
+"""Non-finite metrics (a diverged model's perplexity, a throughput over no time) are reported, as
+strict JSON ("inf", "-inf", "nan" strings) in metrics.jsonl and eval_<step>.json, floats in TensorBoard."""
+
+import glob
+import json
+import math
+import os
+import struct
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ByteTokenizer, tiny_test_config
+from llama_jax import corpus as corpus_lib
+from llama_jax import evaluate
+from llama_jax import metrics as metrics_lib
+from llama_jax import run_setup
+
+HELDOUT = "text:" + os.path.join(os.path.dirname(__file__), "data", "heldout_sample.txt")
+
+
+def strict_json(text):
+  """json.loads that refuses Infinity, -Infinity and NaN, as strict parsers (RFC 8259) do."""
+  def refuse(constant):
+    raise ValueError(f"not JSON: {constant}")
+  return json.loads(text, parse_constant=refuse)
+
+
+def diverged_params(setup, scale=1e5):
+  """Random params whose final norm multiplies the logits by `scale`: a held-out loss in the thousands."""
+  params = jax.device_get(setup.init_state()["params"])
+  params["final_norm"]["scale"] = params["final_norm"]["scale"] * scale
+  return params
+
+
+def test_evaluator_reports_an_infinite_perplexity_for_a_huge_loss(tmp_path):
+  setup = run_setup.Setup(tiny_test_config(), jax.devices()[:1])
+  corpus = corpus_lib.open_corpus(HELDOUT)
+  result = evaluate.Evaluator(setup, ByteTokenizer(), corpus)(diverged_params(setup))  # OverflowError before
+  assert math.log(np.finfo(np.float64).max) < result["loss"] < math.inf  # exp(loss) overflows a double
+  assert result["perplexity"] == math.inf
+  assert math.isfinite(result["bits_per_byte"]) and result["bits_per_byte"] > 1000
+  assert result["num_tokens"] > 0
+
+  path = tmp_path / "eval_0.json"
+  evaluate.write_json({"step": 0, **result}, str(path))
+  written = strict_json(path.read_text())
+  assert written["perplexity"] == "inf"
+  assert {k: metrics_lib.number(v) for k, v in written.items()} == {"step": 0, **result}
+
+
+def test_scores_of_a_nan_loss_are_nan():
+  scores = evaluate.scores(math.nan, 10.0, 40)
+  assert all(math.isnan(scores[k]) for k in ("loss", "perplexity", "bits_per_byte"))
+  assert strict_json(metrics_lib.dumps(scores))["perplexity"] == "nan"
+
+
+def _tensorboard_scalars(logdir):
+  """{tag: [simple_value, ...]} of the TFRecord event files under logdir (read without TensorFlow)."""
+  from tensorboardX.proto import event_pb2
+  scalars = {}
+  for path in glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
+    data = open(path, "rb").read()
+    offset = 0
+    while offset < len(data):  # record: length (8 bytes), its crc (4), payload, payload crc (4)
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append(value.simple_value)
+  return scalars
+
+
+def test_metric_writer_keeps_non_finite_values_in_strict_json_and_tensorboard(tmp_path):
+  writer = metrics_lib.MetricWriter(str(tmp_path))
+  writer.write(5, {"loss": np.float32(2.5), "eval_perplexity": math.inf, "mfu": np.float64("nan"),
+                   "delta": -math.inf, "hist": np.array([1.0, np.inf])})
+  writer.close()
+  (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert strict_json(line) == {"step": 5, "loss": 2.5, "eval_perplexity": "inf", "mfu": "nan", "delta": "-inf",
+                               "hist": [1.0, "inf"]}
+  scalars = _tensorboard_scalars(str(tmp_path / "tensorboard"))
+  assert scalars["loss"] == [2.5] and scalars["eval_perplexity"] == [math.inf] and scalars["delta"] == [-math.inf]
+  assert math.isnan(scalars["mfu"][0])
+
+
+def test_tokens_per_sec_over_no_time_is_nan_and_the_log_line_says_so(monkeypatch):
+  monkeypatch.setattr(metrics_lib.time, "perf_counter", lambda: 100.0)  # a clock that does not advance
+  progress = metrics_lib.ProgressLogger(start_step=0, total_steps=10)
+  rate = progress.tokens_per_sec(1, 2048)  # was 2048 / 1e-9 = 2e12 tokens/s
+  assert math.isnan(rate)
+  line = progress.line(1, {"loss": 2.0, "tokens_per_sec": rate, "mfu": rate * 1e6 / 1e12,
+                           "learning_rate": 1e-3, "grad_norm": 1.0})
+  assert "| nan tok/s | MFU nan% |" in line and line.endswith("| eta 0:00:00")
+
+
+def test_eta_before_any_step_is_unknown():
+  progress = metrics_lib.ProgressLogger(start_step=4, total_steps=10)
+  line = progress.line(4, {"loss": 2.0, "tokens_per_sec": 1.0, "mfu": 0.1, "learning_rate": 1e-3, "grad_norm": 1.0})
+  assert line.endswith("| eta unknown")
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, 1.5, "text"])
+def test_number_reads_back_what_dumps_writes(value):
+  back = metrics_lib.number(strict_json(metrics_lib.dumps({"v": value}))["v"])
+  assert back == value or (math.isnan(back) and math.isnan(value))
