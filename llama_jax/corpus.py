@@ -28,7 +28,9 @@ process takes every `shard_count`-th document of the one global order, so the sh
 disjoint and together cover every document once per epoch.
 """
 
+import collections
 import dataclasses
+import functools
 import glob
 import importlib.util
 import json
@@ -120,6 +122,30 @@ class _Skips:
         logging.warning("skipping %s: %s", where, why)
 
 
+class _Probe:
+  """Stands in for _Skips while a corpus is checked at open: notes why documents are unusable."""
+
+  def __init__(self):
+    self.reasons = collections.Counter()
+    self.first_bad = None
+
+  def bad(self, where: str, why: str):
+    self.reasons[why.split(" (")[0]] += 1
+    self.first_bad = self.first_bad or f"{where}: {why}"
+
+
+def unicode_error(text: str) -> str | None:
+  """Why `text` cannot be encoded as UTF-8 (a lone surrogate, which JSON's \\ud800 escapes allow),
+  or None when it is valid Unicode."""
+  if text.isascii():
+    return None
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    return f"not valid Unicode (a lone surrogate U+{ord(text[e.start]):04X} at character {e.start})"
+  return None
+
+
 class TextFiles(grain.sources.RandomAccessDataSource):
   """Document i is the whole UTF-8 text of file i."""
 
@@ -129,14 +155,20 @@ class TextFiles(grain.sources.RandomAccessDataSource):
   def __len__(self):
     return len(self._paths)
 
+  unit = "files"
+
   def __getitem__(self, i):
+    return self.read(i, self._skips)
+
+  def read(self, i, skips):
+    """File i's text; None when it is skipped (not UTF-8; DataError unless skipping)."""
     path = self._paths[i]
     with open(path, "rb") as f:
       raw = f.read()
     try:
-      return raw.decode("utf-8")
+      return raw.decode("utf-8")  # strict: UTF-8-encoded surrogates are refused too
     except UnicodeDecodeError as e:
-      return self._skips.bad(path, f"not UTF-8 (byte {e.start})")
+      return skips.bad(path, f"not UTF-8 (byte {e.start})")
 
 
 def line_offsets(path: str, block_bytes: int = 1 << 26) -> np.ndarray:
@@ -174,7 +206,13 @@ class JsonlLines(grain.sources.RandomAccessDataSource):
         self._fds[file_index] = os.open(self._paths[file_index], os.O_RDONLY)
       return self._fds[file_index]
 
+  unit = "lines"
+
   def __getitem__(self, i):
+    return self.read(i, self._skips)
+
+  def read(self, i, skips):
+    """Line i's field(s); None for a blank line or a skipped one (DataError unless skipping)."""
     f = int(np.searchsorted(self._first_line, i, side="right")) - 1
     line = i - int(self._first_line[f])
     start, end = self._offsets[f][line], self._offsets[f][line + 1]
@@ -183,14 +221,18 @@ class JsonlLines(grain.sources.RandomAccessDataSource):
     if not raw.strip():
       return None
     try:
-      record = json.loads(raw)
-    except UnicodeDecodeError:
-      return self._skips.bad(where, "not UTF-8")
+      record = json.loads(raw.decode("utf-8"))  # decoded here: json.loads(bytes) would guess UTF-16/32
+    except UnicodeDecodeError as e:
+      return skips.bad(where, f"not UTF-8 (byte {e.start})")
     except json.JSONDecodeError as e:
-      return self._skips.bad(where, f"not JSON ({e.msg})")
+      return skips.bad(where, f"not JSON ({e.msg})")
+    except RecursionError:  # "[[[[..." nested deeper than Python's stack
+      return skips.bad(where, "not JSON (nested too deeply)")
     for field in self._fields:
       if not isinstance(record, dict) or not isinstance(record.get(field), str):
-        return self._skips.bad(where, f"no string field {field!r}")
+        return skips.bad(where, f"no string field {field!r}")
+      if why := unicode_error(record[field]):
+        return skips.bad(where, f"field {field!r} is {why}")
     return record[self._fields[0]] if len(self._fields) == 1 else tuple(record[f] for f in self._fields)
 
   def __getstate__(self):  # open file descriptors stay with their process
@@ -209,13 +251,24 @@ class TfdsTexts(grain.sources.RandomAccessDataSource):
   def __len__(self):
     return len(self._source)
 
+  unit = "examples"
+
   def __getitem__(self, i):
+    return self.read(i, self._skips)
+
+  def read(self, i, skips):
+    """Example i's text; None when it is skipped (not UTF-8; DataError unless skipping)."""
     text = self._source[i][self._feature]
+    where = f"{self._name} example {i}"
     if isinstance(text, bytes):
       try:
         return text.decode("utf-8")
-      except UnicodeDecodeError:
-        return self._skips.bad(f"{self._name} example {i}", "not UTF-8")
+      except UnicodeDecodeError as e:
+        return skips.bad(where, f"not UTF-8 (byte {e.start})")
+    if not isinstance(text, str):
+      return skips.bad(where, f"feature {self._feature!r} is {type(text).__name__}, not text")
+    if why := unicode_error(text):
+      return skips.bad(where, why)
     return text
 
 
@@ -252,6 +305,40 @@ class MapCorpus:
   def skipped(self) -> int:
     return self.skips.count
 
+  def check_usable(self, name: str):
+    """Raises ConfigError unless a document in corpus order has text (stops at the first)."""
+    if isinstance(self.source, list):  # the embedded plays and speeches
+      if not self.source:
+        raise ConfigError(f"{name}={self.spec!r} has no documents")
+      return
+    probe = _Probe()
+    for i in range(len(self.source)):
+      unreadable = probe.reasons.total()
+      doc = self.source.read(i, probe)
+      if doc:  # a non-empty text, or an SFT pair
+        return
+      if doc is not None:
+        probe.reasons["empty"] += 1
+      elif probe.reasons.total() == unreadable:  # None and no reason given: a blank JSONL line
+        probe.reasons["blank"] += 1
+    raise _no_usable(name, self.spec, len(self.source), self.source.unit, probe)
+
+
+def _no_usable(name: str, spec: str, total: int, unit: str, probe: _Probe) -> ConfigError:
+  """The error for a corpus without a document with text, saying what its documents are instead:
+  a DataError naming the first unreadable one where there is one."""
+  if not total:
+    return ConfigError(f"{name}={spec!r} has no documents (0 {unit})")
+  unit = unit if total > 1 else unit[:-1]
+  if len(probe.reasons) == 1:
+    why = f"all {next(iter(probe.reasons))}"
+  else:
+    why = ", ".join(f"{n} {reason}" for reason, n in probe.reasons.most_common())
+  message = f"{name}={spec!r} has no document with text: {total} {unit}, {why}"
+  if probe.first_bad:
+    return DataError(f"{message}; the first unreadable: {probe.first_bad}")
+  return ConfigError(message)
+
 
 @dataclasses.dataclass
 class ParquetCorpus:
@@ -260,10 +347,11 @@ class ParquetCorpus:
   spec: str
   paths: list[str]
   column: str
+  skips: _Skips
 
   def _rows(self, path):
-    column = self.column
-    return grain.experimental.ParquetIterDataset(path).map(lambda row: row[column])
+    return grain.experimental.ParquetIterDataset(path).map(
+        functools.partial(_parquet_text, path, self.column, self.skips))
 
   def documents(self, seed: int | None, shard_index: int = 0, shard_count: int = 1):
     files = grain.MapDataset.source(self.paths)
@@ -279,7 +367,29 @@ class ParquetCorpus:
     yield from _up_to_bytes(self.documents(None), max_bytes)
 
   def skipped(self) -> int:
-    return 0
+    return self.skips.count
+
+  def check_usable(self, name: str):
+    """Raises ConfigError unless a row in corpus order has text (stops at the first)."""
+    import pyarrow.parquet as pq
+    probe, total = _Probe(), 0
+    for path in self.paths:
+      for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=[self.column]):
+        for text in batch.column(0).to_pylist():
+          total += 1
+          if text is None:
+            probe.bad(f"{path} row {total}", "null")
+          elif text == "":
+            probe.reasons["empty"] += 1
+          else:
+            return
+    raise _no_usable(name, self.spec, total, "rows", probe)
+
+
+def _parquet_text(path: str, column: str, skips: _Skips, row: dict):
+  """A row's text; None for a null (DataError unless skipping). Arrow strings are valid UTF-8."""
+  text = row[column]
+  return skips.bad(f"{path}", f"a null in column {column!r}") if text is None else text
 
 
 @dataclasses.dataclass
@@ -366,11 +476,12 @@ def _tfds_corpus(spec: str, rest: str, data_dir: str, name: str, skips: _Skips) 
   return MapCorpus(spec, TfdsTexts(source, feature, f"{dataset}@{split}", skips), skips)
 
 
-def _parquet_corpus(spec: str, rest: str, name: str) -> ParquetCorpus:
+def _parquet_corpus(spec: str, rest: str, name: str, skips: _Skips) -> ParquetCorpus:
   pattern, column = _split_field(rest, None)
   if not column:
     raise ConfigError(f"{name}={spec!r}: name the text column, parquet:GLOB#COLUMN")
   paths = _glob(pattern, name)
+  import pyarrow as pa
   import pyarrow.parquet as pq
   for path in paths:
     try:
@@ -379,7 +490,10 @@ def _parquet_corpus(spec: str, rest: str, name: str) -> ParquetCorpus:
       raise ConfigError(f"{name}: {path} is not a readable parquet file ({e})") from None
     if column not in schema.names:
       raise ConfigError(f"{name}: {path} has no column {column!r} (it has {schema.names})")
-  return ParquetCorpus(spec, paths, column)
+    kind = schema.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+      raise ConfigError(f"{name}: {path} column {column!r} holds {kind}, not strings")
+  return ParquetCorpus(spec, paths, column, skips)
 
 
 def _mixture(spec: str, rest: str, name: str, **kwargs) -> MixtureCorpus:
@@ -392,7 +506,7 @@ def _mixture(spec: str, rest: str, name: str, **kwargs) -> MixtureCorpus:
       w = float("nan")
     if not sep or not w > 0:
       raise ConfigError(f"{name}: mixture part {part!r} needs a weight > 0 (SPEC=WEIGHT)")
-    components.append(open_corpus(sub, name=name, **kwargs))
+    components.append(open_corpus(sub, name=f"{name} mix part", **kwargs))
     weights.append(w)
   return MixtureCorpus(spec, components, weights)
 
@@ -400,7 +514,20 @@ def _mixture(spec: str, rest: str, name: str, **kwargs) -> MixtureCorpus:
 def open_corpus(spec: str, *, name: str = "corpus", tfds_data_dir: str = "",
                 skip_bad_documents: bool = False, pair_fields: tuple[str, str] | None = None):
   """The corpus named by `spec` (see the module docstring); `name` prefixes error messages.
-  With `pair_fields` (prompt, response field names) its documents are SFT pairs."""
+  With `pair_fields` (prompt, response field names) its documents are SFT pairs.
+
+  Raises:
+    ConfigError: a bad spec, no files, or a corpus (or a mix: part) without one document that
+      has text, found by reading in corpus order up to the first that has: one document on a
+      sound corpus, a whole pass over one that has none ("3 lines, all blank").
+  """
+  corpus = _open(spec, name, tfds_data_dir, skip_bad_documents, pair_fields)
+  if not isinstance(corpus, MixtureCorpus):  # its parts were checked as they opened
+    corpus.check_usable(name)
+  return corpus
+
+
+def _open(spec, name, tfds_data_dir, skip_bad_documents, pair_fields):
   kind, sep, rest = spec.partition(":")
   skips = _Skips(skip_bad_documents)
   if not sep:
@@ -425,7 +552,7 @@ def open_corpus(spec: str, *, name: str = "corpus", tfds_data_dir: str = "",
     pattern, field = _split_field(rest, "text")
     return MapCorpus(spec, JsonlLines(_glob(pattern, name), (field,), skips), skips)
   if kind == "parquet":
-    return _parquet_corpus(spec, rest, name)
+    return _parquet_corpus(spec, rest, name, skips)
   if kind == "tfds":
     return _tfds_corpus(spec, rest, tfds_data_dir, name, skips)
   if kind == "speakers":
