@@ -1,7 +1,9 @@
 """Scores a checkpoint on the held-out corpus: loss, perplexity and bits per byte (for SFT data:
 of the responses, plus the exact-match accuracy of greedy answers).
 
-  python eval.py --workdir runs/tiny [--step N] [--output FILE] [--corpus SPEC]
+  python eval.py --workdir runs/tiny [--step N] [--output FILE] [--corpus SPEC] [--dtype float32]
+
+The line printed and the JSON written name the compute dtype that ran ("dtype").
 """
 
 from absl import flags
@@ -16,6 +18,8 @@ _FORMAT = flags.DEFINE_enum("format", None, ["text", "sft"], "What --corpus hold
                             "sft scores a base model on prompt/response pairs.")
 _EXACT_MATCH = flags.DEFINE_integer("exact_match", 500, "SFT data: answer this many prompts greedily and count "
                                     "the exact responses (0: skip).")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float16", "float32"],
+                           "Compute dtype for this call (default: the checkpoint's config.model.dtype).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -25,9 +29,9 @@ def main(argv):
 
   def run():
     result = evaluate.evaluate_checkpoint(_WORKDIR.value, _STEP.value, _CORPUS.value, _EXACT_MATCH.value,
-                                          _FORMAT.value)
+                                          _FORMAT.value, dtype=_DTYPE.value)
     line = (f"step {result['step']}: loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | "
-            f"bits/byte {result['bits_per_byte']:.4f} | {result['num_tokens']:,} tokens")
+            f"bits/byte {result['bits_per_byte']:.4f} | {result['num_tokens']:,} tokens | {result['dtype']}")
     if "exact_match" in result:
       line += f" | exact match {result['exact_match']:.1%} of {result['exact_match_examples']:,}"
     print(line)

@@ -10,7 +10,11 @@ import os
 import ml_collections
 
 from llama_jax import model as model_lib
+from llama_jax import tokenizer as tok_lib
 from llama_jax.errors import ConfigError
+
+# The compute dtypes a run may take (model.dtype, the --dtype flags).
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def llama_config(model_config: ml_collections.ConfigDict) -> model_lib.LlamaConfig:
@@ -39,9 +43,64 @@ def model_config_dict(config: model_lib.LlamaConfig) -> ml_collections.ConfigDic
 
 
 def check_workdir(workdir: str):
+  """ConfigError unless `workdir` is a directory or can be made as one (its parent exists)."""
   parent = os.path.dirname(os.path.abspath(workdir))
   if not os.path.isdir(parent):
     raise ConfigError(f"--workdir {workdir}: parent directory {parent} does not exist")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir} {describe_path(workdir)}, not a directory")
+
+
+def describe_path(path: str) -> str:
+  """What is at `path`, in a few words that finish "PATH ...", for a line saying a file is not
+  what a flag or key says: "does not exist", "is a directory", "is a JSON file", ...
+
+  Reads at most 64 bytes of a file; a directory is named by what marks it (checkpoints/ for a
+  llama_jax workdir, config.json for a Hugging Face checkpoint).
+  """
+  if not os.path.exists(path):
+    return "does not exist"
+  if os.path.isdir(path):
+    names = set(os.listdir(path))
+    if "checkpoints" in names:
+      return "is a llama_jax workdir (it has checkpoints/)"
+    if "config.json" in names:
+      return "is a Hugging Face checkpoint directory (it has config.json)"
+    return "is an empty directory" if not names else "is a directory"
+  size = os.path.getsize(path)
+  if size == 0:
+    return "is an empty file"
+  with open(path, "rb") as f:
+    head = f.read(64)
+  # safetensors: an 8-byte little-endian header length, then the JSON header.
+  if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
+    return "is a safetensors file"
+  if head.lstrip()[:1] in (b"{", b"["):
+    return "is a JSON file"
+  return "is a file"
+
+
+def check_tokenizer_file(path: str, name: str):
+  """ConfigError, naming `name` (the flag or config key) and what `path` is instead, unless it may be a
+  tokenizer file: not a directory, an empty file, a JSON or a safetensors file. Reads 64 bytes."""
+  looks = describe_path(path)
+  if looks == "does not exist":
+    raise ConfigError(f"{name}: tokenizer file not found: {path}")
+  if looks not in ("is a file",):
+    hint = " (an HF tokenizer.json? give the model's tokenizer.model)" if looks == "is a JSON file" else ""
+    raise ConfigError(f"{name}: {path} {looks}{hint}, not a tokenizer file (a sentencepiece model or "
+                      "tiktoken ranks)")
+
+
+def load_tokenizer(path: str, name: str):
+  """The tokenizer at `path` (tokenizer.load_tokenizer), or ConfigError naming `name` (the flag, key or
+  file) and what `path` is instead when it is not a sentencepiece model or tiktoken ranks file."""
+  check_tokenizer_file(path, name)
+  try:
+    return tok_lib.load_tokenizer(path)
+  except (RuntimeError, ValueError, OSError, UnicodeDecodeError) as e:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+    raise ConfigError(f"{name}: {path} is not a sentencepiece model or tiktoken ranks file ({reason})") from None
 
 
 def check_config(config: ml_collections.ConfigDict):
@@ -64,9 +123,10 @@ def check_config(config: ml_collections.ConfigDict):
   if chunk < 0 or (chunk and config.data.seq_len % chunk):
     raise ConfigError(f"config.train.loss_chunk_size={chunk} must be 0 or divide "
                       f"config.data.seq_len={config.data.seq_len}")
-  path = config.data.tokenizer_path
-  if path and not os.path.isfile(path):
-    raise ConfigError(f"config.data.tokenizer_path: tokenizer file not found: {path}")
+  if config.data.tokenizer_path:
+    check_tokenizer_file(config.data.tokenizer_path, "config.data.tokenizer_path")
+  if llama.dtype not in COMPUTE_DTYPES:
+    raise ConfigError(f"config.model.dtype={llama.dtype!r} is not one of {list(COMPUTE_DTYPES)}")
   return llama
 
 

@@ -254,13 +254,59 @@ def from_hf_model(hf_dir: str, **overrides):
 
 
 def read_hf_config(hf_dir: str) -> dict:
-  if not os.path.isdir(hf_dir):
+  """The dict of HF_DIR/config.json. Raises FileNotFoundError for a missing dir, ValueError for
+  anything else that is not an HF checkpoint dir (a file, a llama_jax workdir, no config.json, bad JSON)."""
+  from llama_jax import config_lib
+  if not os.path.exists(hf_dir):
     raise FileNotFoundError(f"HF checkpoint dir not found: {hf_dir}")
+  if not os.path.isdir(hf_dir) or os.path.isdir(os.path.join(hf_dir, "checkpoints")):
+    raise ValueError(f"--hf_dir {hf_dir} {config_lib.describe_path(hf_dir)}, not a Hugging Face checkpoint "
+                     "directory")
   path = os.path.join(hf_dir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{hf_dir} is not an HF checkpoint: no config.json")
-  with open(path) as f:
-    return json.load(f)
+  return _read_json(path)
+
+
+def _read_json(path: str) -> dict:
+  """A JSON object from `path`; ValueError naming the file when it is not one."""
+  try:
+    with open(path) as f:
+      obj = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not JSON: {e}") from None
+  if not isinstance(obj, dict):
+    raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not an object")
+  return obj
+
+
+def stop_ids_from_hf(hf_dir: str, hf: dict, vocab_size: int) -> list[int]:
+  """The end-of-sequence ids transformers' generate stops at: generation_config.json's eos_token_id
+  where it sets one, else config.json's (`hf`); each an int or a list. [] when neither sets one.
+  Raises ValueError naming the file for an id that is not an int in [0, vocab_size)."""
+  path = os.path.join(hf_dir, "generation_config.json")
+  generation = _read_json(path) if os.path.isfile(path) else {}
+  source, ids = (path, generation["eos_token_id"]) if generation.get("eos_token_id") is not None else (
+      os.path.join(hf_dir, "config.json"), hf.get("eos_token_id"))
+  if ids is None:
+    return []
+  ids = [ids] if isinstance(ids, int) else ids
+  if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+    raise ValueError(f"{source}: eos_token_id={ids!r} is not a token id or a list of them")
+  bad = [t for t in ids if not 0 <= t < vocab_size]
+  if bad:
+    raise ValueError(f"{source}: eos_token_id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+  return list(dict.fromkeys(ids))
+
+
+def dtype_from_hf(hf: dict) -> str:
+  """The dtype an HF checkpoint declares (config.json's `dtype`, transformers 4's `torch_dtype`);
+  float32, what transformers loads, when it declares none. ValueError for one we do not compute in."""
+  name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+  name = str(name).removeprefix("torch.")
+  if name not in DTYPES:
+    raise ValueError(f"config.json dtype={name!r} is not one of {sorted(DTYPES)}; give --dtype")
+  return name
 
 
 def _index_tensors(hf_dir: str) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -427,63 +473,135 @@ def _set(tree: dict, path: tuple[str, ...], value):
 # ---------------------------------------------------------------------------- command line
 
 
-def import_hf(hf_dir: str, workdir: str, config_arg: str = "configs/llama.py"):
+def import_hf(hf_dir: str, workdir: str, config_arg: str = "configs/llama.py", dtype: str | None = None):
   """Writes WORKDIR/checkpoints/0 from an HF checkpoint: train.py continues pretraining from it
   (with `--config configs/llama.py:<preset>` or any config of the same architecture) and eval.py
-  scores it. The training config saved with it is `config_arg`'s with the HF model in it."""
+  scores it. The training config saved with it is `config_arg`'s with the HF model in it.
+
+  The stored compute dtype (config.model.dtype) is `dtype`, else the checkpoint's own (config.json's
+  `dtype` / `torch_dtype`); params are stored in float32. The tokenizer (HF_DIR/tokenizer.model or
+  original/tokenizer.model) becomes WORKDIR/tokenizer.model, and the checkpoint's end-of-sequence ids
+  (stop_ids_from_hf) WORKDIR/generation.json, which generation stops at.
+
+  Everything is checked first (config.json, tensor names and shapes, the tokenizer and its vocabulary,
+  the config file, the workdir: new or empty); the workdir is written as a temporary sibling and renamed,
+  so a refused or failed import leaves nothing behind. Raises ConfigError (or ValueError /
+  FileNotFoundError from the HF files) naming the culprit. Returns (LlamaConfig, train state).
+  """
   from llama_jax import checkpoint as ckpt_lib
   from llama_jax import config_lib, run_setup
-  from llama_jax import tokenizer as tok_lib
+  from llama_jax.errors import ConfigError
 
   config_lib.check_workdir(workdir)
-  llama, params = from_hf(hf_dir)
+  if ckpt_lib.has_checkpoints(workdir):
+    raise ConfigError(f"--workdir {workdir} already has checkpoints; import into a new workdir")
+  if os.path.isdir(workdir) and os.listdir(workdir):
+    raise ConfigError(f"--workdir {workdir} is not empty (it has {sorted(os.listdir(workdir))[:3]}); "
+                      "import into a new or empty directory")
+  if dtype is not None and dtype not in config_lib.COMPUTE_DTYPES:
+    raise ConfigError(f"--dtype {dtype!r} is not one of {list(config_lib.COMPUTE_DTYPES)}")
+  hf = read_hf_config(hf_dir)
+  llama = config_from_hf(hf)
+  _check_tensors(llama, _mappings(llama), _index_tensors(hf_dir))
+  compute_dtype = dtype or dtype_from_hf(hf)
+  stop_ids = stop_ids_from_hf(hf_dir, hf, llama.vocab_size)
+  tokenizer = next((os.path.join(hf_dir, name) for name in ("tokenizer.model", os.path.join("original", "tokenizer.model"))
+                    if os.path.exists(os.path.join(hf_dir, name))), None)
+  if tokenizer is not None:
+    config_lib.check_vocab(config_lib.load_tokenizer(tokenizer, "--hf_dir"), llama, tokenizer)
   config = _load_config_file(config_arg)
   model = config_lib.model_config_dict(llama)
-  for key in ("dtype", "scan_layers", "remat"):  # how to compute stays the config's choice
+  model.dtype = compute_dtype
+  for key in ("scan_layers", "remat"):  # how to lay out the computation stays the config's choice
     model[key] = config.model[key]
   config.model = model
-  setup = run_setup.Setup(config)
-  ckpt = ckpt_lib.Checkpointer(workdir)
-  if ckpt.latest_step() is not None:
-    raise ValueError(f"--workdir {workdir} already has checkpoints; import into a new workdir")
-  params = jax.tree.map(jax.device_put, params, setup.params_sharding)
-  opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_sharding["opt_state"])(params)
-  state = {"step": jax.device_put(np.zeros((), np.int32), setup.state_sharding["step"]), "params": params,
-           "opt_state": opt_state}
-  ckpt.save(0, state, config, force=True)
-  ckpt.wait()
-  ckpt.close()
-  for name in ("tokenizer.model", os.path.join("original", "tokenizer.model")):
-    src = os.path.join(hf_dir, name)
-    if os.path.isfile(src):
-      tok = tok_lib.load_tokenizer(src)
-      config_lib.check_vocab(tok, llama, src)
-      shutil.copyfile(src, run_setup.tokenizer_path(workdir))
-      break
-  else:
+  setup = run_setup.Setup(config)  # checks the model divides over the config's mesh
+
+  llama, params = from_hf(hf_dir, dtype=compute_dtype)
+  workdir = os.path.abspath(workdir)
+  tmp = os.path.join(os.path.dirname(workdir), f".{os.path.basename(workdir)}.importing-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    params = jax.tree.map(jax.device_put, params, setup.params_sharding)
+    opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_sharding["opt_state"])(params)
+    state = {"step": jax.device_put(np.zeros((), np.int32), setup.state_sharding["step"]), "params": params,
+             "opt_state": opt_state}
+    ckpt = ckpt_lib.Checkpointer(tmp)
+    try:
+      ckpt.save(0, state, config, force=True)
+      ckpt.wait()
+    finally:
+      ckpt.close()
+    if tokenizer is not None:
+      shutil.copyfile(tokenizer, run_setup.tokenizer_path(tmp))
+    if stop_ids:
+      run_setup.write_stop_ids(tmp, stop_ids)
+    if os.path.isdir(workdir):
+      os.rmdir(workdir)  # empty, checked above
+    os.rename(tmp, workdir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if tokenizer is None:
     print(f"note: {hf_dir} has no tokenizer.model; put the model's tokenizer at {run_setup.tokenizer_path(workdir)}")
   return llama, state
 
 
 def _load_config_file(config_arg: str):
-  """A `get_config()` file with an optional `:argument`, as `--config` takes it."""
+  """A `get_config()` file with an optional `:argument`, as `--config` takes it; ConfigError naming
+  the file when it is not a Python file with get_config()."""
   import importlib.util
+
+  from llama_jax import config_lib
+  from llama_jax.errors import ConfigError
   path, _, arg = config_arg.partition(":")
+  if not os.path.isfile(path) or not path.endswith(".py"):
+    raise ConfigError(f"--config {path} {config_lib.describe_path(path)}, not a Python config file "
+                      "with get_config()")
   spec = importlib.util.spec_from_file_location("imported_config", path)
-  if spec is None or not os.path.isfile(path):
-    raise FileNotFoundError(f"--config: no such config file {path}")
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"--config {path}: line {e.lineno}: {e.msg}") from None
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(f"--config {path} has no get_config() function")
   return module.get_config(arg) if arg else module.get_config()
 
 
 def export_hf(workdir: str, hf_dir: str, step: int | None = None, dtype: str | None = "bfloat16"):
-  """Writes WORKDIR's checkpoint (latest by default) as an HF Llama dir; returns the step."""
-  from llama_jax import run_setup
+  """Writes WORKDIR's checkpoint (latest by default) as an HF Llama dir; returns the step.
+
+  dtype: of the written tensors (None: the stored params' own). config.json's eos_token_id is the run's
+  stop ids (run_setup.stop_ids: an int, or a list when there are several), also written to
+  generation_config.json. HF_DIR must be new or empty; it is written as a temporary sibling and renamed,
+  so a refused or failed export leaves no half-written HF dir. Raises ConfigError for a WORKDIR that
+  holds no run, a missing step, or an HF_DIR with files in it.
+  """
+  from llama_jax import config_lib, run_setup
+  from llama_jax.errors import ConfigError
+
+  hf_dir = os.path.abspath(hf_dir)
+  parent = os.path.dirname(hf_dir)
+  if not os.path.isdir(parent):
+    raise ConfigError(f"--hf_dir {hf_dir}: parent directory {parent} does not exist")
+  if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)):
+    raise ConfigError(f"--hf_dir {hf_dir} {config_lib.describe_path(hf_dir)}; export into a new or empty directory")
   setup, params, tok, step = run_setup.load_run(workdir, step)
-  to_hf(setup.llama, jax.device_get(params), hf_dir, dtype=dtype,
-        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-  shutil.copyfile(run_setup.tokenizer_path(workdir), os.path.join(hf_dir, "tokenizer.model"))
+  stop = run_setup.stop_ids(workdir, tok)
+  eos = stop[0] if len(stop) == 1 else stop
+  tmp = os.path.join(parent, f".{os.path.basename(hf_dir)}.exporting-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    to_hf(setup.llama, jax.device_get(params), tmp, dtype=dtype, bos_token_id=tok.bos_id, eos_token_id=eos)
+    _write_json(os.path.join(tmp, "generation_config.json"), {"bos_token_id": tok.bos_id, "eos_token_id": eos})
+    shutil.copyfile(run_setup.tokenizer_path(workdir), os.path.join(tmp, "tokenizer.model"))
+    if os.path.isdir(hf_dir):
+      os.rmdir(hf_dir)  # empty, checked above
+    os.rename(tmp, hf_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   return step
 
 
@@ -513,7 +631,10 @@ def main():
   config = flags.DEFINE_string("config", "configs/llama.py", "import-hf: training config to store with it.")
   check = flags.DEFINE_bool("check", False, "import-hf: compare logits with transformers (needs torch).")
   step = flags.DEFINE_integer("step", None, "export-hf: checkpoint step (default: the latest).")
-  dtype = flags.DEFINE_enum("dtype", "bfloat16", sorted(DTYPES), "export-hf: dtype of the written tensors.")
+  dtype = flags.DEFINE_enum("dtype", None, sorted(DTYPES),
+                            "import-hf: the compute dtype stored with the model (default: the checkpoint's own, "
+                            "config.json's dtype / torch_dtype); export-hf: the dtype of the written tensors "
+                            "(default: bfloat16).")
   flags.mark_flags_as_required(["hf_dir", "workdir"])
 
   def run(argv):
@@ -521,8 +642,9 @@ def main():
     if command not in ("import-hf", "export-hf"):
       raise ConfigError("usage: python -m llama_jax.convert (import-hf | export-hf) --hf_dir=... --workdir=...")
     if command == "import-hf":
-      llama, state = import_hf(hf_dir.value, workdir.value, config.value)
-      print(f"wrote {workdir.value}/checkpoints/0 ({model_lib.count_params(llama):,} parameters)")
+      llama, state = import_hf(hf_dir.value, workdir.value, config.value, dtype.value)
+      print(f"wrote {workdir.value}/checkpoints/0 ({model_lib.count_params(llama):,} parameters, "
+            f"computing in {llama.dtype})")
       if check.value:
         try:
           diff = max_logit_difference(hf_dir.value, llama, state["params"])
@@ -530,7 +652,7 @@ def main():
         except ImportError:
           print("check: skipped, torch and transformers are not installed")
     else:
-      exported = export_hf(workdir.value, hf_dir.value, step.value, dtype.value)
+      exported = export_hf(workdir.value, hf_dir.value, step.value, dtype.value or "bfloat16")
       print(f"wrote {hf_dir.value} from step {exported}")
 
   def run_reporting_bad_checkpoints(argv):

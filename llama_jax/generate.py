@@ -4,17 +4,22 @@ All prompts of a batch are prefilled in one call (right-padded; row b's prompt f
 slots 0 .. len_b - 1), then one token per step inside a jitted `lax.while_loop`: row b's
 step i feeds its previous token at position len_b + i - 1 (model.Llama.decode). The cache holds
 prompt + max_new_tokens positions, never max_seq_len, and the shapes are fixed per
-(batch, prompt-length bucket, max_new_tokens), so a bucket compiles once. A row stops at its EOS.
+(batch, prompt-length bucket, max_new_tokens, stop ids), so a bucket compiles once. A row stops at
+the first of its stop ids it produces: the tokenizer's EOS, or the list an HF import recorded
+(run_setup.stop_ids: Llama 3 instruct's <|end_of_text|> and <|eot_id|>), plus any --stop_id.
 
   python -m llama_jax.generate --workdir runs/tiny --prompt "ROMEO." [--prompt "JULIET." ...]
       [--max_new_tokens 100] [--temperature 0.8 --top_k 50 --top_p 0.95] [--seed 0] [--json]
+      [--stop_id 128009 ...] [--dtype float32]
   python -m llama_jax.generate --workdir runs/tiny --prompt_ids "1 306 626" --temperature 0
 """
 
 import dataclasses
 import json
 import math
+import sys
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +71,7 @@ def sample_tokens(logits_BV, key, sampling: Sampling):
 
 
 def check_request(prompts, max_new_tokens: int, llama, name: str = "prompt"):
-  """One line for a request the model cannot serve, before anything compiles."""
+  """One line (ConfigError) for a request the model cannot serve, before anything compiles."""
   if not prompts:
     raise ConfigError(f"no {name} given")
   if max_new_tokens < 1:
@@ -85,7 +90,7 @@ def check_request(prompts, max_new_tokens: int, llama, name: str = "prompt"):
 
 @dataclasses.dataclass
 class Generation:
-  ids: list[list[int]]  # per prompt: the new tokens, up to and including its EOS
+  ids: list[list[int]]  # per prompt: the new tokens, up to and including its first stop id
   compile_s: float  # 0 when this shape bucket was compiled before
   prefill_s: float
   decode_s: float
@@ -99,8 +104,17 @@ class Generator:
     self._graphdef, self._llama, self._mesh = graphdef, llama, mesh
     self._compiled = {}
 
-  def __call__(self, params, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
+  def __call__(self, params, prompts: list[list[int]], max_new_tokens: int, stop_ids: int | Sequence[int],
                sampling: Sampling = Sampling(), seed: int = 0) -> Generation:
+    """New tokens for each prompt (lists of token ids), at most max_new_tokens per row.
+
+    stop_ids: the id (or ids) that end a row; the row keeps the one it produced (an id outside the
+    vocabulary, e.g. -1, never ends one). Raises ConfigError for a prompt or setting the model cannot
+    serve, before anything compiles.
+    """
+    stop = (stop_ids,) if isinstance(stop_ids, int) else tuple(dict.fromkeys(int(t) for t in stop_ids))
+    if not stop:
+      raise ConfigError("no stop id given")
     check_request(prompts, max_new_tokens, self._llama)
     sampling.check()
     lengths = [len(p) for p in prompts]
@@ -118,10 +132,10 @@ class Generator:
     key = jax.random.key(seed)
     compile_s = 0.0
     with jax.set_mesh(self._mesh):
-      signature = (B, P, max_new_tokens, eos_id, sampling)
+      signature = (B, P, max_new_tokens, stop, sampling)
       if signature not in self._compiled:
         start = time.perf_counter()
-        self._compiled[signature] = self._compile(params, tokens_BP, lengths_B, key, max_new_tokens, eos_id, sampling)
+        self._compiled[signature] = self._compile(params, tokens_BP, lengths_B, key, max_new_tokens, stop, sampling)
         compile_s = time.perf_counter() - start
       prefill, decode = self._compiled[signature]
       start = time.perf_counter()
@@ -132,13 +146,17 @@ class Generator:
       new_BN, steps = decode(params, first_B, lengths_B, cache, key)
       new_BN, steps = sh.replicated_to_host((new_BN, steps))
       decode_s = time.perf_counter() - start
-    return Generation([_until_eos(new_BN[b], eos_id) for b in range(len(prompts))], compile_s, prefill_s, decode_s,
+    return Generation([_until_stop(new_BN[b], stop) for b in range(len(prompts))], compile_s, prefill_s, decode_s,
                       int(steps) - 1)
 
-  def _compile(self, params, tokens_BP, lengths_B, key, max_new_tokens, eos_id, sampling):
+  def _compile(self, params, tokens_BP, lengths_B, key, max_new_tokens, stop, sampling):
     graphdef, llama = self._graphdef, self._llama
     B, P = tokens_BP.shape
     N = max_new_tokens
+    fill = stop[0]  # what a finished row's later slots hold
+
+    def is_stop(token_B):
+      return jnp.isin(token_B, jnp.asarray(stop, jnp.int32))
 
     def prefill(params, tokens_BP, lengths_B, key):
       model = nnx.merge(graphdef, params)
@@ -158,11 +176,11 @@ class Generator:
         i, token_B, new_BN, done_B, cache = carry
         x_B1D, cache = model.decode(token_B[:, None], (lengths_B + i - 1)[:, None], cache)
         token_B = sample_tokens(model.logits(x_B1D)[:, 0], jax.random.fold_in(key, i), sampling)
-        token_B = jnp.where(done_B, eos_id, token_B)
-        return i + 1, token_B, new_BN.at[:, i].set(token_B), done_B | (token_B == eos_id), cache
+        token_B = jnp.where(done_B, fill, token_B)
+        return i + 1, token_B, new_BN.at[:, i].set(token_B), done_B | is_stop(token_B), cache
 
-      new_BN = jnp.full((B, N), eos_id, jnp.int32).at[:, 0].set(first_B)
-      carry = (jnp.int32(1), first_B, new_BN, first_B == eos_id, cache)
+      new_BN = jnp.full((B, N), fill, jnp.int32).at[:, 0].set(first_B)
+      carry = (jnp.int32(1), first_B, new_BN, is_stop(first_B), cache)
       i, _, new_BN, _, _ = jax.lax.while_loop(unfinished, step, carry)
       return new_BN, i
 
@@ -174,9 +192,10 @@ class Generator:
     return prefill, decode
 
 
-def _until_eos(ids_N, eos_id: int) -> list[int]:
+def _until_stop(ids_N, stop: Sequence[int]) -> list[int]:
   ids = [int(t) for t in ids_N]
-  return ids[:ids.index(eos_id) + 1] if eos_id in ids else ids
+  end = next((i for i, t in enumerate(ids) if t in stop), None)
+  return ids if end is None else ids[:end + 1]
 
 
 class TextSampler:
@@ -204,7 +223,7 @@ def main():
   """The command line; its flags are defined here because trainer.py imports this module."""
   from absl import flags
 
-  from llama_jax import entry
+  from llama_jax import config_lib, entry
   from llama_jax import run_setup
 
   workdir = flags.DEFINE_string("workdir", None, "Training workdir (or HF import) with checkpoints/ and tokenizer.model.")
@@ -217,6 +236,10 @@ def main():
   top_p = flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set of tokens with this probability (1: all).")
   seed = flags.DEFINE_integer("seed", 0, "Sampling seed: the same seed gives the same output.")
   as_json = flags.DEFINE_bool("json", False, "Print one JSON object per prompt: prompt_ids, ids, text.")
+  stop_id = flags.DEFINE_multi_integer("stop_id", [], "A token id that also ends a row, besides the run's stop ids "
+                                       "(the tokenizer's EOS, or those an HF import recorded); repeatable.")
+  dtype = flags.DEFINE_enum("dtype", None, list(config_lib.COMPUTE_DTYPES),
+                            "Compute dtype for this call (default: the checkpoint's config.model.dtype).")
   flags.mark_flags_as_required(["workdir"])
 
   def run():
@@ -224,7 +247,14 @@ def main():
       raise ConfigError("give --prompt TEXT (repeatable) or --prompt_ids 'ID ID ...', not both")
     sampling = Sampling(temperature.value, top_k.value, top_p.value)
     sampling.check("--")
-    setup, params, tok, _ = run_setup.load_run(workdir.value, step.value)
+    setup, params, tok, loaded_step = run_setup.load_run(workdir.value, step.value, dtype=dtype.value)
+    stop = list(dict.fromkeys(run_setup.stop_ids(workdir.value, tok) + stop_id.value))
+    for t in stop_id.value:
+      if not 0 <= t < setup.llama.vocab_size:
+        raise ConfigError(f"--stop_id {t} is outside the vocabulary [0, {setup.llama.vocab_size})")
+    # On stderr, so --json's stdout stays one object per line.
+    print(f"step {loaded_step} of {workdir.value}: computing in {setup.llama.dtype}; stop ids {stop}",
+          file=sys.stderr)
     if prompt.value:
       for i, text in enumerate(prompt.value):
         if not text:
@@ -233,10 +263,10 @@ def main():
     else:
       prompts = [_parse_ids(s, i) for i, s in enumerate(prompt_ids.value)]
     check_request(prompts, max_new_tokens.value, setup.llama, name="--prompt")
-    out = Generator(setup.graphdef, setup.llama, setup.mesh)(params, prompts, max_new_tokens.value, tok.eos_id,
+    out = Generator(setup.graphdef, setup.llama, setup.mesh)(params, prompts, max_new_tokens.value, stop,
                                                              sampling, seed.value)
     for i, (ids, new) in enumerate(zip(prompts, out.ids)):
-      text = tok.decode([t for t in new if t != tok.eos_id])
+      text = tok.decode([t for t in new if t not in stop])
       if as_json.value:
         print(json.dumps({"prompt_ids": ids, "ids": new, "text": text}))
       else:
@@ -244,7 +274,7 @@ def main():
         print("---")
     if not as_json.value:
       new_tokens = sum(len(ids) for ids in out.ids) - len(out.ids)  # the decode loop's; the first come from prefill
-      print(f"{len(prompts)} prompts | compile {out.compile_s:.1f} s | prefill {out.prefill_s * 1e3:.1f} ms | "
+      print(f"{len(prompts)} prompts | {setup.llama.dtype} | compile {out.compile_s:.1f} s | prefill {out.prefill_s * 1e3:.1f} ms | "
             f"decode {new_tokens / max(out.decode_s, 1e-9):,.0f} tokens/s, "
             f"{out.decode_s / max(out.decode_steps, 1) * 1e3:.2f} ms per token")
 

@@ -1,11 +1,12 @@
 """What a run is, from its config or its workdir: its tokenizer (prepare_tokenizer), Setup (mesh,
-model structure, optimizer, shardings, jitted steps) and load_run (a checkpoint's setup, params
-and tokenizer).
+model structure, optimizer, shardings, jitted steps), load_run (a checkpoint's setup, params
+and tokenizer) and stop_ids (the token ids that end a generated row).
 
 Training (trainer.py), evaluation (evaluate.py), generation, the benchmark, AOT compilation and
 HF conversion all start here; this module imports none of them.
 """
 
+import json
 import os
 import shutil
 import time
@@ -29,6 +30,37 @@ def tokenizer_path(workdir: str) -> str:
   return os.path.join(workdir, "tokenizer.model")
 
 
+def generation_path(workdir: str) -> str:
+  """WORKDIR/generation.json: {"stop_ids": [...]}, written by an HF import whose checkpoint lists its
+  end-of-sequence ids (Llama 3 instruct: <|end_of_text|> and <|eot_id|>)."""
+  return os.path.join(workdir, "generation.json")
+
+
+def write_stop_ids(workdir: str, stop_ids: list[int]):
+  with open(generation_path(workdir), "w") as f:
+    json.dump({"stop_ids": [int(t) for t in stop_ids]}, f)
+    f.write("\n")
+
+
+def stop_ids(workdir: str, tok) -> list[int]:
+  """The token ids that end a generated row: WORKDIR/generation.json's list where an HF import wrote
+  one (it replaces the tokenizer's EOS, as in transformers' generate), else [tok.eos_id].
+
+  Raises ConfigError when generation.json is not {"stop_ids": [int, ...]}.
+  """
+  path = generation_path(workdir)
+  if not os.path.isfile(path):
+    return [tok.eos_id]
+  try:
+    with open(path) as f:
+      ids = json.load(f)["stop_ids"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise config_lib.ConfigError(f"{path} is not {{\"stop_ids\": [id, ...]}}: {e}") from None
+  if not ids or not all(isinstance(t, int) for t in ids):
+    raise config_lib.ConfigError(f"{path}: stop_ids={ids!r} is not a non-empty list of token ids")
+  return list(ids)
+
+
 def prepare_tokenizer(config, workdir: str, train_corpus, llama, init_from: str | None = None):
   """The run's tokenizer, kept as WORKDIR/tokenizer.model so the workdir is self-contained:
   data.tokenizer_path, else the tokenizer of the init_from run, else one trained on the corpus.
@@ -40,7 +72,8 @@ def prepare_tokenizer(config, workdir: str, train_corpus, llama, init_from: str 
   given = config.data.tokenizer_path or (tokenizer_path(init_from) if init_from else "")
   if not os.path.exists(path):
     if given:
-      config_lib.check_vocab(tok_lib.load_tokenizer(given), llama, given)
+      name = "config.data.tokenizer_path" if config.data.tokenizer_path else f"config.init_from={init_from}"
+      config_lib.check_vocab(config_lib.load_tokenizer(given, name), llama, given)
       if jax.process_index() == 0:
         shutil.copyfile(given, path + ".tmp")
         os.replace(path + ".tmp", path)
@@ -51,7 +84,7 @@ def prepare_tokenizer(config, workdir: str, train_corpus, llama, init_from: str 
         sample = train_corpus.sample(config.data.tokenizer_sample_bytes, config.data.shuffle_seed)
         tok_lib.train_sentencepiece(tok_lib.training_lines(sample), config.model.vocab_size, path)
   _wait_for_file(path)
-  tok = tok_lib.load_tokenizer(path)
+  tok = config_lib.load_tokenizer(path, "--workdir")
   config_lib.check_vocab(tok, llama, path)
   return tok
 
@@ -128,10 +161,29 @@ def check_batch(config, mesh):
         f"{shards} batch shards (mesh data x fsdp)")
 
 
-def load_run(workdir: str, step: int | None = None, devices=None):
-  """(setup, params, tokenizer, step) of WORKDIR's checkpoint (latest by default), for eval/sampling."""
-  if not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
-    raise config_lib.ConfigError(f"--workdir {workdir}: no checkpoints directory")
+def _not_a_run(workdir: str) -> str:
+  """Why `workdir` holds no run, in words that follow its name."""
+  looks = config_lib.describe_path(workdir)
+  if "Hugging Face" in looks:
+    return f"{looks}, not a llama_jax workdir: import it first with python -m llama_jax.convert import-hf"
+  if looks.startswith("is a llama_jax workdir"):
+    return "has an empty checkpoints directory: no checkpoint saved yet"
+  return f"{looks}: no checkpoints directory, so it is not a llama_jax workdir"
+
+
+def load_run(workdir: str, step: int | None = None, devices=None, dtype: str | None = None):
+  """(setup, params, tokenizer, step) of WORKDIR's checkpoint (latest by default), for eval/sampling.
+
+  Args:
+    dtype: compute dtype for this call ("float32", "bfloat16", "float16"); None keeps the checkpoint's
+      config.model.dtype. Params are restored in their stored dtype either way.
+  Raises ConfigError (before anything compiles) for a WORKDIR that holds no run, a missing step, a bad
+  tokenizer.model or dtype.
+  """
+  if dtype is not None and dtype not in config_lib.COMPUTE_DTYPES:
+    raise config_lib.ConfigError(f"--dtype {dtype!r} is not one of {list(config_lib.COMPUTE_DTYPES)}")
+  if not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)) or not ckpt_lib.has_checkpoints(workdir):
+    raise config_lib.ConfigError(f"--workdir {workdir} {_not_a_run(workdir)}")
   checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:  # closed on every path: orbax's background threads must not outlive an error
     steps = checkpointer.all_steps()
@@ -143,8 +195,10 @@ def load_run(workdir: str, step: int | None = None, devices=None):
       raise config_lib.ConfigError(f"--step {step}: no such checkpoint in {workdir} (have {sorted(steps)})")
     config = config_lib.with_added_keys(checkpointer.restore_config(step))
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1  # whatever devices are here
+    if dtype is not None:
+      config.model.dtype = dtype
     setup = Setup(config, devices)
-    tok = tok_lib.load_tokenizer(tokenizer_path(workdir))
+    tok = config_lib.load_tokenizer(tokenizer_path(workdir), f"--workdir {workdir}")
     config_lib.check_vocab(tok, setup.llama, tokenizer_path(workdir))
     params = checkpointer.restore_params(step, setup.abstract_state["params"])
   finally:
@@ -166,8 +220,12 @@ def check_init_from(config) -> tuple[str, int]:
   workdir, step = parse_init_from(config.init_from)
   name = f"config.init_from={config.init_from}"
   if not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
-    raise config_lib.ConfigError(f"{name}: no checkpoints directory in {workdir} (run it first, or set "
-                                 "config.init_from='' to start from random weights)")
+    looks = config_lib.describe_path(workdir)
+    if "Hugging Face" in looks:
+      raise config_lib.ConfigError(f"{name}: {workdir} {looks}, not a llama_jax workdir: import it with "
+                                   "python -m llama_jax.convert import-hf and give that workdir")
+    raise config_lib.ConfigError(f"{name}: no checkpoints directory in {workdir}, which {looks} (run it first, "
+                                 "or set config.init_from='' to start from random weights)")
   checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
     steps = checkpointer.all_steps()

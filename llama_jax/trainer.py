@@ -4,6 +4,7 @@ The run's Setup (mesh, shardings, jitted steps) comes from run_setup.py."""
 
 import itertools
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   """Trains per `config` in `workdir`, resuming from its latest good checkpoint; returns the final
   eval (None when the run stops early: `stop_after`, SIGTERM, a preemption notice).
 
+  A new run (no checkpoints in `workdir`) stopped by an error before its first step, e.g. a ConfigError
+  about its data, tokenizer or sample prompt, leaves no new file in `workdir` (a workdir it made is removed).
+
   Args:
     devices: the devices of the mesh (default: all).
     stop_after: end this run (with a checkpoint) after this step, as a preempted job would.
@@ -44,8 +48,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   init_from = run_setup.check_init_from(config) if config.init_from and not resuming else None
   if not config.init_from and config.data.format == "sft":
     metrics_lib.log("warning: fine-tuning from random weights (config.init_from is empty)")
+  before = set(os.listdir(workdir)) if os.path.isdir(workdir) else None
   os.makedirs(workdir, exist_ok=True)
+  started = []  # non-empty once the first step runs: from then on what the workdir holds is the run's
+  try:
+    return _train_and_evaluate(config, workdir, setup, llama, init_from, stop_after, started)
+  except BaseException:
+    # A new run refused (bad data, tokenizer, sample prompt...) before its first step leaves the
+    # workdir as it found it, so the corrected command starts clean.
+    if not started and not resuming and jax.process_index() == 0:
+      _remove_new_entries(workdir, before)
+    raise
 
+
+def _remove_new_entries(workdir: str, before: set[str] | None):
+  """Deletes what this run added to `workdir` (all of it when `before` is None: the run made it)."""
+  if before is None:
+    shutil.rmtree(workdir, ignore_errors=True)
+    return
+  for name in set(os.listdir(workdir)) - before:
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      os.remove(path)
+
+
+def _train_and_evaluate(config, workdir, setup, llama, init_from, stop_after, started):
+  """train_and_evaluate after its checks, in an existing workdir; appends to `started` at the first step."""
   train_corpus = data_lib.open_corpus(config.data, "train_corpus")
   eval_corpus = data_lib.open_corpus(config.data, "eval_corpus")
   tok = run_setup.prepare_tokenizer(config, workdir, train_corpus, llama, init_from and init_from[0])
@@ -78,6 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       start, state = resumed
       metrics_lib.log(f"resumed from step {start} in {checkpointer.directory}")
     end = config.train.steps if stop_after is None else min(stop_after, config.train.steps)
+    started.append(start)
     state, stopped_early = _train_loop(config, setup, state, start, end, batches, train_iter, stream,
                                        checkpointer, writer, watch, evaluator, sampler, train_corpus, overlong)
     if stopped_early or end < config.train.steps:
@@ -171,7 +202,7 @@ def _train_loop(config, setup, state, start, end, batches, train_iter, stream, c
         totals, logged_at = dict(totals, loss_sum=zero_loss), done
         metrics = {k: v for k, v in metrics.items() if k not in ("nonfinite", "skipped")}
         metrics["tokens_per_sec"] = progress.tokens_per_sec(done, tokens_per_step)
-        metrics["mfu"] = metrics["tokens_per_sec"] * flops_per_token / peak_flops if peak_flops else 0.0
+        metrics["mfu"] = metrics["tokens_per_sec"] * flops_per_token / peak_flops if peak_flops else float("nan")
         if train_corpus.skipped():
           metrics["skipped_documents"] = train_corpus.skipped()
         if overlong.truncated or overlong.skipped:  # SFT pairs longer than a row, so far in this run

@@ -115,10 +115,10 @@ def test_generator_on_8_devices_equals_one_device():
   model = model_lib.init_model(SMALL, seed=0)
   graphdef, params = split(model)
   prompts = prompts_of([4, 13, 6], SMALL.vocab_size)
-  one = gen_lib.Generator(graphdef, SMALL, mesh_of(jax.devices()[:1]))(params, prompts, 8, eos_id=-1)
+  one = gen_lib.Generator(graphdef, SMALL, mesh_of(jax.devices()[:1]))(params, prompts, 8, stop_ids=-1)
   mesh = mesh_of(jax.devices(), fsdp=4, tensor=2)
   sharded = jax.device_put(params, sh.param_shardings(mesh, model_lib.abstract_model(SMALL)))
-  eight = gen_lib.Generator(graphdef, SMALL, mesh)(sharded, prompts, 8, eos_id=-1)
+  eight = gen_lib.Generator(graphdef, SMALL, mesh)(sharded, prompts, 8, stop_ids=-1)
   assert eight.ids == one.ids
   forward = jax.jit(lambda m, t: m(t))
   for prompt, new in zip(prompts, one.ids):
@@ -134,9 +134,9 @@ def test_rows_stop_at_their_own_eos():
   graphdef, params = split(model)
   generator = gen_lib.Generator(graphdef, SMALL, mesh_of(jax.devices()[:1]))
   prompts = prompts_of([4, 9], SMALL.vocab_size)
-  free = generator(params, prompts, 12, eos_id=-1).ids
+  free = generator(params, prompts, 12, stop_ids=-1).ids
   eos = free[0][3]  # make row 0's fourth token the EOS
-  stopped = generator(params, prompts, 12, eos_id=eos).ids
+  stopped = generator(params, prompts, 12, stop_ids=eos).ids
   assert stopped[0] == free[0][:4]
   cut = free[1].index(eos) + 1 if eos in free[1] else 12
   assert stopped[1] == free[1][:cut]
