@@ -13,6 +13,7 @@ import os
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from llama_jax import metrics as metrics_lib
 from llama_jax.errors import ConfigError
 
 # (metrics.jsonl key, panel title): train events carry the first, third and fourth
@@ -31,8 +32,10 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def series(events: list[dict], key: str) -> tuple[list[int], list[float]]:
-  """(steps, values) of `key`, sorted by step; a step logged twice (a resumed run) keeps its last value."""
-  by_step = {e["step"]: e[key] for e in events if key in e}
+  """(steps, values) of `key`, sorted by step; a step logged twice (a resumed run) keeps its last value.
+  Non-finite values, written as "inf", "-inf" or "nan" (metrics.dumps), come back as floats; the
+  panels leave them out (matplotlib draws no point there)."""
+  by_step = {e["step"]: metrics_lib.number(e[key]) for e in events if key in e}
   steps = sorted(by_step)
   return steps, [by_step[s] for s in steps]
 

@@ -1,5 +1,7 @@
 """llama_jax.plot on the metrics.jsonl of a real (tiny) training run."""
 
+import json
+import math
 import os
 import shutil
 import subprocess
@@ -61,3 +63,20 @@ def test_a_workdir_without_metrics_is_one_line(tmp_path):
   assert proc.returncode == 1
   assert proc.stderr.strip() == f"error: {tmp_path}: no metrics.jsonl (not a training workdir, or no step logged yet)"
   assert not (tmp_path / "run.png").exists()
+
+
+def test_non_finite_metrics_are_read_back_as_floats_and_plotted(tmp_path):
+  # As metrics.MetricWriter writes them: strict JSON, non-finite values as strings.
+  events = [{"step": 1, "loss": 4.0, "learning_rate": 1e-3, "tokens_per_sec": "nan"},  # no time measured
+            {"step": 2, "loss": 3.0, "learning_rate": 1e-3, "tokens_per_sec": 1000.0},
+            {"step": 2, "eval_bits_per_byte": "inf"},  # a diverged checkpoint
+            {"step": 3, "loss": 2.0, "learning_rate": 1e-3, "tokens_per_sec": 1100.0},
+            {"step": 3, "eval_bits_per_byte": 2.5}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e, allow_nan=False) + "\n" for e in events))
+  events = plot.read_metrics(str(tmp_path))
+  assert plot.series(events, "eval_bits_per_byte") == ([2, 3], [math.inf, 2.5])
+  steps, tokens_per_sec = plot.series(events, "tokens_per_sec")
+  assert steps == [1, 2, 3] and math.isnan(tokens_per_sec[0]) and tokens_per_sec[1:] == [1000.0, 1100.0]
+  output = tmp_path / "run.png"
+  plot.plot_runs([str(tmp_path)]).savefig(output)
+  assert matplotlib.image.imread(output).shape == (700, 1000, 4)
