@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -62,3 +63,147 @@ def test_import_train_eval_export(tmp_path):
   assert set(original) == set(back)
   for name in original:
     np.testing.assert_array_equal(original[name].numpy(), back[name].numpy(), err_msg=name)
+
+
+# ---------------------------------------------------------------------------- stop ids, dtype, leftovers
+
+LLAMA2_TOKENIZER = os.path.join(ROOT, "artifacts", "tokenizers", "llama2.model")  # 32000 pieces
+
+
+@pytest.fixture(scope="module")
+def hf32(tmp_path_factory):
+  """(hf_dir, the torch model): a tiny fp32 LlamaForCausalLM on random weights, saved with a 320-piece
+  sentencepiece tokenizer (the tiny test config's vocabulary)."""
+  llama = config_lib.llama_config(tiny_test_config().model)
+  hf = hf_model(llama, seed=3)
+  hf_dir = save_hf(hf, tmp_path_factory.mktemp("hf32") / "hf")
+  tok_lib.train_sentencepiece(tok_lib.training_lines(corpus.shakespeare_plays("train")[:2]),
+                              llama.vocab_size, os.path.join(hf_dir, "tokenizer.model"))
+  return hf_dir, hf
+
+
+def _hf_greedy(hf_dir, prompt, max_new, **kw):
+  import torch
+  import transformers
+  model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+  with torch.no_grad():
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False, pad_token_id=0,
+                         attention_mask=torch.ones(1, len(prompt), dtype=torch.long), **kw)
+  return out[0, len(prompt):].tolist()
+
+
+def _edit_json(path, **changes):
+  obj = json.loads(open(path).read()) if os.path.exists(path) else {}
+  obj.update(changes)
+  with open(path, "w") as f:
+    json.dump(obj, f)
+
+
+def _leftovers(parent, *names):
+  """Entries of `parent` other than `names`: a temporary sibling or a half-made dir left behind."""
+  return sorted(set(os.listdir(parent)) - set(names))
+
+
+PROMPT, MAX_NEW = [1, 40, 41, 42, 43], 12
+
+
+def test_import_keeps_the_checkpoints_stop_ids_and_fp32_and_greedy_equals_transformers(hf32, tmp_path):
+  """Issue 15 case 3 (several EOS ids, Llama 3 instruct style) and case 6 (fp32 stays fp32)."""
+  import jax
+
+  from llama_jax import convert, generate, run_setup
+  src, _ = hf32
+  hf_dir = str(tmp_path / "hf")
+  shutil.copytree(src, hf_dir)
+  free = _hf_greedy(hf_dir, PROMPT, MAX_NEW, eos_token_id=-1)  # where greedy decoding goes unstopped
+  # b: a token the path reaches at step >= 3 (its first time); a: one it never produces. config.json
+  # keeps eos 2: transformers' generate reads generation_config.json's list, and so must we.
+  k = next(i for i in range(3, MAX_NEW) if free[i] not in free[:i])
+  a, b = next(t for t in range(3, 320) if t not in free), free[k]
+  _edit_json(os.path.join(hf_dir, "generation_config.json"), eos_token_id=[a, b])
+  _edit_json(os.path.join(hf_dir, "config.json"), eos_token_id=2)
+  theirs = _hf_greedy(hf_dir, PROMPT, MAX_NEW)
+  assert theirs == free[:k + 1]  # transformers stopped at the second listed id
+
+  workdir = str(tmp_path / "run")
+  convert.import_hf(hf_dir, workdir)  # configs/llama.py: computes in bfloat16 unless the import says
+  setup, params, tok, _ = run_setup.load_run(workdir, devices=jax.devices()[:1])
+  assert setup.llama.dtype == "float32"  # config.json's dtype
+  stop = run_setup.stop_ids(workdir, tok)
+  assert stop == [a, b]
+  ours = generate.Generator(setup.graphdef, setup.llama, setup.mesh)(params, [PROMPT], MAX_NEW, stop)
+  assert ours.ids[0] == theirs
+
+  # --dtype bfloat16 at import; and the stop ids round-trip through export-hf.
+  convert.import_hf(hf_dir, str(tmp_path / "bf16"), dtype="bfloat16")
+  assert run_setup.load_run(str(tmp_path / "bf16"), devices=jax.devices()[:1])[0].llama.dtype == "bfloat16"
+  convert.export_hf(workdir, str(tmp_path / "back"), dtype="float32")
+  assert json.loads((tmp_path / "back" / "generation_config.json").read_text())["eos_token_id"] == [a, b]
+  assert _hf_greedy(str(tmp_path / "back"), PROMPT, MAX_NEW) == theirs
+
+  # The command line: --stop_id adds one (a token before b on the path), --dtype is said on stderr.
+  c = free[1]
+  proc = subprocess.run([sys.executable, "-m", "llama_jax.generate", f"--workdir={workdir}", "--temperature=0",
+                         f"--prompt_ids={' '.join(map(str, PROMPT))}", f"--max_new_tokens={MAX_NEW}", "--json",
+                         f"--stop_id={c}", "--dtype=bfloat16"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  assert json.loads(proc.stdout)["ids"] == free[:free.index(c) + 1]
+  assert "computing in bfloat16" in proc.stderr and f"stop ids [{a}, {b}, {c}]" in proc.stderr
+
+
+def test_an_int_eos_in_config_json_is_the_stop_id(hf32, tmp_path):
+  from llama_jax import convert
+  src, _ = hf32
+  hf_dir = str(tmp_path / "hf")
+  shutil.copytree(src, hf_dir)
+  os.remove(os.path.join(hf_dir, "generation_config.json"))
+  _edit_json(os.path.join(hf_dir, "config.json"), eos_token_id=7)
+  assert convert.stop_ids_from_hf(hf_dir, convert.read_hf_config(hf_dir), 320) == [7]
+  _edit_json(os.path.join(hf_dir, "config.json"), eos_token_id=[7, 400])
+  with pytest.raises(ValueError, match=r"config.json: eos_token_id 400 is outside the vocabulary \[0, 320\)"):
+    convert.stop_ids_from_hf(hf_dir, convert.read_hf_config(hf_dir), 320)
+
+
+@pytest.mark.skipif(not os.path.exists(LLAMA2_TOKENIZER), reason="make test fetches artifacts/tokenizers")
+def test_a_refused_import_leaves_nothing_and_the_corrected_one_works(hf32, tmp_path):
+  """Issue 15 case 5: a tokenizer of another vocabulary is refused before anything is written."""
+  from llama_jax import checkpoint as ckpt_lib, convert
+  from llama_jax.errors import ConfigError
+  src, _ = hf32
+  hf_dir = str(tmp_path / "hf")
+  shutil.copytree(src, hf_dir)
+  shutil.copyfile(LLAMA2_TOKENIZER, os.path.join(hf_dir, "tokenizer.model"))
+  out = tmp_path / "out"
+  out.mkdir()
+  workdir = str(out / "run")
+  with pytest.raises(ConfigError, match="vocab size 32000, but config.model.vocab_size=320"):
+    convert.import_hf(hf_dir, workdir, "configs/tiny.py")
+  assert _leftovers(out) == []
+  shutil.copyfile(os.path.join(src, "tokenizer.model"), os.path.join(hf_dir, "tokenizer.model"))
+  convert.import_hf(hf_dir, workdir, "configs/tiny.py")
+  assert _leftovers(out, "run") == [] and ckpt_lib.Checkpointer(workdir, read_only=True).all_steps() == [0]
+  assert sorted(os.listdir(workdir)) == ["checkpoints", "generation.json", "tokenizer.model"]
+  with pytest.raises(ConfigError, match="already has checkpoints"):
+    convert.import_hf(hf_dir, workdir, "configs/tiny.py")
+
+  # export-hf: into a non-empty dir it is refused untouched; a failed write leaves no HF dir.
+  (out / "full").mkdir()
+  (out / "full" / "mine.txt").write_text("keep")
+  with pytest.raises(ConfigError, match="export into a new or empty directory"):
+    convert.export_hf(workdir, str(out / "full"))
+  assert os.listdir(out / "full") == ["mine.txt"]
+  real_save = convert.safetensors.numpy.save_file
+
+  def disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  convert.safetensors.numpy.save_file = disk_full
+  try:
+    with pytest.raises(OSError, match="No space left"):
+      convert.export_hf(workdir, str(out / "back"))
+  finally:
+    convert.safetensors.numpy.save_file = real_save
+  assert _leftovers(out, "run", "full") == []
+  convert.export_hf(workdir, str(out / "back"))
+  assert sorted(os.listdir(out / "back")) == ["config.json", "generation_config.json", "model.safetensors",
+                                              "tokenizer.model"]
