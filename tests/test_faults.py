@@ -258,7 +258,7 @@ def test_a_resume_that_changes_the_model_or_data_order_stops_listing_the_keys(tm
   assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))[-1] == 8
 
 
-def test_a_wrong_tokenizer_leaves_nothing_behind_and_the_right_one_then_works(tmp_path):
+def test_a_refused_run_leaves_nothing_behind_and_the_corrected_one_then_works(tmp_path):
   from llama_jax import corpus, tokenizer as tok_lib
   plays = corpus.shakespeare_plays("train")[:2]
   wrong = tok_lib.train_sentencepiece(tok_lib.training_lines(plays), 400, str(tmp_path / "wrong.model"))
@@ -267,9 +267,17 @@ def test_a_wrong_tokenizer_leaves_nothing_behind_and_the_right_one_then_works(tm
   with pytest.raises(ConfigError, match="vocab size 400"):
     trainer.train_and_evaluate(_config(**{"data.tokenizer_path": wrong.path}), str(workdir),
                                devices=jax.devices()[:1])
-  assert not os.path.exists(run_setup.tokenizer_path(str(workdir)))
+  assert not os.path.exists(workdir)  # the run made it: it is gone
+  # Refused after the tokenizer was copied in (issue 15 case 5): the workdir keeps only what it had.
+  workdir.mkdir()
+  (workdir / "notes.txt").write_text("mine")
+  with pytest.raises(ConfigError, match="config.sample.prompt has .* no room left"):
+    trainer.train_and_evaluate(_config(**{"data.tokenizer_path": right.path, "sample.max_new_tokens": 4,
+                                          "sample.prompt": "ROMEO. " * 40}), str(workdir), devices=jax.devices()[:1])
+  assert os.listdir(workdir) == ["notes.txt"]
   trainer.train_and_evaluate(_config(**{"data.tokenizer_path": right.path, "train.steps": 2}), str(workdir),
                              devices=jax.devices()[:1])
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
 
 
 @contextlib.contextmanager
