@@ -161,6 +161,19 @@ def test_init_from_another_architecture_is_one_line_before_compiling(base_run, t
   assert run_setup.parse_init_from("/runs/a:b:300") == ("/runs/a:b", 300)
 
 
+def test_a_refused_fine_tune_leaves_nothing_and_the_corrected_one_runs(base_run, tmp_path):
+  """Issue 15 case 5: refused after init_from's tokenizer was copied in, the new workdir is gone."""
+  workdir = str(tmp_path / "sft")
+  bad = _sft_config(base_run, "speakers:heldout", **{"sample.prompt": "Who speaks? " * 40})
+  with pytest.raises(ConfigError, match="config.sample.prompt has .* no room left"):
+    trainer.train_and_evaluate(bad, workdir, devices=jax.devices()[:1])
+  assert not os.path.exists(workdir)
+  good = _sft_config(base_run, "speakers:heldout", **{"train.steps": 2, "train.checkpoint_every": 2,
+                                                      "sample.max_new_tokens": 0})
+  trainer.train_and_evaluate(good, workdir, devices=jax.devices()[:1])
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+
+
 def test_a_checkpoint_config_from_before_sft_keys_loads(base_run):
   """eval.py and generation read a checkpoint's own config: keys added since are filled in."""
   saved = tiny_test_config()
