@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from llama_jax import metrics as metrics_lib
 from llama_jax.errors import ConfigError
 
 # Logical axis names (dimension letters of STYLE: B T D F N K H L V).
@@ -90,19 +91,78 @@ def _logical_specs(abstract_model):
   return nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(abstract_model, nnx.Param)))
 
 
-def check_params_divisible(mesh, abstract_model):
-  """Raises one line naming the param, dim and mesh axes where a dim does not split evenly."""
+def _sharded_dims(abstract_model) -> list[tuple[str, str, int, tuple[str, ...]]]:
+  """(param path, logical name, size, mesh axes) of every param dim the rules split over the mesh."""
   shapes = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
   specs = jax.tree.leaves(_logical_specs(abstract_model), is_leaf=lambda x: isinstance(x, P))
+  dims = []
   for (path, param), names in zip(jax.tree_util.tree_flatten_with_path(shapes)[0], specs):
-    what, shape = f"param {jax.tree_util.keystr(path, simple=True, separator='/')}", param.shape
-    for dim, name in zip(shape, names):
+    for dim, name in zip(param.shape, names):
       axes = LOGICAL_AXIS_RULES.get(name) if name else None
       axes = (axes,) if isinstance(axes, str) else (axes or ())
-      n = math.prod(mesh.shape[a] for a in axes)
-      if dim % n:
-        raise ConfigError(f"{what}: dim '{name}' of size {dim} is not divisible by mesh axes "
-                         f"{'x'.join(axes)} = {n}")
+      if axes:
+        dims.append((jax.tree_util.keystr(path, simple=True, separator="/"), name, dim, axes))
+  return dims
+
+
+def _indivisible(dims, sizes: dict) -> str | None:
+  """The first of `dims` (_sharded_dims) that mesh axis sizes {axis: size} do not split evenly, in words."""
+  for path, name, dim, axes in dims:
+    n = math.prod(sizes[a] for a in axes)
+    if dim % n:
+      return f"param {path}: dim '{name}' of size {dim} is not divisible by mesh axes {'x'.join(axes)} = {n}"
+  return None
+
+
+def _mesh_sizes(mesh_config, num_devices: int) -> dict | None:
+  """{axis: size} of `config.mesh` over num_devices devices (its -1 axis filled in); None where it cannot span them."""
+  sizes = {a: mesh_config[a] for a in MESH_AXES}
+  known = math.prod(s for s in sizes.values() if s != -1)
+  for a, s in sizes.items():
+    if s == -1:
+      if num_devices % known:
+        return None
+      sizes[a] = num_devices // known
+  return sizes if math.prod(sizes.values()) == num_devices else None
+
+
+def check_params_divisible(mesh, abstract_model):
+  """Raises one line naming the param, dim and mesh axes where a dim does not split evenly, and the
+  device counts (up to the mesh's) over which the mesh's data and tensor sizes, with fsdp filling
+  the rest, split every param."""
+  dims = _sharded_dims(abstract_model)
+  problem = _indivisible(dims, dict(mesh.shape))
+  if problem:
+    d, t = mesh.shape[DATA], mesh.shape[TENSOR]
+    counts = [d * f * t for f in range(1, mesh.shape[FSDP] + 1)
+              if not _indivisible(dims, {DATA: d, FSDP: f, TENSOR: t})]
+    works = (f"device counts that work with data={d}, tensor={t}: {', '.join(map(str, counts))}" if counts else
+             f"no device count works with tensor={t}")
+    raise ConfigError(f"{problem} ({works})")
+
+
+def fitting_devices(mesh_config, abstract_model, devices=None) -> list:
+  """The most devices, the first of `devices` (default: all), over which `config.mesh` (its -1
+  axis filling the rest) splits every param evenly, so that a checkpoint loads on any device
+  count. Uses fewer devices than given only in a single process, and then logs one line saying
+  so and why; raises one line where no count works."""
+  devices = jax.devices() if devices is None else list(devices)
+  dims = _sharded_dims(abstract_model)
+  counts = range(len(devices), 0, -1) if jax.process_count() == 1 else [len(devices)]
+  for n in counts:
+    sizes = _mesh_sizes(mesh_config, n)
+    if sizes and not _indivisible(dims, sizes):
+      break
+  else:
+    sizes = _mesh_sizes(mesh_config, len(devices))
+    why = _indivisible(dims, sizes) if sizes else "the mesh cannot span them"
+    raise ConfigError(f"config.mesh ({', '.join(f'{a}={mesh_config[a]}' for a in MESH_AXES)}) fits none of "
+                      f"{'1..' if len(counts) > 1 else ''}{len(devices)} devices: {why}")
+  if n < len(devices):
+    sizes = _mesh_sizes(mesh_config, len(devices))
+    why = _indivisible(dims, sizes) if sizes else "the mesh cannot span them"
+    metrics_lib.log(f"using {n} of the {len(devices)} devices: over all of them, {why}")
+  return devices[:n]
 
 
 def param_shardings(mesh, abstract_model):

@@ -1,5 +1,7 @@
 """Sharded training on 8 fake CPU devices equals one device; shardings are what the rules say."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import ByteTokenizer, tiny_test_config
 from llama_jax import config_lib, corpus, data as data_lib, run_setup
+from llama_jax import sharding as sh
 
 
 def _train_losses(config, devices, steps):
@@ -86,3 +89,89 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
   params_only = ckpt.restore_params(0, run_setup.Setup(tiny_test_config(), jax.devices()[:1]).abstract_state["params"])
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params_only), jax.device_get(state["params"]))
+
+
+# A model whose dim (36) 8 devices do not split: fsdp takes 6 of them; 3 split it.
+ODD_MODEL = {"model.dim": 36, "model.n_heads": 3, "model.n_kv_heads": 3, "model.ffw_dim": 40}
+
+
+def save_run(workdir, config, params=None):
+  """WORKDIR with checkpoint 0 of `config` (initial params, or `params`), saved on one device, and a
+  320-piece tokenizer.model: what load_run, eval.py and generate read."""
+  from llama_jax import checkpoint as ckpt_lib
+  from llama_jax import tokenizer as tok_lib
+  os.makedirs(workdir, exist_ok=True)
+  setup = run_setup.Setup(config, jax.devices()[:1])
+  state = setup.init_state()
+  if params is not None:
+    state = dict(state, params=jax.device_put(params, setup.params_sharding))
+  ckpt = ckpt_lib.Checkpointer(str(workdir))
+  ckpt.save(0, state, config, force=True)
+  ckpt.wait()
+  ckpt.close()
+  tok_lib.train_sentencepiece(tok_lib.training_lines(corpus.shakespeare_plays("train")[:2]), 320,
+                              run_setup.tokenizer_path(str(workdir)))
+  return jax.device_get(state["params"])
+
+
+@pytest.fixture(scope="module")
+def odd_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("odd") / "run")
+  return workdir, save_run(workdir, tiny_test_config(**ODD_MODEL))
+
+
+def _eval_and_generate(workdir, devices):
+  from llama_jax import evaluate, generate
+  setup, params, tok, _ = run_setup.load_run(workdir, devices=devices)
+  heldout = corpus.open_corpus("text:" + os.path.join(os.path.dirname(__file__), "data", "heldout_sample.txt"))
+  scores = evaluate.Evaluator(setup, tok, heldout)(params)
+  prompts = [tok.encode("To be, or not"), tok.encode("My lord")]
+  prompts = [[tok.bos_id] + p for p in prompts]
+  ids = generate.Generator(setup.graphdef, setup.llama, setup.mesh)(params, prompts, 6, tok.eos_id).ids
+  return setup.mesh.size, jax.device_get(params), scores, ids
+
+
+def test_a_checkpoint_loads_on_device_counts_its_dims_do_not_divide(odd_run, capsys):
+  workdir, saved = odd_run
+  _, _, one_scores, one_ids = _eval_and_generate(workdir, jax.devices()[:1])
+  for devices, used in ((jax.devices(), 6), (jax.devices()[:3], 3)):
+    capsys.readouterr()
+    size, params, scores, ids = _eval_and_generate(workdir, devices)
+    assert size == used
+    if used < len(devices):
+      assert (f"using 6 of the 8 devices: over all of them, param blocks/attn/wk_DKH: dim 'embed' of size 36 "
+              "is not divisible by mesh axes fsdp = 8") in capsys.readouterr().out
+    jax.tree.map(np.testing.assert_array_equal, params, saved)
+    assert scores["num_tokens"] == one_scores["num_tokens"]
+    np.testing.assert_allclose(scores["loss"], one_scores["loss"], rtol=1e-5)
+    np.testing.assert_allclose(scores["bits_per_byte"], one_scores["bits_per_byte"], rtol=1e-5)
+    assert ids == one_ids
+
+
+def test_export_on_8_devices_of_a_checkpoint_8_do_not_divide(odd_run, tmp_path):
+  from llama_jax import convert
+  workdir, saved = odd_run
+  convert.export_hf(workdir, str(tmp_path / "hf"), dtype="float32")  # all 8 fake devices
+  _, exported = convert.from_hf(str(tmp_path / "hf"))
+  jax.tree.map(np.testing.assert_array_equal, exported, saved)
+
+
+def test_an_explicit_mesh_that_does_not_divide_the_model_names_the_device_counts_that_work():
+  config = tiny_test_config(**ODD_MODEL)  # mesh data=1, fsdp=-1, tensor=1, as a training config has it
+  with pytest.raises(config_lib.ConfigError) as e:
+    run_setup.Setup(config, jax.devices())
+  assert str(e.value) == ("param blocks/attn/wk_DKH: dim 'embed' of size 36 is not divisible by mesh axes fsdp = 8 "
+                          "(device counts that work with data=1, tensor=1: 1, 2, 3, 4, 6)")
+  config = tiny_test_config(**ODD_MODEL, **{"mesh.data": 2, "mesh.tensor": 2, "mesh.fsdp": 2})
+  with pytest.raises(config_lib.ConfigError, match=r"tensor = 2 \(no device count works with tensor=2\)$"):
+    run_setup.Setup(config, jax.devices())
+
+
+def test_a_mesh_no_device_count_fits_is_one_line(odd_run):
+  from llama_jax import model as model_lib
+  abstract = model_lib.abstract_model(config_lib.llama_config(tiny_test_config(**ODD_MODEL).model))
+  mesh = {"data": 1, "fsdp": 8, "tensor": 1}
+  with pytest.raises(config_lib.ConfigError, match=r"^config.mesh \(data=1, fsdp=8, tensor=1\) fits none of 1..8 "
+                     r"devices: param blocks/attn/wk_DKH: dim 'embed' of size 36 is not divisible by mesh axes "
+                     r"fsdp = 8$"):
+    sh.fitting_devices(mesh, abstract, jax.devices())
