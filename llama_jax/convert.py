@@ -490,6 +490,7 @@ def import_hf(hf_dir: str, workdir: str, config_arg: str = "configs/llama.py", d
   """
   from llama_jax import checkpoint as ckpt_lib
   from llama_jax import config_lib, run_setup
+  from llama_jax import sharding as sh
   from llama_jax.errors import ConfigError
 
   config_lib.check_workdir(workdir)
@@ -515,7 +516,9 @@ def import_hf(hf_dir: str, workdir: str, config_arg: str = "configs/llama.py", d
   for key in ("scan_layers", "remat"):  # how to lay out the computation stays the config's choice
     model[key] = config.model[key]
   config.model = model
-  setup = run_setup.Setup(config)  # checks the model divides over the config's mesh
+  # Checks the model divides over the config's mesh, on as many of the devices as it fits (the saved
+  # config keeps its mesh).
+  setup = run_setup.Setup(config, sh.fitting_devices(config.mesh, model_lib.abstract_model(llama)))
 
   llama, params = from_hf(hf_dir, dtype=compute_dtype)
   workdir = os.path.abspath(workdir)

@@ -194,7 +194,8 @@ def load_run(workdir: str, step: int | None = None, devices=None, dtype: str | N
     elif step not in steps:
       raise config_lib.ConfigError(f"--step {step}: no such checkpoint in {workdir} (have {sorted(steps)})")
     config = config_lib.with_added_keys(checkpointer.restore_config(step))
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1  # whatever devices are here
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1  # fsdp over as many devices as fit
+    devices = sh.fitting_devices(config.mesh, model_lib.abstract_model(config_lib.llama_config(config.model)), devices)
     if dtype is not None:
       config.model.dtype = dtype
     setup = Setup(config, devices)
