@@ -105,3 +105,20 @@ def test_eta_before_any_step_is_unknown():
 def test_number_reads_back_what_dumps_writes(value):
   back = metrics_lib.number(strict_json(metrics_lib.dumps({"v": value}))["v"])
   assert back == value or (math.isnan(back) and math.isnan(value))
+
+
+def test_eval_py_on_a_diverged_checkpoint_prints_and_writes_perplexity_inf(tmp_path):
+  import subprocess
+  import sys
+
+  from test_sharding import save_run
+  from test_train import ROOT, subprocess_env
+  config = tiny_test_config(**{"data.eval_corpus": HELDOUT})
+  save_run(str(tmp_path), config, diverged_params(run_setup.Setup(config, jax.devices()[:1])))
+  proc = subprocess.run([sys.executable, "eval.py", f"--workdir={tmp_path}", "--exact_match=0"], cwd=ROOT,
+                        env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr  # was: OverflowError: math range error
+  assert "| perplexity inf |" in proc.stdout
+  written = strict_json((tmp_path / "eval_0.json").read_text())
+  assert written["perplexity"] == "inf" and written["step"] == 0
+  assert 700 < written["loss"] < math.inf and 0 < written["bits_per_byte"] < math.inf
