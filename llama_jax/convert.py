@@ -218,7 +218,7 @@ def from_hf(hf_dir: str, **overrides) -> tuple[LlamaConfig, dict]:
   param_dtype="bfloat16"), on the host, so a caller can `jax.device_put` them with whatever
   sharding it wants. Every name and shape is checked before anything big is allocated.
   """
-  config = config_from_hf(read_hf_config(hf_dir), **overrides)
+  config = _config_of_dir(hf_dir, read_hf_config(hf_dir), **overrides)
   tensors = _index_tensors(hf_dir)  # hf name -> (file, shape)
   maps = _mappings(config)
   _check_tensors(config, maps, tensors)
@@ -251,6 +251,15 @@ def from_hf_model(hf_dir: str, **overrides):
   for i in range(len(leaves)):
     leaves[i] = jax.device_put(leaves[i])
   return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+
+def _config_of_dir(hf_dir: str, hf: dict, **overrides) -> LlamaConfig:
+  """config_from_hf, with a complaint about config.json naming HF_DIR/config.json."""
+  try:
+    return config_from_hf(hf, **overrides)
+  except ValueError as e:
+    message = str(e)
+    raise ValueError(os.path.join(hf_dir, message) if message.startswith("config.json") else message) from None
 
 
 def read_hf_config(hf_dir: str) -> dict:
@@ -502,7 +511,7 @@ def import_hf(hf_dir: str, workdir: str, config_arg: str = "configs/llama.py", d
   if dtype is not None and dtype not in config_lib.COMPUTE_DTYPES:
     raise ConfigError(f"--dtype {dtype!r} is not one of {list(config_lib.COMPUTE_DTYPES)}")
   hf = read_hf_config(hf_dir)
-  llama = config_from_hf(hf)
+  llama = _config_of_dir(hf_dir, hf)
   _check_tensors(llama, _mappings(llama), _index_tensors(hf_dir))
   compute_dtype = dtype or dtype_from_hf(hf)
   stop_ids = stop_ids_from_hf(hf_dir, hf, llama.vocab_size)

@@ -209,3 +209,130 @@ def test_a_refused_import_leaves_nothing_and_the_corrected_one_works(hf32, tmp_p
   convert.export_hf(workdir, str(out / "back"))
   assert sorted(os.listdir(out / "back")) == ["config.json", "generation_config.json", "model.safetensors",
                                               "tokenizer.model"]
+
+
+# ---------------------------------------------------------------------------- files that are not what the flag says
+
+
+@pytest.fixture(scope="module")
+def imported(hf32, tmp_path_factory):
+  """A llama_jax workdir imported from hf32 (configs/tiny.py's training config)."""
+  from llama_jax import convert
+  workdir = str(tmp_path_factory.mktemp("imported") / "run")
+  convert.import_hf(hf32[0], workdir, "configs/tiny.py")
+  return workdir
+
+
+def _bad_file(kind, path, hf_dir):
+  """Makes at `path` a thing that is not a tokenizer (or config) file; returns what it should be called."""
+  if kind == "directory":
+    os.makedirs(os.path.join(path, "sub"))
+    return "is a directory"
+  if kind == "json":
+    open(path, "w").write('{"version": "1.0", "model": {"type": "BPE"}}')
+    return "is a JSON file"
+  if kind == "safetensors":
+    shutil.copyfile(os.path.join(hf_dir, "model.safetensors"), path)
+    return "is a safetensors file"
+  open(path, "w").close()
+  return "is an empty file"
+
+
+def _call(entry, target, hf32_dir, workdir, tmp_path):
+  """Runs the check `entry` makes on the file named by a flag, with `target` as that file."""
+  from llama_jax import convert, run_setup
+  if entry == "train":  # --config.data.tokenizer_path
+    config_lib.check_config(tiny_test_config(**{"data.tokenizer_path": target}))
+  elif entry == "import":  # --hf_dir
+    convert.import_hf(target, str(tmp_path / "new"), "configs/tiny.py")
+  elif entry == "import_config":  # --config
+    convert.import_hf(hf32_dir, str(tmp_path / "new"), target)
+  elif entry == "load_run":  # eval.py / generate --workdir
+    run_setup.load_run(target)
+  elif entry == "init_from":  # config.init_from
+    config = tiny_test_config()
+    config.init_from = target
+    run_setup.check_init_from(config)
+
+
+TOKENIZER_KINDS = ["directory", "json", "safetensors", "empty"]
+
+
+@pytest.mark.parametrize("where", ["train", "import", "load_run"])
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+def test_a_tokenizer_that_is_no_tokenizer_is_named_in_one_line(where, kind, hf32, imported, tmp_path):
+  """Issue 15: data.tokenizer_path, an HF dir's tokenizer.model, a workdir's tokenizer.model."""
+  from llama_jax.errors import ConfigError
+  if where == "train":
+    target = path = str(tmp_path / "tok.model")
+  elif where == "import":
+    target = str(tmp_path / "hf")
+    shutil.copytree(hf32[0], target)
+    path = os.path.join(target, "tokenizer.model")
+    os.remove(path)
+  else:
+    target = str(tmp_path / "run")
+    shutil.copytree(imported, target)
+    path = os.path.join(target, "tokenizer.model")
+    os.remove(path)
+  looks = _bad_file(kind, path, hf32[0])
+  with pytest.raises(ConfigError) as e:
+    _call(where, target, hf32[0], imported, tmp_path)
+  line = str(e.value)
+  assert "\n" not in line and f"{path} {looks}" in line and "not a tokenizer file" in line, line
+  assert not os.path.exists(tmp_path / "new")
+
+
+def _not_llama(hf_dir):
+  _edit_json(os.path.join(hf_dir, "config.json"), model_type="mistral")
+
+
+def _no_safetensors(hf_dir):
+  os.remove(os.path.join(hf_dir, "model.safetensors"))
+
+
+def _no_config(hf_dir):
+  os.remove(os.path.join(hf_dir, "config.json"))
+
+
+def _bad_json(hf_dir):
+  open(os.path.join(hf_dir, "config.json"), "w").write('{"model_type": "llama",')
+
+
+@pytest.mark.parametrize("entry,make,culprit", [
+    # --hf_dir
+    ("import", lambda d, w, t: os.path.join(d, "model.safetensors"), "model.safetensors is a safetensors file, not a "
+                                                                      "Hugging Face checkpoint directory"),
+    ("import", lambda d, w, t: w, "is a llama_jax workdir (it has checkpoints/), not a Hugging Face checkpoint"),
+    ("import", lambda d, w, t: (_no_config(d), d)[1], "is not an HF checkpoint: no config.json"),
+    ("import", lambda d, w, t: (_not_llama(d), d)[1], "config.json has model_type='mistral', expected 'llama'"),
+    ("import", lambda d, w, t: (_no_safetensors(d), d)[1], "no *.safetensors files in"),
+    ("import", lambda d, w, t: (_bad_json(d), d)[1], "config.json is not JSON"),
+    # --config of import-hf
+    ("import_config", lambda d, w, t: d, "is a Hugging Face checkpoint directory (it has config.json), not a Python "
+                                          "config file"),
+    ("import_config", lambda d, w, t: os.path.join(d, "config.json"), "config.json is a JSON file, not a Python config"),
+    ("import_config", lambda d, w, t: str(t / "nothing.py"), "nothing.py does not exist"),
+    ("import_config", lambda d, w, t: (open(t / "c.py", "w").write("x = 1\n"), str(t / "c.py"))[1],
+     "c.py has no get_config() function"),
+    # --workdir of eval.py / generate
+    ("load_run", lambda d, w, t: d, "is a Hugging Face checkpoint directory (it has config.json), not a llama_jax "
+                                    "workdir: import it first"),
+    ("load_run", lambda d, w, t: os.path.join(w, "tokenizer.model"), "tokenizer.model is a file: no checkpoints "
+                                                                       "directory"),
+    ("load_run", lambda d, w, t: (os.mkdir(t / "e"), str(t / "e"))[1], "is an empty directory: no checkpoints"),
+    # config.init_from
+    ("init_from", lambda d, w, t: d, "is a Hugging Face checkpoint directory (it has config.json), not a llama_jax "
+                                     "workdir: import it"),
+    ("init_from", lambda d, w, t: os.path.join(w, "tokenizer.model"), "which is a file (run it first"),
+])
+def test_a_path_that_is_not_what_the_flag_says_is_named_in_one_line(entry, make, culprit, hf32, imported, tmp_path):
+  """Issue 15: --hf_dir, import-hf's --config, --workdir, config.init_from, before any work."""
+  hf_dir = str(tmp_path / "hf")
+  shutil.copytree(hf32[0], hf_dir)
+  target = make(hf_dir, imported, tmp_path)
+  with pytest.raises((ValueError, FileNotFoundError)) as e:  # ConfigError is a ValueError
+    _call(entry, target, hf_dir, imported, tmp_path)
+  line = str(e.value)
+  assert "\n" not in line and culprit in line and (str(target) in line or os.path.basename(target) in line), line
+  assert not os.path.exists(tmp_path / "new")
