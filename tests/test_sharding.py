@@ -1,4 +1,5 @@
-"""Sharded training on 8 fake CPU devices equals one device; shardings are what the rules say."""
+"""Sharded training on 8 fake CPU devices equals one device; shardings are what the rules say; a
+checkpoint loads, evaluates, generates and exports the same on device counts its dims do not divide."""
 
 import os
 
