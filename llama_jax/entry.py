@@ -12,7 +12,8 @@ from llama_jax import distributed  # noqa: F401  (defines the multi-host flags)
 
 _REUSE_FREED_MEMORY = flags.DEFINE_bool(
     "reuse_freed_memory", True, "Let malloc keep freed memory for reuse (one arena, no mmap) instead of "
-    "handing it back to the OS: XLA:CPU's per-step buffers then cost no page faults (Linux/glibc only).")
+    "handing it back to the OS: XLA:CPU's per-step buffers then reuse pages already mapped instead of "
+    "faulting in fresh ones (Linux/glibc only; elsewhere a warning says it was not done).")
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
