@@ -305,26 +305,24 @@ class MapCorpus:
   def skipped(self) -> int:
     return self.skips.count
 
-  def check_usable(self, name: str):
-    """Raises ConfigError unless a document in corpus order has text (stops at the first)."""
-    if isinstance(self.source, list):  # the embedded plays and speeches
-      if not self.source:
-        raise ConfigError(f"{name}={self.spec!r} has no documents")
-      return
-    probe = _Probe()
-    for i in range(len(self.source)):
+  def check_usable(self, name: str, accept=bool, unfit: str = "empty", wanted: str = "documents with text"):
+    """Raises ConfigError (DataError when unreadable documents are why) unless a document in
+    corpus order is accepted (default: a non-empty text, or any SFT pair); reads up to the first
+    one that is. Documents read but not accepted are counted as `unfit` in the message."""
+    probe, total = _Probe(), len(self.source)
+    for i in range(total):
       unreadable = probe.reasons.total()
-      doc = self.source.read(i, probe)
-      if doc:  # a non-empty text, or an SFT pair
+      doc = self.source[i] if isinstance(self.source, list) else self.source.read(i, probe)
+      if doc is not None and accept(doc):
         return
       if doc is not None:
-        probe.reasons["empty"] += 1
+        probe.reasons[unfit] += 1
       elif probe.reasons.total() == unreadable:  # None and no reason given: a blank JSONL line
         probe.reasons["blank"] += 1
-    raise _no_usable(name, self.spec, len(self.source), self.source.unit, probe)
+    raise _no_usable(name, self.spec, total, getattr(self.source, "unit", "documents"), probe, wanted)
 
 
-def _no_usable(name: str, spec: str, total: int, unit: str, probe: _Probe) -> ConfigError:
+def _no_usable(name: str, spec: str, total: int, unit: str, probe: _Probe, wanted: str) -> ConfigError:
   """The error for a corpus without a document with text, saying what its documents are instead:
   a DataError naming the first unreadable one where there is one."""
   if not total:
@@ -334,7 +332,7 @@ def _no_usable(name: str, spec: str, total: int, unit: str, probe: _Probe) -> Co
     why = f"all {next(iter(probe.reasons))}"
   else:
     why = ", ".join(f"{n} {reason}" for reason, n in probe.reasons.most_common())
-  message = f"{name}={spec!r} has no document with text: {total} {unit}, {why}"
+  message = f"{name}={spec!r} has no {wanted}: {total} {unit}, {why}"
   if probe.first_bad:
     return DataError(f"{message}; the first unreadable: {probe.first_bad}")
   return ConfigError(message)
@@ -369,8 +367,8 @@ class ParquetCorpus:
   def skipped(self) -> int:
     return self.skips.count
 
-  def check_usable(self, name: str):
-    """Raises ConfigError unless a row in corpus order has text (stops at the first)."""
+  def check_usable(self, name: str, accept=bool, unfit: str = "empty", wanted: str = "documents with text"):
+    """MapCorpus.check_usable over the rows, file after file."""
     import pyarrow.parquet as pq
     probe, total = _Probe(), 0
     for path in self.paths:
@@ -379,11 +377,11 @@ class ParquetCorpus:
           total += 1
           if text is None:
             probe.bad(f"{path} row {total}", "null")
-          elif text == "":
-            probe.reasons["empty"] += 1
-          else:
+          elif accept(text):
             return
-    raise _no_usable(name, self.spec, total, "rows", probe)
+          else:
+            probe.reasons[unfit] += 1
+    raise _no_usable(name, self.spec, total, "rows", probe, wanted)
 
 
 def _parquet_text(path: str, column: str, skips: _Skips, row: dict):
@@ -418,6 +416,11 @@ class MixtureCorpus:
 
   def skipped(self) -> int:
     return sum(c.skipped() for c in self.components)
+
+  def check_usable(self, name: str, accept=bool, unfit: str = "empty", wanted: str = "documents with text"):
+    """Every part's check_usable (a part without a document it accepts would stall `mix`)."""
+    for c in self.components:
+      c.check_usable(f"{name} mix part", accept, unfit, wanted)
 
 
 def _up_to_bytes(docs, max_bytes: int):

@@ -107,6 +107,19 @@ def encode_pair(tok, prompt: str, response: str) -> tuple[np.ndarray, np.ndarray
   return np.asarray(ids, np.int32), np.asarray(loss, np.int32)
 
 
+def fit_pair(ids, loss, row_len: int, overlong: str):
+  """(ids, loss) of an encoded pair fitted to row_len tokens: as they are when short enough, else
+  without the start of the prompt (overlong="truncate_prompt", if the prompt is long enough),
+  else (None, None)."""
+  excess = len(ids) - row_len
+  if excess <= 0:
+    return ids, loss
+  prompt_len = int(np.argmax(loss)) - 1  # tokens between BOS and the response
+  if overlong == "skip" or excess > prompt_len:
+    return None, None
+  return np.delete(ids, np.s_[1:1 + excess]), np.delete(loss, np.s_[1:1 + excess])
+
+
 class _EncodePair:
   """(prompt, response) -> [one chunk {"tokens", "loss"}], or [] when skipped (see Overlong)."""
 
@@ -118,14 +131,12 @@ class _EncodePair:
     if pair is None:  # a skipped document
       return []
     ids, loss = encode_pair(self._tok, *pair)
-    excess = len(ids) - self._row_len
-    if excess > 0:
-      prompt_len = int(np.argmax(loss)) - 1  # tokens between BOS and the response
-      if self._overlong == "skip" or excess > prompt_len:
-        self._counts.add(truncated=False)
-        return []
-      self._counts.add(truncated=True)
-      ids, loss = np.delete(ids, np.s_[1:1 + excess]), np.delete(loss, np.s_[1:1 + excess])
+    fitted, fitted_loss = fit_pair(ids, loss, self._row_len, self._overlong)
+    if fitted is None or len(fitted) != len(ids):
+      self._counts.add(truncated=fitted is not None)
+    if fitted is None:
+      return []
+    ids, loss = fitted, fitted_loss
     chunk = {"tokens": ids, "loss": loss}
     if self._count_bytes:  # bits per byte of the responses
       chunk["num_bytes"] = _byte_counts(len(ids), pair[1])
@@ -217,8 +228,19 @@ def _sft_overlong(data_config):
 
 def train_batches(corpus, tok, data_config, process_index: int = 0, process_count: int = 1,
                   overlong: Overlong | None = None):
-  """The endless stream of this process's training batches (a grain IterDataset)."""
+  """The endless stream of this process's training batches (a grain IterDataset).
+
+  Raises:
+    ConfigError: SFT pairs of which none fits a row (data.sft_overlong), found by reading in
+      corpus order up to the first that fits; such a stream would never yield a batch.
+  """
   c = data_config
+  if _sft_overlong(c):  # with every pair skipped as too long, the endless stream would never yield
+    row_len = c.seq_len + 1
+    corpus.check_usable("config.data.train_corpus",
+                        lambda pair: fit_pair(*encode_pair(tok, *pair), row_len, c.sft_overlong)[0] is not None,
+                        f"longer than a row of {row_len} tokens (data.sft_overlong={c.sft_overlong!r})",
+                        "pairs that fit a row")
   docs = corpus.documents(c.shuffle_seed, process_index, process_count)
   rows = packed_rows(docs, tok, c.seq_len, read_threads=c.read_threads, pack_bins=c.pack_bins,
                      seed=c.shuffle_seed, shuffle_window=c.shuffle_window, sft_overlong=_sft_overlong(c),

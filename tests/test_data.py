@@ -336,7 +336,7 @@ def test_an_empty_eval_corpus_stops_before_training(tmp_path):
   from llama_jax import trainer
   (tmp_path / "empty.jsonl").write_text("\n\n")
   config = tiny_test_config(**{"data.eval_corpus": f"jsonl:{tmp_path}/empty.jsonl"})
-  with pytest.raises(ConfigError, match=r"config.data.eval_corpus='jsonl:.*' has no document with text: 2 lines, all blank"):
+  with pytest.raises(ConfigError, match=r"config.data.eval_corpus='jsonl:.*' has no documents with text: 2 lines, all blank"):
     trainer.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
