@@ -3,8 +3,10 @@
 import collections
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -358,3 +360,141 @@ def test_inspect_a_pipeline_from_the_command_line(tmp_path):
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.count("--- row ") == 2 and "[segment 1: positions 0.." in proc.stdout
   assert "20 batches of 8 rows" in proc.stdout and "tokens/s" in proc.stdout and "padding" in proc.stdout
+
+
+# ------------------------------------------------------------------ corpora that cannot feed a run
+
+
+@pytest.fixture(scope="module")
+def tokenizer_320(tmp_path_factory):
+  """A 320-piece tokenizer (tiny_test_config's vocabulary) trained on two plays."""
+  from llama_jax import tokenizer as tok_lib
+  path = str(tmp_path_factory.mktemp("tok") / "tok.model")
+  return tok_lib.train_sentencepiece(tok_lib.training_lines(corpus_lib.shakespeare_plays("train")[:2]), 320, path)
+
+
+def _parquet(path, texts):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  pq.write_table(pa.table({"body": pa.array(texts, pa.string())}), path)
+
+
+@pytest.mark.parametrize("case", ["blank", "zero_bytes", "all_skipped", "mix_part", "empty_files", "parquet_nulls"])
+def test_a_corpus_without_a_document_with_text_stops_at_open_naming_it_and_why(tmp_path, case):
+  (tmp_path / "blank.jsonl").write_text("\n\n\n")
+  (tmp_path / "zero.jsonl").write_bytes(b"")
+  (tmp_path / "bad.jsonl").write_text('nope\n{"body": "x"}\n')
+  (tmp_path / "a.txt").write_text("")
+  (tmp_path / "b.txt").write_text("")
+  _parquet(tmp_path / "n.parquet", [None, None])
+  spec, error, message = {
+      "blank": (f"jsonl:{tmp_path}/blank.jsonl", ConfigError, "has no documents with text: 3 lines, all blank"),
+      "zero_bytes": (f"jsonl:{tmp_path}/zero.jsonl", ConfigError, r"has no documents \(0 lines\)"),
+      "all_skipped": (f"jsonl:{tmp_path}/bad.jsonl", DataError,
+                      r"has no documents with text: 2 lines, 1 not JSON, 1 no string field 'text'; "
+                      r"the first unreadable: .*bad\.jsonl:1: not JSON"),
+      "mix_part": (f"mix:shakespeare:heldout=1,jsonl:{tmp_path}/blank.jsonl=1", ConfigError,
+                   r"config.data.train_corpus mix part='jsonl:.*blank\.jsonl' has no documents with text: 3 lines"),
+      "empty_files": (f"text:{tmp_path}/*.txt", ConfigError, "has no documents with text: 2 files, all empty"),
+      "parquet_nulls": (f"parquet:{tmp_path}/n.parquet#body", DataError,
+                        r"2 rows, all null; the first unreadable: .*n\.parquet row 1: null"),
+  }[case]
+  with pytest.raises(error, match=message) as raised:
+    corpus_lib.open_corpus(spec, name="config.data.train_corpus", skip_bad_documents=True)
+  assert "\n" not in str(raised.value)
+  assert str(raised.value).startswith("config.data.train_corpus")
+
+
+def test_no_sft_pair_that_fits_a_row_stops_before_the_stream_starts(tmp_path):
+  (tmp_path / "long.jsonl").write_text(json.dumps({"prompt": "p" * 40, "response": "r" * 40}) + "\n")
+  corpus = corpus_lib.open_corpus(f"jsonl:{tmp_path}/long.jsonl", pair_fields=("prompt", "response"))
+  for overlong in data_lib.SFT_OVERLONG:  # the response alone is longer than a row: neither mode fits it
+    with pytest.raises(ConfigError, match=r"has no pairs that fit a row: 1 line, all longer than a row of 33 tokens"):
+      data_lib.train_batches(corpus, TOK, _data_config(format="sft", sft_overlong=overlong))
+
+
+def _train_py(workdir, config, timeout=120):
+  from test_train import subprocess_env, train_cmd
+  return subprocess.run(train_cmd(workdir, config), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def test_train_py_on_a_corpus_of_blank_lines_ends_in_one_line(tmp_path, tokenizer_320):
+  (tmp_path / "blank.jsonl").write_text("\n\n\n")
+  config = tiny_test_config(**{"data.train_corpus": f"jsonl:{tmp_path}/blank.jsonl",
+                               "data.tokenizer_path": tokenizer_320.path})
+  proc = _train_py(tmp_path / "run", config)  # before: waited forever for the first batch
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: config.data.train_corpus='jsonl:{tmp_path}/blank.jsonl' has no documents with text: 3 lines, all blank")
+  assert "Traceback" not in proc.stderr
+
+
+def _surrogate_corpus(tmp_path):
+  path = tmp_path / "s.jsonl"
+  path.write_text('{"text": "fine words"}\n{"text": "a lone \\ud83d surrogate"}\n')  # valid JSON, not valid Unicode
+  return f"jsonl:{path}"
+
+
+def test_a_lone_surrogate_names_file_and_line_or_is_skipped_and_counted(tmp_path):
+  spec = _surrogate_corpus(tmp_path)
+  with pytest.raises(DataError, match=r"s\.jsonl:2: field 'text' is not valid Unicode \(a lone surrogate U\+D83D"):
+    _first_batch(spec)
+  corpus = corpus_lib.open_corpus(spec, skip_bad_documents=True)
+  batch = next(iter(data_lib.train_batches(corpus, TOK, _data_config())))
+  assert corpus.skipped() >= 1
+  text = TOK.decode(batch["inputs"][batch["segment_ids"] > 0])
+  assert "surrogate" not in text and "fine words" in text
+  (tmp_path / "p.jsonl").write_text('{"prompt": "q", "response": "\\udc00"}\n{"prompt": "q", "response": "a"}\n')
+  pairs = corpus_lib.open_corpus(f"jsonl:{tmp_path}/p.jsonl", pair_fields=("prompt", "response"))
+  with pytest.raises(DataError, match=r"p\.jsonl:1: field 'response' is not valid Unicode"):
+    pairs.source[0]
+
+
+def test_train_py_on_a_lone_surrogate_ends_in_one_line(tmp_path, tokenizer_320):
+  config = tiny_test_config(**{"data.train_corpus": _surrogate_corpus(tmp_path), "data.tokenizer_path": tokenizer_320.path})
+  proc = _train_py(tmp_path / "run", config)
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      f"error: {tmp_path}/s.jsonl:2: field 'text' is not valid Unicode (a lone surrogate U+D83D at character 7)")
+  assert "Traceback" not in proc.stderr
+
+
+def test_sigterm_ends_a_wait_for_the_first_batch():
+  from llama_jax import preemption
+  from llama_jax.errors import StopRun
+  released = threading.Event()
+
+  class Stalled:  # reads that do not return (a stalled network file system)
+    def __len__(self):
+      return 4
+
+    def __getitem__(self, i):
+      released.wait()
+      return "text"
+
+  batches = iter(data_lib.train_batches(corpus_lib.MapCorpus("stalled", Stalled(), None), TOK, _data_config()))
+
+  def too_long(signum, frame):
+    raise TimeoutError("SIGTERM did not end the wait")
+
+  previous_alarm = signal.signal(signal.SIGALRM, too_long)
+  watch = preemption.PreemptionWatch()
+  try:
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    signal.alarm(10)
+    with pytest.raises(StopRun, match="SIGTERM before the first step of this run finished: nothing new to save"):
+      next(batches)
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous_alarm)
+    watch.close()
+    released.set()
+    batches.close()
+  watch = preemption.PreemptionWatch()  # once a step has finished, a signal is a request to save and stop
+  try:
+    assert not watch.reached(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert watch.reached(2) and watch.signal_name == "SIGTERM"
+  finally:
+    watch.close()
