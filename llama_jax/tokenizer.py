@@ -8,6 +8,14 @@ fallback on a corpus:
   python -m llama_jax.tokenizer train --input shakespeare:train --vocab_size 512 --output tok.model
 
 `--input` is a corpus spec (see corpus.py); a shuffled sample of up to `--sample_bytes` of it is used.
+
+What decode(encode(text)) gives back, for any valid Unicode `text` (encode raises ConfigError
+on a lone surrogate, which no UTF-8 text holds):
+  - a model trained here, and Llama-2's (identity normalisation, byte fallback):
+    text.replace("\u2581", " "), since sentencepiece writes a space as U+2581 "▁" and turns
+    every ▁ back into a space. A sentencepiece model with another normaliser (nmt_nfkc, say)
+    also gives back what it normalises, changed.
+  - Llama-3's tiktoken ranks (byte-level BPE): text itself.
 """
 
 import base64
@@ -17,6 +25,19 @@ import os
 import re
 
 import sentencepiece as spm
+
+from llama_jax.errors import ConfigError
+
+
+def _check_unicode(text: str):
+  """Raises ConfigError on text that is not valid Unicode (sentencepiece cannot take it, tiktoken
+  would encode U+FFFD in its place)."""
+  if not text.isascii():
+    try:
+      text.encode("utf-8")
+    except UnicodeEncodeError as e:
+      raise ConfigError(f"text to encode is not valid Unicode: a lone surrogate U+{ord(text[e.start]):04X} "
+                        f"at character {e.start}") from None
 
 
 class SentencePieceTokenizer:
@@ -47,10 +68,14 @@ class SentencePieceTokenizer:
     return pad if pad >= 0 else self.eos_id
 
   def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+    """The ids of `text` (valid Unicode, else ConfigError), with BOS / EOS if asked."""
+    _check_unicode(text)
     ids = self._sp.encode(text)
     return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    for text in texts:
+      _check_unicode(text)
     return self._sp.encode(texts, num_threads=os.cpu_count())
 
   def decode(self, ids) -> str:
@@ -66,18 +91,62 @@ def load_tokenizer(path: str):
   return SentencePieceTokenizer(path)
 
 
-def train_sentencepiece(texts, vocab_size: int, output: str) -> SentencePieceTokenizer:
-  """Trains a BPE sentencepiece model with byte fallback, lossless on the text it encodes.
+MAX_SENTENCE_BYTES = 1 << 16  # sentencepiece's max_sentence_length: it skips longer sentences
+INPUT_SENTENCE_SIZE = 10_000_000  # sentences sentencepiece keeps (a uniform sample) when given more
 
-  Identity normalisation and kept whitespace make decode(encode(text)) == text, so bits per
-  byte can be measured against the raw UTF-8 bytes.
+
+class _Sentences:
+  """The training sentences, each over MAX_SENTENCE_BYTES of UTF-8 cut (at character boundaries)
+  into pieces that are not, so that sentencepiece skips none; counts what it sees and cuts."""
+
+  def __init__(self, texts):
+    self._texts = texts
+    self.count = self.cut = 0
+
+  def __iter__(self):
+    for text in self._texts:
+      self.count += 1
+      if len(text) * 4 <= MAX_SENTENCE_BYTES or len(text.encode("utf-8")) <= MAX_SENTENCE_BYTES:
+        yield text
+        continue
+      self.cut += 1
+      raw, start = text.encode("utf-8"), 0
+      while start < len(raw):
+        end = min(start + MAX_SENTENCE_BYTES, len(raw))
+        while end < len(raw) and raw[end] & 0xC0 == 0x80:  # not inside a character
+          end -= 1
+        yield raw[start:end].decode("utf-8")
+        start = end
+
+
+def train_sentencepiece(texts, vocab_size: int, output: str) -> SentencePieceTokenizer:
+  """Trains a BPE sentencepiece model with byte fallback on `texts` (an iterable of str).
+
+  Identity normalisation and kept whitespace make decode(encode(text)) == text for every valid
+  Unicode text without U+2581 "▁" (that comes back as a space), so bits per byte are measured
+  against the raw UTF-8 bytes.
+
+  A text over MAX_SENTENCE_BYTES of UTF-8 (which sentencepiece would skip) is cut into pieces
+  that are not; over INPUT_SENTENCE_SIZE texts, sentencepiece trains on a uniform sample of
+  that many. Either is logged with its count.
+
+  Raises:
+    ConfigError: sentencepiece cannot train on them (a vocabulary too large for the text, say).
   """
+  from llama_jax import metrics as metrics_lib
+
   model = io.BytesIO()
+  sentences = _Sentences(texts)
   try:
-    _train(texts, vocab_size, model)
+    _train(sentences, vocab_size, model)
   except RuntimeError as e:  # sentencepiece's own words, e.g. a vocabulary too small for the corpus
-    from llama_jax.errors import ConfigError
     raise ConfigError(f"training a {vocab_size}-piece tokenizer failed: {str(e).splitlines()[-1]}") from None
+  if sentences.cut:
+    metrics_lib.log(f"tokenizer training: cut {sentences.cut:,} of {sentences.count:,} lines longer than "
+                    f"{MAX_SENTENCE_BYTES:,} bytes into pieces (sentencepiece skips longer ones)")
+  if sentences.count > INPUT_SENTENCE_SIZE:
+    metrics_lib.log(f"tokenizer training: sentencepiece kept a uniform sample of {INPUT_SENTENCE_SIZE:,} "
+                    f"of {sentences.count:,} lines")
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   tmp = output + ".tmp"
   with open(tmp, "wb") as f:
@@ -98,8 +167,8 @@ def _train(texts, vocab_size, model_writer):
       split_digits=True,
       add_dummy_prefix=False,
       allow_whitespace_only_pieces=True,
-      max_sentence_length=1 << 16,
-      input_sentence_size=10_000_000,  # lines kept (a uniform sample) if the input has more
+      max_sentence_length=MAX_SENTENCE_BYTES,
+      input_sentence_size=INPUT_SENTENCE_SIZE,
       shuffle_input_sentence=True,
       character_coverage=0.9995,
       unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
@@ -119,7 +188,6 @@ def main():
   from absl import flags
 
   from llama_jax import corpus, entry
-  from llama_jax.errors import ConfigError
 
   source = flags.DEFINE_string("input", None, "Corpus spec (e.g. shakespeare:train, jsonl:web/*.jsonl).")
   sample_bytes = flags.DEFINE_integer("sample_bytes", 100_000_000, "Train on a shuffled sample this large.")
@@ -236,6 +304,8 @@ class TiktokenTokenizer:
     return self.special_tokens["<|finetune_right_pad_id|>"]
 
   def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+    """The ids of `text` (valid Unicode, else ConfigError), with BOS / EOS if asked."""
+    _check_unicode(text)
     ids = []
     for piece in self._pieces(text):
       ids.extend(self._enc.encode_ordinary(piece))

@@ -498,3 +498,13 @@ def test_sigterm_ends_a_wait_for_the_first_batch():
     assert watch.reached(2) and watch.signal_name == "SIGTERM"
   finally:
     watch.close()
+
+
+def test_tokenizer_training_cuts_lines_sentencepiece_would_skip_and_says_so(tmp_path, capsys):
+  from llama_jax import tokenizer as tok_lib
+  long_line = "xyzqw" * 20_000 + "\n"  # 100,000 bytes: over sentencepiece's max_sentence_length
+  texts = ["ab cd\n"] * 200 + [long_line]
+  # 285 pieces need the long line's characters and merges (without it sentencepiece allows 268)
+  tok = tok_lib.train_sentencepiece(tok_lib.training_lines(texts), 285, str(tmp_path / "tok.model"))
+  assert len(tok.encode("xyzqw" * 4)) <= 4  # learned from the long line
+  assert "tokenizer training: cut 1 of 201 lines longer than 65,536 bytes into pieces" in capsys.readouterr().out

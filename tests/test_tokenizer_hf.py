@@ -9,8 +9,10 @@ import random
 import types
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from llama_jax import tokenizer as tok_lib
+from llama_jax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA2 = os.path.join(ROOT, "artifacts", "tokenizers", "llama2.model")
@@ -215,3 +217,43 @@ def test_load_tokenizer_errors(tmp_path):
   bad.write_bytes(b"IQ== 0\nIg== 1\nnot base64! 2\n")
   with pytest.raises(ValueError, match="bad.tiktoken:3"):
     tok_lib.load_tokenizer(str(bad))
+
+
+# ---------------------------------------------------------------------------- round trips over any text
+
+# Any valid Unicode (no lone surrogates), and runs of the characters sentencepiece treats apart.
+_ANY_TEXT = st.one_of(st.text(st.characters(codec="utf-8"), max_size=80),
+                      st.text(st.sampled_from([" ", "\u2581", "\n", "\t", "\r", "\u3000", "\x00", "a", "é", "😀"]),
+                              max_size=40))
+_SETTINGS = settings(max_examples=300, deadline=None, derandomize=True)
+
+
+@_SETTINGS
+@given(_ANY_TEXT)
+def test_llama2_gives_back_any_text_with_u2581_as_space(text):
+  tok = _tokenizer(LLAMA2)
+  assert tok.decode(tok.encode(text)) == text.replace("\u2581", " ")
+
+
+@_SETTINGS
+@given(_ANY_TEXT)
+def test_llama3_gives_back_any_text(text):
+  tok = _tokenizer(LLAMA3)
+  assert tok.decode(tok.encode(text)) == text
+
+
+@pytest.mark.parametrize("path", [LLAMA2, LLAMA3])
+def test_text_that_is_not_valid_unicode_is_refused_in_one_line(path):
+  tok = _tokenizer(path)
+  with pytest.raises(ConfigError, match=r"^text to encode is not valid Unicode: a lone surrogate U\+D83D at character 2$"):
+    tok.encode("ab\ud83d")  # sentencepiece raised a C++ cast error here, tiktoken encoded U+FFFD
+
+
+_LOADED = {}
+
+
+def _tokenizer(path):
+  _need(path)
+  if path not in _LOADED:
+    _LOADED[path] = tok_lib.load_tokenizer(path)
+  return _LOADED[path]
