@@ -176,3 +176,22 @@ def test_a_mesh_no_device_count_fits_is_one_line(odd_run):
                      r"devices: param blocks/attn/wk_DKH: dim 'embed' of size 36 is not divisible by mesh axes "
                      r"fsdp = 8$"):
     sh.fitting_devices(mesh, abstract, jax.devices())
+
+
+def test_eval_py_on_8_devices_uses_the_6_the_model_divides(odd_run, tmp_path):
+  import json
+  import subprocess
+  import sys
+
+  from test_train import ROOT, subprocess_env
+  workdir, _ = odd_run
+  heldout = "text:" + os.path.join(ROOT, "tests", "data", "heldout_sample.txt")
+  _, _, one, _ = _eval_and_generate(workdir, jax.devices()[:1])
+  proc = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}", f"--corpus={heldout}", "--num_cpu_devices=8",
+                         f"--output={tmp_path / 'eval.json'}"], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  assert "using 6 of the 8 devices" in proc.stdout
+  written = json.loads((tmp_path / "eval.json").read_text())
+  assert written["num_tokens"] == one["num_tokens"]
+  np.testing.assert_allclose(written["loss"], one["loss"], rtol=1e-5)
