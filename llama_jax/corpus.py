@@ -26,6 +26,15 @@ and held as strings.
 seed, shuffled anew each epoch and repeated forever; without, one pass in corpus order. Each
 process takes every `shard_count`-th document of the one global order, so the shares are
 disjoint and together cover every document once per epoch.
+
+Every document a reader yields is valid Unicode (it encodes as UTF-8). One that cannot be read
+(a file or JSONL line not UTF-8, a line not JSON or without the string field, a string with a
+lone surrogate, which JSON's "\\ud83d" allows, a Parquet null) raises DataError naming
+`file:line` (`file` for Parquet, `NAME@SPLIT example i` for TFDS), or with data.skip_bad_documents
+is None in the stream and counted in `skipped()`. Blank JSONL lines are None too, not counted.
+`open_corpus` reads each corpus (each part of a mix:) in corpus order up to its first document
+with text and raises ConfigError when there is none, since the endless training stream would
+then wait forever for a batch.
 """
 
 import collections

@@ -19,7 +19,12 @@ checkpoint (checkpoint.py) and a resumed run reads exactly the batches it would 
 Fine-tuning data (`data.format = "sft"`) are (prompt, response) pairs, each one segment
 [BOS] prompt response [EOS] that is never cut into chunks: only the response tokens and the
 EOS are targets (the model learns to answer and to stop), and an example longer than a row
-loses the start of its prompt or is skipped (`data.sft_overlong`), counted in the log.
+loses the start of its prompt or is skipped (`data.sft_overlong`), counted in the log. Training
+stops at the start (ConfigError) when no pair of the corpus fits a row that way.
+
+Skipped documents (corpus.py: unreadable ones with data.skip_bad_documents, blank JSONL lines)
+give no chunks; nothing else is dropped: an evaluation pass holds every chunk of every
+document once.
 
 A batch is a dict of int32 arrays [B, T]: inputs, targets, weights, positions, segment_ids
 (1, 2, ... per document within a row; 0 for padding); evaluation batches add num_bytes (the
