@@ -158,13 +158,13 @@ def unicode_error(text: str) -> str | None:
 class TextFiles(grain.sources.RandomAccessDataSource):
   """Document i is the whole UTF-8 text of file i."""
 
+  unit = "files"  # what a document is, in messages
+
   def __init__(self, paths: list[str], skips: _Skips):
     self._paths, self._skips = paths, skips
 
   def __len__(self):
     return len(self._paths)
-
-  unit = "files"
 
   def __getitem__(self, i):
     return self.read(i, self._skips)
@@ -198,6 +198,8 @@ class JsonlLines(grain.sources.RandomAccessDataSource):
   """Document i is the string field `fields[0]` of the i-th line over all files (blank lines are
   skipped), or the tuple of its `fields` when there are several (SFT pairs)."""
 
+  unit = "lines"  # what a document is, in messages
+
   def __init__(self, paths: list[str], fields: tuple[str, ...], skips: _Skips):
     self._paths, self._fields, self._skips = paths, fields, skips
     self._offsets = [line_offsets(p) for p in paths]  # per file: line starts + end
@@ -214,8 +216,6 @@ class JsonlLines(grain.sources.RandomAccessDataSource):
       if file_index not in self._fds:
         self._fds[file_index] = os.open(self._paths[file_index], os.O_RDONLY)
       return self._fds[file_index]
-
-  unit = "lines"
 
   def __getitem__(self, i):
     return self.read(i, self._skips)
@@ -254,13 +254,13 @@ class JsonlLines(grain.sources.RandomAccessDataSource):
 class TfdsTexts(grain.sources.RandomAccessDataSource):
   """Document i is the text feature of example i of a TFDS array_record data source."""
 
+  unit = "examples"  # what a document is, in messages
+
   def __init__(self, source, feature: str, name: str, skips: _Skips):
     self._source, self._feature, self._name, self._skips = source, feature, name, skips
 
   def __len__(self):
     return len(self._source)
-
-  unit = "examples"
 
   def __getitem__(self, i):
     return self.read(i, self._skips)
@@ -531,7 +531,8 @@ def open_corpus(spec: str, *, name: str = "corpus", tfds_data_dir: str = "",
   Raises:
     ConfigError: a bad spec, no files, or a corpus (or a mix: part) without one document that
       has text, found by reading in corpus order up to the first that has: one document on a
-      sound corpus, a whole pass over one that has none ("3 lines, all blank").
+      sound corpus, a whole pass over one that has none ("3 lines, all blank"); a DataError
+      naming the first unreadable document when unreadable ones are why.
   """
   corpus = _open(spec, name, tfds_data_dir, skip_bad_documents, pair_fields)
   if not isinstance(corpus, MixtureCorpus):  # its parts were checked as they opened
