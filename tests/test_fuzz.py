@@ -266,3 +266,68 @@ def test_an_eval_pass_scores_every_chunk_of_every_document_once(docs, rows):
         num_bytes += int(batch["num_bytes"].sum())
     assert sorted(chunks) == _chunks_of(docs)
     assert num_bytes == sum(len(doc.encode("utf-8")) for doc in docs)
+
+
+@SETTINGS
+@given(lines=st.lists(st.one_of(DOCS.map(lambda docs: json.dumps({"text": docs[0]}).encode()), JSONL_LINE),
+                      min_size=1, max_size=8))
+def test_an_eval_pass_over_any_lines_scores_the_readable_and_counts_the_rest(lines):
+  with tempfile.TemporaryDirectory() as d:
+    with open(os.path.join(d, "a.jsonl"), "wb") as f:
+      f.write(b"\n".join(lines) + b"\n")
+    expected = [_expected_jsonl(x) for x in lines]
+    try:
+      corpus = corpus_lib.open_corpus(f"jsonl:{d}/a.jsonl", skip_bad_documents=True)
+    except ConfigError:
+      assert not any(isinstance(e, str) and e for e in expected)
+      return
+    chunks = []
+    with _no_hang():
+      for batch in data_lib.eval_batches(corpus, TOK, _config(), 2):
+        _check_batch(batch, 2)
+        chunks += _segments(batch)
+    docs = [e for e in expected if isinstance(e, str)]
+    assert sorted(chunks) == _chunks_of(docs)
+    assert corpus.skipped() == expected.count(False)  # every unreadable line counted, once per pass
+
+
+def _sft_chunk(prompt, response, overlong):
+  """[BOS] prompt response [EOS] fitted to a row as data.sft_overlong says (written out here), or None."""
+  p, r = TOK.encode(prompt), TOK.encode(response)
+  excess = len(p) + len(r) + 2 - (T + 1)
+  if excess > 0 and (overlong == "skip" or excess > len(p)):
+    return None
+  return tuple([TOK.bos_id] + p[max(excess, 0):] + r + [TOK.eos_id]), tuple(r + [TOK.eos_id])
+
+
+@SETTINGS
+@given(pairs=st.lists(st.tuples(st.text("ab é", max_size=8), st.text("xy😀", max_size=6)), min_size=1, max_size=6),
+       overlong=st.sampled_from(data_lib.SFT_OVERLONG))
+def test_sft_batches_of_any_pairs_weigh_only_the_response(pairs, overlong):
+  with tempfile.TemporaryDirectory() as d:
+    with open(os.path.join(d, "a.jsonl"), "w", encoding="utf-8") as f:
+      for prompt, response in pairs:
+        f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+    corpus = corpus_lib.open_corpus(f"jsonl:{d}/a.jsonl", pair_fields=("prompt", "response"))
+    expected = {c for c in (_sft_chunk(p, r, overlong) for p, r in pairs) if c}
+    config = _config(format="sft", sft_overlong=overlong, shuffle_seed=1)
+    if not expected:
+      with pytest.raises(ConfigError, match="has no pairs that fit a row"):
+        data_lib.train_batches(corpus, TOK, config)
+      return
+    batches = iter(data_lib.train_batches(corpus, TOK, config))
+    try:
+      with _no_hang():
+        for _ in range(3):
+          batch = next(batches)
+          _check_batch(batch, B)
+          for r in range(B):
+            seg = batch["segment_ids"][r]
+            for s in set(seg[seg > 0].tolist()):
+              idx = np.flatnonzero(seg == s)
+              assert np.array_equal(batch["positions"][r][idx], np.arange(len(idx)))
+              w, targets = batch["weights"][r][idx], batch["targets"][r][idx]
+              chunk = tuple(batch["inputs"][r][idx].tolist()) + ((int(targets[-1]),) if w[-1] else ())
+              assert (chunk, tuple(targets[w == 1].tolist())) in expected  # a whole pair; weights on its answer
+    finally:
+      batches.close()
