@@ -140,6 +140,12 @@ def test_rows_stop_at_their_own_eos():
   assert stopped[0] == free[0][:4]
   cut = free[1].index(eos) + 1 if eos in free[1] else 12
   assert stopped[1] == free[1][:cut]
+  # Several stop ids (Llama 3 instruct: <|end_of_text|>, <|eot_id|>): a row ends at the first it makes.
+  stop = [free[1][6], free[0][2]]
+  either = generator(params, prompts, 12, stop_ids=stop).ids
+  for row, ids in zip(either, free):
+    end = next((i for i, t in enumerate(ids) if t in stop), 11)
+    assert row == ids[:end + 1]
 
 
 # ---------------------------------------------------------------------------- sampling

@@ -113,8 +113,8 @@ def test_eval_py_writes_the_json(trained, tmp_path):
   proc = _run("eval.py", f"--workdir={workdir}", f"--output={out}")
   assert proc.returncode == 0, proc.stderr
   written = json.loads(out.read_text())
-  assert set(written) == {"step", "loss", "perplexity", "bits_per_byte", "num_tokens"}
-  assert written["step"] == 8
+  assert set(written) == {"step", "dtype", "loss", "perplexity", "bits_per_byte", "num_tokens"}
+  assert written["step"] == 8 and written["dtype"] == "float32"  # the run's model.dtype: no --dtype given
   assert written["bits_per_byte"] == pytest.approx(result["bits_per_byte"], rel=1e-5)
   assert "bits/byte" in proc.stdout
 
