@@ -336,3 +336,13 @@ def test_a_path_that_is_not_what_the_flag_says_is_named_in_one_line(entry, make,
   line = str(e.value)
   assert "\n" not in line and culprit in line and (str(target) in line or os.path.basename(target) in line), line
   assert not os.path.exists(tmp_path / "new")
+
+
+def test_convert_cli_says_a_bad_hf_dir_in_one_line(imported, tmp_path):
+  """The command line ends with the one line (status 1, no traceback), and writes nothing."""
+  proc = subprocess.run([sys.executable, "-m", "llama_jax.convert", "import-hf", f"--hf_dir={imported}",
+                         f"--workdir={tmp_path / 'new'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (f"error: --hf_dir {imported} is a llama_jax workdir (it has "
+                                                  "checkpoints/), not a Hugging Face checkpoint directory")
+  assert os.listdir(tmp_path) == []
