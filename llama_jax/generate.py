@@ -6,7 +6,8 @@ step i feeds its previous token at position len_b + i - 1 (model.Llama.decode). 
 prompt + max_new_tokens positions, never max_seq_len, and the shapes are fixed per
 (batch, prompt-length bucket, max_new_tokens, stop ids), so a bucket compiles once. A row stops at
 the first of its stop ids it produces: the tokenizer's EOS, or the list an HF import recorded
-(run_setup.stop_ids: Llama 3 instruct's <|end_of_text|> and <|eot_id|>), plus any --stop_id.
+(run_setup.stop_ids: Llama 3 instruct's <|end_of_text|> and <|eot_id|>, kept by a run fine-tuned
+from it), plus any --stop_id.
 
   python -m llama_jax.generate --workdir runs/tiny --prompt "ROMEO." [--prompt "JULIET." ...]
       [--max_new_tokens 100] [--temperature 0.8 --top_k 50 --top_p 0.95] [--seed 0] [--json]
@@ -202,7 +203,9 @@ class TextSampler:
   """config.sample's prompt continued by a model: the end-of-training and periodic samples.
   Its settings are checked when it is made (before training), and it compiles once."""
 
-  def __init__(self, setup, tok, sample_config):
+  def __init__(self, setup, tok, sample_config, stop_ids: Sequence[int] | None = None):
+    """stop_ids: the ids that end the sample (run_setup.stop_ids; default the tokenizer's EOS)."""
+    self._stop = list(stop_ids) if stop_ids else [tok.eos_id]
     self._sampling = Sampling(sample_config.temperature, sample_config.top_k, sample_config.top_p)
     self._sampling.check("config.sample.")
     self._config, self._tok = sample_config, tok
@@ -214,9 +217,9 @@ class TextSampler:
     self._generator = Generator(setup.graphdef, setup.llama, setup.mesh)
 
   def __call__(self, params) -> str:
-    out = self._generator(params, [self._prompt_ids], self._max_new, self._tok.eos_id, self._sampling,
+    out = self._generator(params, [self._prompt_ids], self._max_new, self._stop, self._sampling,
                           self._config.seed)
-    return self._config.prompt + self._tok.decode([t for t in out.ids[0] if t != self._tok.eos_id])
+    return self._config.prompt + self._tok.decode([t for t in out.ids[0] if t not in self._stop])
 
 
 def main():
@@ -248,7 +251,7 @@ def main():
     sampling = Sampling(temperature.value, top_k.value, top_p.value)
     sampling.check("--")
     setup, params, tok, loaded_step = run_setup.load_run(workdir.value, step.value, dtype=dtype.value)
-    stop = list(dict.fromkeys(run_setup.stop_ids(workdir.value, tok) + stop_id.value))
+    stop = list(dict.fromkeys(run_setup.stop_ids(workdir.value, tok, setup.llama.vocab_size) + stop_id.value))
     for t in stop_id.value:
       if not 0 <= t < setup.llama.vocab_size:
         raise ConfigError(f"--stop_id {t} is outside the vocabulary [0, {setup.llama.vocab_size})")
@@ -262,7 +265,7 @@ def main():
       prompts = [tok.encode(text, bos=True) for text in prompt.value]
     else:
       prompts = [_parse_ids(s, i) for i, s in enumerate(prompt_ids.value)]
-    check_request(prompts, max_new_tokens.value, setup.llama, name="--prompt")
+    check_request(prompts, max_new_tokens.value, setup.llama, name="--prompt" if prompt.value else "--prompt_ids")
     out = Generator(setup.graphdef, setup.llama, setup.mesh)(params, prompts, max_new_tokens.value, stop,
                                                              sampling, seed.value)
     for i, (ids, new) in enumerate(zip(prompts, out.ids)):

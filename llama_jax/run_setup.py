@@ -32,33 +32,57 @@ def tokenizer_path(workdir: str) -> str:
 
 def generation_path(workdir: str) -> str:
   """WORKDIR/generation.json: {"stop_ids": [...]}, written by an HF import whose checkpoint lists its
-  end-of-sequence ids (Llama 3 instruct: <|end_of_text|> and <|eot_id|>)."""
+  end-of-sequence ids (Llama 3 instruct: <|end_of_text|> and <|eot_id|>), and copied into a run
+  started from it (inherit_stop_ids)."""
   return os.path.join(workdir, "generation.json")
 
 
 def write_stop_ids(workdir: str, stop_ids: list[int]):
-  with open(generation_path(workdir), "w") as f:
+  path = generation_path(workdir)
+  with open(path + ".tmp", "w") as f:
     json.dump({"stop_ids": [int(t) for t in stop_ids]}, f)
     f.write("\n")
+  os.replace(path + ".tmp", path)
 
 
-def stop_ids(workdir: str, tok) -> list[int]:
-  """The token ids that end a generated row: WORKDIR/generation.json's list where an HF import wrote
-  one (it replaces the tokenizer's EOS, as in transformers' generate), else [tok.eos_id].
+def stop_ids(workdir: str, tok, vocab_size: int | None = None) -> list[int]:
+  """The token ids that end a generated row: WORKDIR/generation.json's list where one was written (an
+  HF import whose checkpoint lists its end-of-sequence ids, or a run fine-tuned from one: inherit_stop_ids;
+  it replaces the tokenizer's EOS, as in transformers' generate), else [tok.eos_id].
 
-  Raises ConfigError when generation.json is not {"stop_ids": [int, ...]}.
+  Raises ConfigError naming the file when generation.json is not {"stop_ids": [int, ...]} with every id
+  inside the vocabulary (`vocab_size`: the model's; default the tokenizer's).
   """
   path = generation_path(workdir)
-  if not os.path.isfile(path):
+  if not os.path.lexists(path):
     return [tok.eos_id]
   try:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
       ids = json.load(f)["stop_ids"]
-  except (ValueError, KeyError, TypeError) as e:
-    raise config_lib.ConfigError(f"{path} is not {{\"stop_ids\": [id, ...]}}: {e}") from None
-  if not ids or not all(isinstance(t, int) for t in ids):
+  except (ValueError, KeyError, TypeError, OSError) as e:  # UnicodeDecodeError is a ValueError
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise config_lib.ConfigError(f"{path} is not {{\"stop_ids\": [id, ...]}}: {reason}") from None
+  if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
     raise config_lib.ConfigError(f"{path}: stop_ids={ids!r} is not a non-empty list of token ids")
+  vocab_size = vocab_size or tok.vocab_size
+  bad = [t for t in ids if not 0 <= t < vocab_size]
+  if bad:
+    raise config_lib.ConfigError(f"{path}: stop id {bad[0]} is outside the vocabulary [0, {vocab_size})")
   return list(ids)
+
+
+def inherit_stop_ids(config, workdir: str, tok, llama, init_from: str | None = None) -> list[int]:
+  """The stop ids of a training run: a run started from config.init_from with that run's tokenizer
+  (prepare_tokenizer) also takes its generation.json, so that its samples, eval, generation and HF
+  export stop where the model it was fine-tuned from does. Checks them (stop_ids) and returns them."""
+  given = generation_path(init_from) if init_from and not config.data.tokenizer_path else ""
+  path = generation_path(workdir)
+  if given and os.path.lexists(given) and not os.path.lexists(path):
+    ids = stop_ids(init_from, tok, llama.vocab_size)  # a bad file in init_from is named before anything is copied
+    if jax.process_index() == 0:
+      write_stop_ids(workdir, ids)
+    _wait_for_file(path)
+  return stop_ids(workdir, tok, llama.vocab_size)
 
 
 def prepare_tokenizer(config, workdir: str, train_corpus, llama, init_from: str | None = None):

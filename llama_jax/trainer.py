@@ -81,7 +81,8 @@ def _train_and_evaluate(config, workdir, setup, llama, init_from, stop_after, st
   tok = run_setup.prepare_tokenizer(config, workdir, train_corpus, llama, init_from and init_from[0])
   evaluator = eval_lib.Evaluator(setup, tok, eval_corpus)
   evaluator.check_not_empty()
-  sampler = generate_lib.TextSampler(setup, tok, config.sample)
+  stop_ids = run_setup.inherit_stop_ids(config, workdir, tok, llama, init_from and init_from[0])
+  sampler = generate_lib.TextSampler(setup, tok, config.sample, stop_ids)
   stream = data_lib.stream_definition(config.data, jax.process_count())
   overlong = data_lib.Overlong()
   train_iter = iter(data_lib.train_batches(train_corpus, tok, config.data, jax.process_index(),
