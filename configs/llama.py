@@ -21,7 +21,7 @@ from llama_jax import model as model_lib
 
 def get_config(preset: str = "llama3-8b"):
   if preset not in model_lib.PRESETS:
-    raise ValueError(f"configs/llama.py:{preset}: unknown preset; have {', '.join(model_lib.PRESETS)}")
+    raise ValueError(f"unknown preset {preset!r}; have {', '.join(model_lib.PRESETS)}")
   c = tiny.get_config()
   c.model = config_lib.model_config_dict(model_lib.PRESETS[preset])
   c.model.dtype = "bfloat16"  # compute in bf16, params and optimizer state stay fp32

@@ -5,7 +5,11 @@ naming the culprit (config key, file or sizes).
 """
 
 import dataclasses
+import importlib.util
+import inspect
+import math
 import os
+import traceback
 
 import ml_collections
 
@@ -43,12 +47,17 @@ def model_config_dict(config: model_lib.LlamaConfig) -> ml_collections.ConfigDic
 
 
 def check_workdir(workdir: str):
-  """ConfigError unless `workdir` is a directory or can be made as one (its parent exists)."""
+  """ConfigError unless `workdir` is a directory or can be made as one (its parent exists), and is
+  not a Hugging Face checkpoint directory (config.json and no checkpoints/: import it first)."""
   parent = os.path.dirname(os.path.abspath(workdir))
   if not os.path.isdir(parent):
     raise ConfigError(f"--workdir {workdir}: parent directory {parent} does not exist")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir {workdir} {describe_path(workdir)}, not a directory")
+  looks = describe_path(workdir)
+  if "Hugging Face" in looks:
+    raise ConfigError(f"--workdir {workdir} {looks}, not a llama_jax workdir: import it with "
+                      "python -m llama_jax.convert import-hf --hf_dir=... --workdir=NEW and give that workdir")
 
 
 def describe_path(path: str) -> str:
@@ -103,27 +112,175 @@ def load_tokenizer(path: str, name: str):
     raise ConfigError(f"{name}: {path} is not a sentencepiece model or tiktoken ranks file ({reason})") from None
 
 
-def check_config(config: ml_collections.ConfigDict):
-  """Cross-field checks of the training config that need no data and no compilation."""
+def load_config_file(config_arg: str, flag: str = "--config") -> ml_collections.ConfigDict:
+  """The ConfigDict of `FILE.py[:ARG]` as ml_collections' --config takes it: FILE's get_config(ARG)
+  (everything after the first colon, "" included), or get_config() without a colon.
+
+  Raises ConfigError in one line naming `flag` and the file when FILE does not exist, is not a .py
+  file, fails to import (its line and error), has no get_config(), takes no ARG but is given one,
+  raises (its line and error) or returns something other than a ConfigDict.
+  """
+  path, colon, arg = config_arg.partition(":")
+  if not path:
+    raise ConfigError(f"{flag} {config_arg!r} names no file: give FILE.py[:ARG], a Python file with get_config()")
+  if not os.path.exists(path):
+    raise ConfigError(f"{flag} {path}: no such file")
+  if not os.path.isfile(path) or not path.endswith(".py"):
+    raise ConfigError(f"{flag} {path} {describe_path(path)}, not a Python config file (FILE.py[:ARG] "
+                      "with get_config())")
+  spec = importlib.util.spec_from_file_location("llama_jax_config_file", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"{flag} {path}: line {e.lineno}: {e.msg}") from None
+  except Exception as e:  # noqa: BLE001  (whatever the file's own code raises)
+    raise ConfigError(f"{flag} {path}: importing it raised {_where(e, path)}") from None
+  get_config = getattr(module, "get_config", None)
+  if not callable(get_config):
+    raise ConfigError(f"{flag} {path} has no get_config() function")
+  if colon:
+    try:
+      inspect.signature(get_config).bind(arg)
+    except TypeError:
+      raise ConfigError(f"{flag} {config_arg}: {path}'s get_config() takes no argument; "
+                        f"drop ':{arg}'") from None
+    except ValueError:  # no signature to inspect: let the call say
+      pass
+  try:
+    config = get_config(arg) if colon else get_config()
+  except (ConfigError, ValueError) as e:  # the file's own word on a bad argument, e.g. a preset name
+    raise ConfigError(f"{flag} {config_arg}: {e}") from None
+  except Exception as e:  # noqa: BLE001
+    raise ConfigError(f"{flag} {config_arg}: get_config() raised {_where(e, path)}") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{flag} {config_arg}: get_config() returned {type(config).__name__}, "
+                      "not an ml_collections.ConfigDict")
+  return config
+
+
+def _where(e: Exception, path: str) -> str:
+  """'NameError: ... (line 3)': the exception, and the last line of `path` its traceback passed."""
+  lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
+           if os.path.abspath(f.filename) == os.path.abspath(path)]
+  message = (str(e).strip().splitlines() or [""])[0]
+  return f"{type(e).__name__}: {message}" + (f" (line {lines[-1]})" if lines else "")
+
+
+_INT, _REAL = "an integer", "a finite number"
+
+# (key, kind, low, high, low_open): every numeric key of the training config and its valid range,
+# low excluded where low_open; high None for no upper bound. A new numeric key gets a row here.
+_RANGES = (
+    ("seed", _INT, 0, None, False),
+    ("model.vocab_size", _INT, 1, None, False),
+    ("model.dim", _INT, 1, None, False),
+    ("model.n_layers", _INT, 1, None, False),
+    ("model.n_heads", _INT, 1, None, False),
+    ("model.n_kv_heads", _INT, 1, None, False),
+    ("model.ffw_dim", _INT, 1, None, False),
+    ("model.norm_eps", _REAL, 0, None, True),
+    ("model.rope_theta", _REAL, 0, None, True),
+    ("model.max_seq_len", _INT, 1, None, False),
+    ("model.init_std", _REAL, 0, None, True),
+    ("model.rope_scaling.factor", _REAL, 0, None, True),
+    ("model.rope_scaling.low_freq_factor", _REAL, 0, None, True),
+    ("model.rope_scaling.high_freq_factor", _REAL, 0, None, True),
+    ("model.rope_scaling.original_max_seq_len", _INT, 1, None, False),
+    ("data.seq_len", _INT, 1, None, False),
+    ("data.batch_size", _INT, 1, None, False),
+    ("data.shuffle_seed", _INT, 0, None, False),
+    ("data.shuffle_window", _INT, 0, None, False),
+    ("data.pack_bins", _INT, 1, None, False),
+    ("data.read_threads", _INT, 1, None, False),
+    ("data.tokenizer_sample_bytes", _INT, 1, None, False),
+    ("optim.learning_rate", _REAL, 0, None, True),
+    ("optim.warmup_steps", _INT, 0, None, False),
+    ("optim.min_lr_ratio", _REAL, 0, 1, False),
+    ("optim.b1", _REAL, 0, 1, False),
+    ("optim.b2", _REAL, 0, 1, False),
+    ("optim.eps", _REAL, 0, None, True),
+    ("optim.weight_decay", _REAL, 0, None, False),
+    ("optim.grad_clip", _REAL, 0, None, True),
+    ("train.steps", _INT, 1, None, False),
+    ("train.grad_accum_steps", _INT, 1, None, False),
+    ("train.loss_chunk_size", _INT, 0, None, False),
+    ("train.log_every", _INT, 1, None, False),
+    ("train.eval_every", _INT, 0, None, False),
+    ("train.checkpoint_every", _INT, 1, None, False),
+    ("train.checkpoint_every_minutes", _REAL, 0, None, False),
+    ("train.keep_checkpoints", _INT, 1, None, False),
+    ("train.keep_every", _INT, 0, None, False),
+    ("train.skip_nonfinite_steps", _INT, 0, None, False),
+    ("sample.max_new_tokens", _INT, 0, None, False),
+    ("sample.temperature", _REAL, 0, None, False),
+    ("sample.top_k", _INT, 0, None, False),
+    ("sample.top_p", _REAL, 0, 1, True),
+    ("sample.seed", _INT, 0, None, False),
+    ("sample.every", _INT, 0, None, False),
+)
+# Upper bounds that are open: b1 and b2 < 1 (Adam's bias correction divides by 1 - b**t).
+_OPEN_ABOVE = {"optim.b1", "optim.b2"}
+
+
+_MISSING = object()
+
+
+def _lookup(config, key: str):
+  node = config
+  for part in key.split("."):
+    if node is None or part not in node:
+      return _MISSING
+    node = node[part]
+  return node
+
+
+def _range_text(kind: str, low, high, low_open: bool, high_open: bool) -> str:
+  if high is None:
+    return f"{kind} {'>' if low_open else '>='} {low}"
+  return f"{kind} in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def check_ranges(config: ml_collections.ConfigDict):
+  """ConfigError naming the first numeric key (of _RANGES) outside its valid range, with its value
+  and the range: non-finite numbers, negative counts, a zero where it divides, b1/b2 >= 1, ..."""
+  for key, kind, low, high, low_open in _RANGES:
+    value = _lookup(config, key)
+    if value is _MISSING or (value is None and ".rope_scaling." in key):
+      continue  # absent from an older config (with_added_keys), or no rope scaling
+    high_open = key in _OPEN_ABOVE
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = is_number and (isinstance(value, int) if kind == _INT else math.isfinite(value))
+    ok = ok and (value > low if low_open else value >= low)
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+      raise ConfigError(f"config.{key}={value!r}: must be {_range_text(kind, low, high, low_open, high_open)}")
+  scaling = _lookup(config, "model.rope_scaling")
+  if scaling not in (None, _MISSING) and "low_freq_factor" in scaling and "high_freq_factor" in scaling:
+    if not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+      raise ConfigError(f"config.model.rope_scaling.high_freq_factor={scaling['high_freq_factor']!r} must "
+                        f"exceed low_freq_factor={scaling['low_freq_factor']!r} (RoPE scaling divides by "
+                        "their difference)")
+
+
+def check_config(config: ml_collections.ConfigDict, tokenizer: bool = True):
+  """Checks of the training config that need no data and no compilation: every numeric key in its
+  valid range (check_ranges), then the cross-field ones; with `tokenizer`, that
+  data.tokenizer_path (if set) may be a tokenizer file. Returns the LlamaConfig."""
+  check_ranges(config)
   llama = llama_config(config.model)
   if config.data.seq_len > llama.max_seq_len:
     raise ConfigError(f"config.data.seq_len={config.data.seq_len} exceeds "
                       f"config.model.max_seq_len={llama.max_seq_len}")
-  for key in ("train.steps", "data.batch_size", "data.seq_len", "train.grad_accum_steps",
-              "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "data.read_threads",
-              "data.pack_bins"):
-    section, name = key.split(".")
-    if config[section][name] < 1:
-      raise ConfigError(f"config.{key}={config[section][name]} must be >= 1")
   k = config.train.grad_accum_steps
   if config.data.batch_size % k:
     raise ConfigError(f"config.data.batch_size={config.data.batch_size} is not divisible by "
                       f"config.train.grad_accum_steps={k}")
   chunk = config.train.loss_chunk_size
-  if chunk < 0 or (chunk and config.data.seq_len % chunk):
+  if chunk and config.data.seq_len % chunk:
     raise ConfigError(f"config.train.loss_chunk_size={chunk} must be 0 or divide "
                       f"config.data.seq_len={config.data.seq_len}")
-  if config.data.tokenizer_path:
+  if tokenizer and config.data.tokenizer_path:
     check_tokenizer_file(config.data.tokenizer_path, "config.data.tokenizer_path")
   if llama.dtype not in COMPUTE_DTYPES:
     raise ConfigError(f"config.model.dtype={llama.dtype!r} is not one of {list(COMPUTE_DTYPES)}")

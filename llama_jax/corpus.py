@@ -8,6 +8,7 @@
                                               a TFDS dataset prepared as array_record in
                                               data.tfds_data_dir, its text FEATURE ("text")
   mix:SPEC=WEIGHT,SPEC=WEIGHT,...             documents of each SPEC in proportion to WEIGHT
+                                              (a finite number > 0)
 
 Fine-tuning data (data.format = "sft") are (prompt, response) pairs instead of texts:
   jsonl:GLOB                                  one pair per line: its fields data.prompt_field
@@ -15,6 +16,10 @@ Fine-tuning data (data.format = "sft") are (prompt, response) pairs instead of t
   speakers:train | speakers:heldout           "Who speaks this line in <play>? <line>" ->
                                               "<SPEAKER>", from the first line of every speech
                                               of the 34 / 4 embedded plays
+
+GLOB is a glob (`**` recursive) of regular files: a GLOB that is a directory, a FIFO or another
+special file is refused (a directory's files are DIR/*), and directories or special files among
+a GLOB's matches are left out, counted in a warning on stderr.
 
 Nothing reads a corpus into memory. `text:`, `jsonl:` and `tfds:` are random access (a JSONL
 file is indexed by its line offsets at open, 8 bytes a line, and read with `os.pread`, which
@@ -45,6 +50,8 @@ import importlib.util
 import json
 import os
 import re
+import stat
+import sys
 import threading
 
 import grain
@@ -449,13 +456,49 @@ def _up_to_bytes(docs, max_bytes: int):
 
 
 def _glob(pattern: str, name: str) -> list[str]:
-  paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+  """The regular files `pattern` (a glob, `**` recursive) matches, sorted; ConfigError when there are none
+  (saying so when the pattern names a directory or a FIFO, device or socket) or one cannot be read.
+  Matches that are not regular files (directories, special files) are left out, and a warning on
+  stderr counts them."""
+  matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+  paths = [p for p in matches if os.path.isfile(p)]
+  others = [p for p in matches if not os.path.isfile(p)]
   if not paths:
+    if len(others) == 1 and others[0] == os.path.expanduser(pattern):  # the pattern is that very path
+      what = _not_a_file(others[0])
+      hint = ": use DIR/* (its files) or DIR/**/* (and those below)" if what == "a directory" else ""
+      raise ConfigError(f"{name}: {pattern} is {what}, not a regular file{hint}")
+    if others:
+      raise ConfigError(f"{name}: {pattern!r} matches no regular files, only {_count_kinds(others)}")
     raise ConfigError(f"{name}: no files match {pattern!r}")
+  if others:
+    print(f"warning: {name}: {pattern!r} also matches {_count_kinds(others)}, ignored (only regular files "
+          "are read)", file=sys.stderr, flush=True)
   for path in paths:
     if not os.access(path, os.R_OK):
       raise ConfigError(f"{name}: cannot read {path}")
   return paths
+
+
+def _not_a_file(path: str) -> str:
+  """What is at `path` that is not a regular file: "a directory", "a FIFO", ..."""
+  try:
+    mode = os.stat(path).st_mode
+  except OSError:
+    return "a broken symbolic link"
+  for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                     (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+    if test(mode):
+      return what
+  return "not a regular file"
+
+
+def _count_kinds(paths: list[str]) -> str:
+  """'2 directories and 1 FIFO, e.g. PATH': the non-files among a glob's matches."""
+  counts = collections.Counter(_not_a_file(p) for p in paths)
+  plural = {"a directory": "directories"}
+  parts = [what if n == 1 else f"{n} {plural.get(what, what[2:] + 's')}" for what, n in sorted(counts.items())]
+  return " and ".join(parts) + f" (e.g. {paths[0]})"
 
 
 def _split_field(rest: str, default: str | None) -> tuple[str, str | None]:
@@ -516,8 +559,8 @@ def _mixture(spec: str, rest: str, name: str, **kwargs) -> MixtureCorpus:
       w = float(weight) if sep else float("nan")
     except ValueError:
       w = float("nan")
-    if not sep or not w > 0:
-      raise ConfigError(f"{name}: mixture part {part!r} needs a weight > 0 (SPEC=WEIGHT)")
+    if not sep or not 0 < w < float("inf"):
+      raise ConfigError(f"{name}: mixture part {part!r} needs a finite weight > 0 (SPEC=WEIGHT)")
     components.append(open_corpus(sub, name=f"{name} mix part", **kwargs))
     weights.append(w)
   return MixtureCorpus(spec, components, weights)

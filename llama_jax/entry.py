@@ -42,7 +42,21 @@ def reuse_freed_memory() -> bool:
 
 
 def parse_flags(argv):
-  """absl flag parsing, with an unknown or mistyped --config.* key reported in one line."""
+  """absl flag parsing, with a bad --config file or an unknown or mistyped --config.* key reported
+  in one line.
+
+  A program with ml_collections' --config has its FILE.py[:ARG] loaded first by
+  config_lib.load_config_file, which names the file and what is wrong with it (missing, not a .py
+  file, a syntax error or exception in it, no get_config(), a bad ARG), instead of the traceback,
+  or the later "Configuration is not available", that ml_collections gives."""
+  config_arg = _config_file_arg(argv)
+  if config_arg is not None:
+    from llama_jax import config_lib
+    from llama_jax.errors import ConfigError
+    try:
+      config_lib.load_config_file(config_arg)
+    except ConfigError as e:
+      sys.exit(f"error: {e}")
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -51,6 +65,22 @@ def parse_flags(argv):
     culprit = next((a.split("=")[0] for a in argv[1:] if _names_missing_key(a, str(e))), "in --config.*")
     hint = re.search(r'Did you mean "([^"]+)"', str(e))
     sys.exit(f"error: unknown config key {culprit}" + (f' (did you mean "{hint.group(1)}"?)' if hint else ""))
+
+
+def _config_file_arg(argv) -> str | None:
+  """The value of the last --config in argv where --config is ml_collections' config-file flag."""
+  if "config" not in flags.FLAGS or not type(flags.FLAGS["config"].parser).__module__.startswith("ml_collections"):
+    return None
+  value = None
+  args = iter(argv[1:])
+  for arg in args:
+    if arg == "--":
+      break
+    if arg in ("--config", "-config"):
+      value = next(args, None)
+    elif arg.startswith(("--config=", "-config=")):
+      value = arg.split("=", 1)[1]
+  return value
 
 
 def _names_missing_key(arg, message):

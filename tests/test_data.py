@@ -297,11 +297,19 @@ def test_tfds_mock_data_streams_through_the_pipeline(sources):
 
 
 def test_bad_specs_name_the_culprit(sources, tmp_path):
+  (tmp_path / "dirs" / "a").mkdir(parents=True)
+  os.mkfifo(tmp_path / "fifo")
   cases = {
       f"text:{tmp_path}/none/*.txt": "no files match",
+      f"text:{tmp_path}/dirs": r"dirs is a directory, not a regular file: use DIR/\*",
+      f"jsonl:{tmp_path}/fifo": "fifo is a FIFO, not a regular file",
+      f"text:{tmp_path}/dirs/*": "matches no regular files, only a directory",
       "tfds:wiki40b/en@train": "not prepared in",
-      f"mix:{sources['jsonl'][0]}=0.5,{sources['text'][0]}=0": "needs a weight > 0",
-      f"mix:{sources['jsonl'][0]}": "needs a weight > 0",
+      f"mix:{sources['jsonl'][0]}=0.5,{sources['text'][0]}=0": "needs a finite weight > 0",
+      f"mix:{sources['jsonl'][0]}": "needs a finite weight > 0",
+      f"mix:{sources['jsonl'][0]}=inf": "needs a finite weight > 0",
+      f"mix:{sources['jsonl'][0]}=1e400": "needs a finite weight > 0",
+      f"mix:{sources['jsonl'][0]}=nan": "needs a finite weight > 0",
       f"parquet:{tmp_path}/x.parquet": "name the text column",
       sources["parquet"][0].replace("#content", "#body"): "has no column 'body'",
       "tfds:tiny_plays@validation#body": "validation",
@@ -311,6 +319,14 @@ def test_bad_specs_name_the_culprit(sources, tmp_path):
   for spec, message in cases.items():
     with pytest.raises(ConfigError, match=message):
       _open(sources, spec, name="config.data.train_corpus")
+
+
+def test_a_glob_leaves_out_directories_and_says_how_many(tmp_path, capsys):
+  (tmp_path / "sub.txt").mkdir()
+  (tmp_path / "a.txt").write_text("some text")
+  corpus = corpus_lib.open_corpus(f"text:{tmp_path}/*.txt", name="config.data.train_corpus")
+  assert list(corpus.documents(None)) == ["some text"]
+  assert "also matches a directory" in capsys.readouterr().err
 
 
 def _first_batch(spec, **kwargs):

@@ -1,6 +1,7 @@
 """End to end: train_and_evaluate, exact resume, eval.py, and bad input on the command line."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_test_config
-from llama_jax import run_setup, trainer
+from llama_jax import config_lib, run_setup, trainer
+from llama_jax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -172,7 +174,7 @@ def _flat(config):
     (["--config.mesh.data=3", "--config.mesh.fsdp=1"], "needs 3 devices, but there are 8"),
     (["--config.mesh.tensor=8"], "not divisible by mesh axes tensor = 8"),
     (["--config.data.train_corpus=jsonl:/no/such/*.jsonl"], "config.data.train_corpus: no files match '/no/such/*.jsonl'"),
-    (["--config.data.train_corpus=mix:shakespeare:train=0"], "needs a weight > 0"),
+    (["--config.data.train_corpus=mix:shakespeare:train=0"], "needs a finite weight > 0"),
     (["--config.data.eval_corpus=tfds:wiki40b/en@train", "--config.data.tfds_data_dir={tmp}"],
      "tfds dataset 'wiki40b/en' is not prepared in"),
     (["--config.data.eval_corpus=jsonl:{tmp}/empty.jsonl"], "has no documents"),
@@ -196,3 +198,61 @@ def test_bad_input_is_one_line_naming_the_culprit(tmp_path, trained, args, culpr
   assert "Traceback" not in proc.stderr
   assert time.time() - start < 60
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"model.n_layers": 0}, "config.model.n_layers=0: must be an integer >= 1"),
+    ({"model.n_heads": 0}, "config.model.n_heads=0: must be an integer >= 1"),
+    ({"model.rope_theta": 0.0}, "config.model.rope_theta=0.0: must be a finite number > 0"),
+    ({"model.norm_eps": float("inf")}, "config.model.norm_eps=inf: must be a finite number > 0"),
+    ({"model.rope_scaling": {"factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0,
+                             "original_max_seq_len": 16}}, "high_freq_factor=4.0 must exceed low_freq_factor=4.0"),
+    ({"model.rope_scaling": {"factor": -1.0}}, "config.model.rope_scaling.factor=-1.0: must be a finite number > 0"),
+    ({"optim.learning_rate": float("nan")}, "config.optim.learning_rate=nan: must be a finite number > 0"),
+    ({"optim.grad_clip": -1.0}, "config.optim.grad_clip=-1.0: must be a finite number > 0"),
+    ({"optim.warmup_steps": -5}, "config.optim.warmup_steps=-5: must be an integer >= 0"),
+    ({"optim.b2": 1.0}, "config.optim.b2=1.0: must be a finite number in [0, 1)"),
+    ({"optim.min_lr_ratio": 1.5}, "config.optim.min_lr_ratio=1.5: must be a finite number in [0, 1]"),
+    ({"train.eval_every": -1}, "config.train.eval_every=-1: must be an integer >= 0"),
+    ({"train.steps": 0}, "config.train.steps=0: must be an integer >= 1"),
+    ({"train.loss_chunk_size": 5}, "config.train.loss_chunk_size=5 must be 0 or divide config.data.seq_len=32"),
+    ({"data.shuffle_seed": -1}, "config.data.shuffle_seed=-1: must be an integer >= 0"),
+    ({"sample.top_p": 0.0}, "config.sample.top_p=0.0: must be a finite number in (0, 1]"),
+    ({"sample.temperature": -0.5}, "config.sample.temperature=-0.5: must be a finite number >= 0"),
+])
+def test_check_config_refuses_a_number_out_of_its_range(overrides, message):
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    config_lib.check_config(tiny_test_config(**overrides))
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("{tmp}/missing.py", "--config {tmp}/missing.py: no such file"),
+    ("{tmp}", "--config {tmp} is a directory, not a Python config file"),
+    ("{tmp}/some.jsonl", "--config {tmp}/some.jsonl is a JSON file, not a Python config file"),
+    ("{tmp}/syn.py", "--config {tmp}/syn.py: line 1: "),
+    ("{tmp}/noget.py", "--config {tmp}/noget.py has no get_config() function"),
+    ("{tmp}/imports.py", "importing it raised ModuleNotFoundError: No module named 'no_such_module' (line 1)"),
+    ("{tmp}/raises.py", "get_config() raised ZeroDivisionError: division by zero (line 2)"),
+    ("configs/llama.py:bogus", "--config configs/llama.py:bogus: unknown preset 'bogus'; have llama1-7b"),
+    ("configs/llama.py:", "--config configs/llama.py:: unknown preset ''"),
+    ("configs/tiny.py:foo", "configs/tiny.py's get_config() takes no argument; drop ':foo'"),
+])
+def test_a_bad_config_file_is_one_line_naming_it(tmp_path, arg, message):
+  (tmp_path / "some.jsonl").write_text('{"text": "a"}\n')
+  (tmp_path / "syn.py").write_text("def get_config(:\n")
+  (tmp_path / "noget.py").write_text("x = 1\n")
+  (tmp_path / "imports.py").write_text("import no_such_module\n")
+  (tmp_path / "raises.py").write_text("def get_config():\n  return 1 / 0\n")
+  cwd = os.getcwd()
+  os.chdir(ROOT)
+  try:
+    with pytest.raises(ConfigError, match=re.escape(message.format(tmp=tmp_path))):
+      config_lib.load_config_file(arg.format(tmp=tmp_path))
+  finally:
+    os.chdir(cwd)
+
+
+def test_bench_with_a_missing_config_file_is_one_line(tmp_path):
+  proc = _run("-m", "llama_jax.bench", f"--config={tmp_path}/missing.py")
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [f"error: --config {tmp_path}/missing.py: no such file"], proc.stderr
