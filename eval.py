@@ -2,8 +2,13 @@
 of the responses, plus the exact-match accuracy of greedy answers).
 
   python eval.py --workdir runs/tiny [--step N] [--output FILE] [--corpus SPEC] [--dtype float32]
+      [--seq_len 64] [--batch_size 8]
 
-The line printed and the JSON written name the compute dtype that ran ("dtype").
+The line printed and the JSON written name the compute dtype that ran ("dtype"). Rows are the
+checkpoint's data.seq_len tokens, data.batch_size / train.grad_accum_steps at a time, unless
+--seq_len / --batch_size say otherwise; a seq_len over the model's max_seq_len, or an --output that
+cannot be written (a directory, a missing parent), is one line before anything is scored. The JSON
+is written to a temporary sibling and renamed.
 """
 
 from absl import flags
@@ -20,6 +25,10 @@ _EXACT_MATCH = flags.DEFINE_integer("exact_match", 500, "SFT data: answer this m
                                     "the exact responses (0: skip).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float16", "float32"],
                            "Compute dtype for this call (default: the checkpoint's config.model.dtype).")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Tokens per packed row (default: the checkpoint's data.seq_len; "
+                                "at most the model's max_seq_len).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Rows scored at once (default: the checkpoint's "
+                                   "data.batch_size / train.grad_accum_steps); lower it if memory runs out.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -28,8 +37,11 @@ def main(argv):
   from llama_jax import evaluate
 
   def run():
+    if _OUTPUT.value:
+      evaluate.check_output(_OUTPUT.value)
     result = evaluate.evaluate_checkpoint(_WORKDIR.value, _STEP.value, _CORPUS.value, _EXACT_MATCH.value,
-                                          _FORMAT.value, dtype=_DTYPE.value)
+                                          _FORMAT.value, dtype=_DTYPE.value, seq_len=_SEQ_LEN.value,
+                                          batch_size=_BATCH_SIZE.value)
     line = (f"step {result['step']}: loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | "
             f"bits/byte {result['bits_per_byte']:.4f} | {result['num_tokens']:,} tokens | {result['dtype']}")
     if "exact_match" in result:

@@ -64,10 +64,18 @@ def _options(train_config, read_only: bool) -> ocp.CheckpointManagerOptions:
       save_decision_policy=_POLICIES.AnySavePolicy(save), preservation_policy=_POLICIES.AnyPreservationPolicy(keep))
 
 
-def _first_line(e: Exception) -> str:
-  """The reason in one readable line (tensorstore appends its whole JSON spec to the first)."""
+def _first_line(e: BaseException) -> str:
+  """The reason in one readable line: tensorstore appends its whole JSON spec to the first, and orbax
+  wraps a failed read in "Encountered error while reading array index: ... See full TensorStore
+  details: <bound method ...>", whose cause (tensorstore's, naming the file) is what is worth saying."""
   line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-  return line.split(" [tensorstore_spec")[0]
+  line = line.split(" [tensorstore_spec")[0]
+  if "See full TensorStore details" in line or line.startswith("Encountered error while reading array"):
+    cause = e.__cause__ or e.__context__
+    if cause is not None and cause is not e:
+      return _first_line(cause)
+    line = line.split(" See full TensorStore details")[0]
+  return line
 
 
 class Checkpointer:

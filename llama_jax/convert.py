@@ -12,6 +12,7 @@ shard when writing). Needs numpy, ml_dtypes and safetensors, not torch.
 import dataclasses
 import glob
 import json
+import math
 import os
 import shutil
 from typing import Callable
@@ -485,7 +486,8 @@ def _set(tree: dict, path: tuple[str, ...], value):
 def import_hf(hf_dir: str, workdir: str, config_arg: str = "configs/llama.py", dtype: str | None = None):
   """Writes WORKDIR/checkpoints/0 from an HF checkpoint: train.py continues pretraining from it
   (with `--config configs/llama.py:<preset>` or any config of the same architecture) and eval.py
-  scores it. The training config saved with it is `config_arg`'s with the HF model in it.
+  scores it. The training config saved with it is `config_arg`'s with the HF model in it, and with
+  data.seq_len lowered to the model's max_seq_len where it is longer (a note says so).
 
   The stored compute dtype (config.model.dtype) is `dtype`, else the checkpoint's own (config.json's
   `dtype` / `torch_dtype`); params are stored in float32. The tokenizer (HF_DIR/tokenizer.model or
@@ -525,6 +527,12 @@ def import_hf(hf_dir: str, workdir: str, config_arg: str = "configs/llama.py", d
   for key in ("scan_layers", "remat"):  # how to lay out the computation stays the config's choice
     model[key] = config.model[key]
   config.model = model
+  if config.data.seq_len > llama.max_seq_len:  # rows the model can score (eval.py, a resumed run)
+    print(f"note: data.seq_len {config.data.seq_len} of {config_arg} exceeds the model's max_seq_len; the saved "
+          f"config has data.seq_len {llama.max_seq_len}")
+    config.data.seq_len = llama.max_seq_len
+    if config.train.loss_chunk_size and llama.max_seq_len % config.train.loss_chunk_size:
+      config.train.loss_chunk_size = math.gcd(config.train.loss_chunk_size, llama.max_seq_len)
   # Checks the model divides over the config's mesh, on as many of the devices as it fits (the saved
   # config keeps its mesh).
   setup = run_setup.Setup(config, sh.fitting_devices(config.mesh, model_lib.abstract_model(llama)))
@@ -647,12 +655,17 @@ def main():
                             "import-hf: the compute dtype stored with the model (default: the checkpoint's own, "
                             "config.json's dtype / torch_dtype); export-hf: the dtype of the written tensors "
                             "(default: bfloat16).")
-  flags.mark_flags_as_required(["hf_dir", "workdir"])
 
   def run(argv):
-    command = argv[1] if len(argv) == 2 else None
-    if command not in ("import-hf", "export-hf"):
-      raise ConfigError("usage: python -m llama_jax.convert (import-hf | export-hf) --hf_dir=... --workdir=...")
+    usage = "usage: python -m llama_jax.convert (import-hf | export-hf) --hf_dir=... --workdir=..."
+    if len(argv) < 2:
+      raise ConfigError(f"no subcommand given; {usage}")
+    if len(argv) > 2 or argv[1] not in ("import-hf", "export-hf"):
+      raise ConfigError(f"unknown subcommand {' '.join(argv[1:])!r}; {usage}")
+    command = argv[1]
+    missing = [f"--{f.name}" for f in (hf_dir, workdir) if f.value is None]
+    if missing:
+      raise ConfigError(f"{command}: {' and '.join(missing)} must be given; {usage}")
     if command == "import-hf":
       llama, state = import_hf(hf_dir.value, workdir.value, config.value, dtype.value)
       print(f"wrote {workdir.value}/checkpoints/0 ({model_lib.count_params(llama):,} parameters, "

@@ -13,7 +13,9 @@ keeps every field, and eval_<step>.json writes inf and NaN as the strings "inf" 
 
 import contextlib
 import math
+import os
 
+import grain
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -47,8 +49,16 @@ class Evaluator:
     return data_lib.eval_batches(self._corpus, self._tok, self._setup.config.data, self._rows,
                                  process_index, process_count)
 
-  def check_not_empty(self):
-    """Fails now, not at the end of training, on a corpus without a single document."""
+  def check(self):
+    """Fails now, not at the end of training: reads every document of the corpus once, without
+    tokenizing (as much reading as one eval pass; an eval reads them all anyway), so an unreadable
+    one stops the run naming its file:line (with data.skip_bad_documents it is counted and logged
+    instead), and tokenizes the first batch: a corpus that gives none is refused."""
+    docs = self._corpus.documents(None)
+    if isinstance(docs, grain.MapDataset):
+      docs = docs.to_iter_dataset(grain.ReadOptions(num_threads=os.cpu_count() or 1, prefetch_buffer_size=64))
+    for _ in docs:
+      pass
     batches = iter(self._batches(0, 1))
     empty = next(batches, None) is None
     batches.close()
@@ -94,10 +104,13 @@ def as_eval_metrics(result: dict) -> dict:
           "eval_bits_per_byte": result["bits_per_byte"], "eval_num_tokens": result["num_tokens"]}
 
 
-def exact_match(setup, params, tok, corpus, max_examples: int, batch_size: int = 64) -> dict:
+def exact_match(setup, params, tok, corpus, max_examples: int, batch_size: int = 64,
+                stop_ids: list[int] | None = None) -> dict:
   """Greedy answers to the first `max_examples` (prompt, response) pairs of a corpus: the fraction
-  whose answer is exactly the response's tokens followed by EOS. A prompt that leaves no room for
-  the longest answer within model.max_seq_len loses its start (after BOS), as in training."""
+  whose answer is exactly the response's tokens followed by one of `stop_ids` (the run's,
+  run_setup.stop_ids; default the tokenizer's EOS). A prompt that leaves no room for the longest
+  answer within model.max_seq_len loses its start (after BOS), as in training."""
+  stop = list(stop_ids) if stop_ids else [tok.eos_id]
   examples = []
   for pair in corpus.documents(None):
     if len(examples) == max_examples:
@@ -118,33 +131,78 @@ def exact_match(setup, params, tok, corpus, max_examples: int, batch_size: int =
   for i in range(0, len(examples), batch_size):
     batch = examples[i:i + batch_size]
     prompts = [prompt[:1] + prompt[1:][-(room - 1):] for prompt, _ in batch]
-    out = generator(params, prompts, max_new, tok.eos_id)
-    correct += sum(new == answer for new, (_, answer) in zip(out.ids, batch))
+    out = generator(params, prompts, max_new, stop)
+    # The answer ends in EOS (data.encode_pair); any stop id ends it as well.
+    correct += sum(new[:-1] == answer[:-1] and new[-1:] != [] and new[-1] in stop for new, (_, answer) in zip(out.ids, batch))
   return {"exact_match": correct / len(examples), "exact_match_examples": len(examples)}
 
 
 def evaluate_checkpoint(workdir: str, step: int | None = None, corpus_spec: str | None = None,
                         exact_match_examples: int = 0, data_format: str | None = None,
-                        dtype: str | None = None) -> dict:
+                        dtype: str | None = None, seq_len: int | None = None,
+                        batch_size: int | None = None) -> dict:
   """Loads WORKDIR's checkpoint (latest by default) and its config, and scores a corpus
   (default: the run's data.eval_corpus). SFT data (data.format = "sft") is scored on the responses
-  (and EOS) only, plus the exact-match accuracy of greedy answers to its first pairs. `dtype` overrides the
-  checkpoint's compute dtype (run_setup.load_run); the result names the one that ran ("dtype")."""
+  (and EOS) only, plus the exact-match accuracy of greedy answers to its first pairs (stopping at the
+  run's stop ids, run_setup.stop_ids). `dtype` overrides the checkpoint's compute dtype
+  (run_setup.load_run); the result names the one that ran ("dtype").
 
-  setup, params, tok, step = run_setup.load_run(workdir, step, dtype=dtype)
+  seq_len, batch_size: the packed rows scored together (default: the checkpoint's data.seq_len, and
+  data.batch_size / train.grad_accum_steps rows). Raises ConfigError, before anything is scored, for
+  a seq_len over the model's max_seq_len or a size below 1."""
+  for flag, value in (("--seq_len", seq_len), ("--batch_size", batch_size)):
+    if value is not None and value < 1:
+      raise config_lib.ConfigError(f"{flag}={value}: must be >= 1")
+
+  def fit(setup):
+    config = setup.config
+    d = config.data
+    if seq_len is not None:
+      d.seq_len = seq_len
+    if batch_size is not None:
+      d.batch_size, config.train.grad_accum_steps = batch_size, 1
+    if d.seq_len > setup.llama.max_seq_len:
+      raise config_lib.ConfigError(
+          f"--seq_len={d.seq_len} exceeds the model's max_seq_len={setup.llama.max_seq_len}" if seq_len is not None
+          else f"--workdir {workdir}: its config.data.seq_len={d.seq_len} exceeds the model's max_seq_len="
+               f"{setup.llama.max_seq_len}; give --seq_len (at most {setup.llama.max_seq_len})")
+    chunk = config.train.loss_chunk_size
+    if chunk and d.seq_len % chunk:  # the loss in chunks that divide the rows
+      config.train.loss_chunk_size = math.gcd(chunk, d.seq_len)
+
+  setup, params, tok, step = run_setup.load_run(workdir, step, dtype=dtype, check=fit)
   d = setup.config.data
+  stops = run_setup.stop_ids(workdir, tok, setup.llama.vocab_size)
   if data_format:
     d.format = data_format
   corpus = data_lib.open_corpus(d, "eval_corpus", spec=corpus_spec)
-  result = {"step": int(step), "dtype": setup.llama.dtype, **Evaluator(setup, tok, corpus)(params)}
+  result = {"step": int(step), "dtype": setup.llama.dtype, "seq_len": d.seq_len,
+            **Evaluator(setup, tok, corpus)(params)}
   if d.format == "sft" and exact_match_examples > 0:
-    result.update(exact_match(setup, params, tok, corpus, exact_match_examples))
+    result.update(exact_match(setup, params, tok, corpus, exact_match_examples, stop_ids=stops))
   return result
 
 
+def check_output(path: str, flag: str = "--output"):
+  """One line (ConfigError) for an output file that cannot be written: a directory, or one in a
+  directory that does not exist. Called before the work, so that no result is lost."""
+  if os.path.isdir(path):
+    raise config_lib.ConfigError(f"{flag} {path} is a directory; give a file name")
+  parent = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(parent):
+    raise config_lib.ConfigError(f"{flag} {path}: directory {parent} does not exist")
+
+
 def write_json(result: dict, path: str):
-  """Writes `result` as strict JSON (non-finite floats as "inf", "-inf", "nan"), from process 0."""
+  """Writes `result` as strict JSON (non-finite floats as "inf", "-inf", "nan"), from process 0,
+  atomically: a temporary sibling renamed over `path`."""
   if jax.process_index() == 0:
-    with open(path, "w") as f:
-      f.write(metrics_lib.dumps(result, indent=2) + "\n")
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+      with open(tmp, "w") as f:
+        f.write(metrics_lib.dumps(result, indent=2) + "\n")
+      os.replace(tmp, path)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
     metrics_lib.log(f"wrote {path}")

@@ -9,6 +9,7 @@ named by its workdir in the legend.
 
 import json
 import os
+import sys
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -23,12 +24,33 @@ PANELS = (("loss", "train loss"), ("eval_bits_per_byte", "eval bits/byte"),
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """The events of WORKDIR/metrics.jsonl, in the order they were written."""
+  """The events of WORKDIR/metrics.jsonl, in the order they were written.
+
+  A last line that is not JSON (a run killed mid-write leaves one cut short) is skipped with a
+  warning on stderr; any other line that is not a UTF-8 JSON object is ConfigError `PATH:LINE: ...`.
+  """
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.isfile(path):
     raise ConfigError(f"{workdir}: no metrics.jsonl (not a training workdir, or no step logged yet)")
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  with open(path, "rb") as f:
+    lines = [(n, line) for n, line in enumerate(f.read().split(b"\n"), 1) if line.strip()]
+  events = []
+  for n, raw in lines:
+    try:
+      event = json.loads(raw.decode("utf-8"))
+      why = None if isinstance(event, dict) and "step" in event else "not a JSON object with a step"
+    except UnicodeDecodeError:
+      why = "not UTF-8"
+    except ValueError:
+      why = "not JSON"
+    if why is None:
+      events.append(event)
+    elif n == lines[-1][0]:
+      print(f"warning: {path}:{n}: {why}; skipped it as a last line cut short (a run stopped mid-write)",
+            file=sys.stderr)
+    else:
+      raise ConfigError(f"{path}:{n}: {why}")
+  return events
 
 
 def series(events: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -41,8 +63,12 @@ def series(events: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def plot_runs(workdirs: list[str]) -> Figure:
-  """A 2 x 2 figure (1000 x 700 pixels at its 100 dpi) of PANELS, one line per run in each."""
+  """A 2 x 2 figure (1000 x 700 pixels at its 100 dpi) of PANELS, one line per run in each.
+  Raises ConfigError for a run with nothing to plot (no event with any of the PANELS' keys)."""
   runs = [(_label(w, workdirs), read_metrics(w)) for w in workdirs]
+  for w, (_, events) in zip(workdirs, runs):
+    if not any(key in e for e in events for key, _ in PANELS):
+      raise ConfigError(f"{os.path.join(w, 'metrics.jsonl')}: nothing to plot (no logged step)")
   fig = Figure(figsize=(10, 7), dpi=100, layout="constrained")
   FigureCanvasAgg(fig)
   axes = fig.subplots(2, 2, sharex=True)  # a lone eval point is placed within the run
@@ -77,10 +103,32 @@ def main():
   def run(workdirs):
     if not workdirs:
       raise ConfigError("give at least one WORKDIR: python -m llama_jax.plot WORKDIR [WORKDIR ...] --output FILE")
-    plot_runs(workdirs).savefig(output.value)
+    write_png(workdirs, output.value)
     print(f"wrote {output.value}")
 
   entry.main(lambda argv: entry.run(lambda: run(argv[1:])))
+
+
+def write_png(workdirs: list[str], output: str):
+  """plot_runs(workdirs) written to `output` (a PNG; another image format for another extension).
+  --output is checked first (ConfigError for a directory, a missing parent directory, an extension
+  matplotlib does not write), and written as a temporary sibling renamed over it."""
+  if os.path.isdir(output):
+    raise ConfigError(f"--output {output} is a directory; give a file name")
+  parent = os.path.dirname(os.path.abspath(output))
+  if not os.path.isdir(parent):
+    raise ConfigError(f"--output {output}: directory {parent} does not exist")
+  kind = os.path.splitext(output)[1][1:].lower() or "png"  # as savefig picks it: by the name's extension
+  if kind not in FigureCanvasAgg.get_supported_filetypes():
+    raise ConfigError(f"--output {output}: .{kind} is not an image format matplotlib writes (give a .png name)")
+  fig = plot_runs(workdirs)
+  tmp = os.path.join(parent, f".{os.path.basename(output)}.tmp-{os.getpid()}")
+  try:
+    fig.savefig(tmp, format=kind)
+    os.replace(tmp, output)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 if __name__ == "__main__":

@@ -195,12 +195,14 @@ def _not_a_run(workdir: str) -> str:
   return f"{looks}: no checkpoints directory, so it is not a llama_jax workdir"
 
 
-def load_run(workdir: str, step: int | None = None, devices=None, dtype: str | None = None):
+def load_run(workdir: str, step: int | None = None, devices=None, dtype: str | None = None, check=None):
   """(setup, params, tokenizer, step) of WORKDIR's checkpoint (latest by default), for eval/sampling.
 
   Args:
     dtype: compute dtype for this call ("float32", "bfloat16", "float16"); None keeps the checkpoint's
       config.model.dtype. Params are restored in their stored dtype either way.
+    check: called with the Setup before the tokenizer and params are read (eval.py's own checks of
+      what it will run), so that its ConfigError comes before the slow part.
   Raises ConfigError (before anything compiles) for a WORKDIR that holds no run, a missing step, a bad
   tokenizer.model or dtype.
   """
@@ -223,6 +225,8 @@ def load_run(workdir: str, step: int | None = None, devices=None, dtype: str | N
     if dtype is not None:
       config.model.dtype = dtype
     setup = Setup(config, devices)
+    if check is not None:
+      check(setup)
     tok = config_lib.load_tokenizer(tokenizer_path(workdir), f"--workdir {workdir}")
     config_lib.check_vocab(tok, setup.llama, tokenizer_path(workdir))
     params = checkpointer.restore_params(step, setup.abstract_state["params"])
