@@ -5,8 +5,13 @@
 
 Needs `libtpu` (the version `jax[tpu]` pins) but no TPU: libtpu describes the topology and XLA
 compiles for it, so a config's per-device memory is known before a pod is booked.
+
+--topology takes a slice name of TOPOLOGIES (v4-8 ... v5p-128), a libtpu topology 'vN:AxBxC', or
+'cpu'; anything else, or one libtpu cannot describe, ends in one line naming --topology. The
+config is checked as train.py checks it (but for data.tokenizer_path, a file of the pod's).
 """
 
+import re
 import time
 
 import jax
@@ -16,8 +21,8 @@ from ml_collections import config_flags
 from llama_jax import entry
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
-_TOPOLOGY = flags.DEFINE_string("topology", "v5p-8", "A name from TOPOLOGIES, 'v5:2x2x2'-style, or 'cpu' "
-                                "(this machine's devices).")
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p-8", "A Cloud TPU slice name from TOPOLOGIES (v4-8 ... v5p-128), "
+                                "a libtpu topology 'vN:AxBxC' (e.g. 'v5:2x2x2'), or 'cpu' (this machine's devices).")
 flags.mark_flags_as_required(["config"])
 
 # Cloud TPU slice names -> (libtpu topology name, chip config); a vN-M slice has M TensorCores.
@@ -29,12 +34,25 @@ TOPOLOGIES = {
 }
 
 
+_LIBTPU_TOPOLOGY = re.compile(r"v\d+[a-z]*:\d+(x\d+)+")
+
+
 def tpu_devices(topology: str):
-  """The devices of a TPU topology described by libtpu (no TPU needed)."""
+  """The devices of a TPU topology described by libtpu (no TPU needed): a slice name from TOPOLOGIES
+  or a libtpu topology 'vN:AxBxC'. ConfigError naming --topology for any other string, and with
+  libtpu's first line when libtpu cannot describe it (or is not installed)."""
+  from llama_jax.errors import ConfigError
+  if topology not in TOPOLOGIES and not _LIBTPU_TOPOLOGY.fullmatch(topology):
+    raise ConfigError(f"--topology {topology!r}: not a slice name ({', '.join(TOPOLOGIES)}), a libtpu "
+                      "topology 'vN:AxBxC' (e.g. 'v5:2x2x2') or 'cpu'")
   from jax.experimental import topologies
   name, chip_config = TOPOLOGIES.get(topology, (topology, "megacore"))
-  return topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name=chip_config,
-                                      chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=(False,) * 3).devices
+  try:
+    return topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name=chip_config,
+                                        chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=(False,) * 3).devices
+  except RuntimeError as e:  # JaxRuntimeError from libtpu, or no TPU backend (libtpu missing)
+    raise ConfigError(f"--topology {topology}: libtpu cannot describe it: "
+                      f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
 
 
 def lower_train_step(config, devices):
@@ -53,6 +71,8 @@ def main(argv):
   del argv
 
   def run():
+    from llama_jax import config_lib
+    config_lib.check_config(_CONFIG.value, tokenizer=False)  # the tokenizer file is the pod's
     devices = jax.devices("cpu") if _TOPOLOGY.value == "cpu" else tpu_devices(_TOPOLOGY.value)
     start = time.perf_counter()
     try:

@@ -18,6 +18,10 @@ corpus) into --workdir or a temporary directory.
 cores) and times its train step (forward with labels, backward, clipping, AdamW) on the same
 tokens, alternating --rounds rounds of --steps steps each: ours, then HF's. Needs the test
 requirements (torch, transformers).
+
+The config is checked as train.py checks it (config_lib.check_config) before anything compiles;
+--rounds and --hf_attention without --peer, and --data_batches and --workdir without --data, are
+refused rather than ignored.
 """
 
 import os
@@ -167,11 +171,23 @@ def pipeline_throughput(config, workdir: str | None, num_batches: int) -> dict:
     return data_lib.pipeline_stats(batches, num_batches, tok.bos_id)
 
 
+def check_flags(config):
+  """ConfigError for a config out of range (config_lib.check_config; the tokenizer file only with
+  --data, the one part that reads it) or a flag that the other flags given leave unread."""
+  config_lib.check_config(config, tokenizer=_DATA.value)
+  for flag, needs in (("rounds", "peer"), ("hf_attention", "peer"), ("data_batches", "data"), ("workdir", "data")):
+    if flags.FLAGS[flag].present and not flags.FLAGS[needs].value:
+      raise ConfigError(f"--{flag} is only read with --{needs}")
+  if _WORKDIR.value:
+    config_lib.check_workdir(_WORKDIR.value)
+
+
 def main(argv):
   del argv
 
   def run():
     config = _CONFIG.value
+    check_flags(config)
     B, T = config.data.batch_size, config.data.seq_len
     windows = random_windows(config)
     peer = hf_train_step(config, windows, _HF_ATTENTION.value) if _PEER.value else None  # a missing torch: now

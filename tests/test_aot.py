@@ -8,6 +8,7 @@ import pytest
 
 from configs import llama
 from llama_jax import aot, model as model_lib
+from llama_jax.errors import ConfigError
 
 
 def _config_8b(batch_size=8, seq_len=1024):
@@ -24,6 +25,12 @@ def test_llama3_8b_train_step_compiles_on_an_fsdp8_mesh():
   # fp32 params + two fp32 Adam moments, split 8 ways (+ a few replicated scalars).
   n = model_lib.count_params(model_lib.PRESETS["llama3-8b"])
   assert compiled.memory_analysis().argument_size_in_bytes == pytest.approx(12 * n / 8, rel=0.01)
+
+
+@pytest.mark.parametrize("topology", ["bogus", "v5p", "v5:2x2x", "2x2x1"])
+def test_a_topology_of_no_accepted_form_is_one_line_naming_the_flag(topology):
+  with pytest.raises(ConfigError, match=rf"--topology '{topology}': not a slice name \(v4-8, .*'vN:AxBxC'"):
+    aot.tpu_devices(topology)
 
 
 @pytest.mark.slow

@@ -1,8 +1,8 @@
 """End to end: train_and_evaluate, exact resume, eval.py, and bad input on the command line."""
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 import time
