@@ -124,7 +124,7 @@ def load_config_file(config_arg: str, flag: str = "--config") -> ml_collections.
   if not path:
     raise ConfigError(f"{flag} {config_arg!r} names no file: give FILE.py[:ARG], a Python file with get_config()")
   if not os.path.exists(path):
-    raise ConfigError(f"{flag} {path}: no such file")
+    raise ConfigError(f"{flag} {path} does not exist")
   if not os.path.isfile(path) or not path.endswith(".py"):
     raise ConfigError(f"{flag} {path} {describe_path(path)}, not a Python config file (FILE.py[:ARG] "
                       "with get_config())")

@@ -568,25 +568,10 @@ def import_hf(hf_dir: str, workdir: str, config_arg: str = "configs/llama.py", d
 
 
 def _load_config_file(config_arg: str):
-  """A `get_config()` file with an optional `:argument`, as `--config` takes it; ConfigError naming
-  the file when it is not a Python file with get_config()."""
-  import importlib.util
-
+  """A `get_config()` file with an optional `:argument`, as `--config` takes it: config_lib.load_config_file,
+  the check train.py's --config gets too (ConfigError naming the file and what is wrong with it)."""
   from llama_jax import config_lib
-  from llama_jax.errors import ConfigError
-  path, _, arg = config_arg.partition(":")
-  if not os.path.isfile(path) or not path.endswith(".py"):
-    raise ConfigError(f"--config {path} {config_lib.describe_path(path)}, not a Python config file "
-                      "with get_config()")
-  spec = importlib.util.spec_from_file_location("imported_config", path)
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-  except SyntaxError as e:
-    raise ConfigError(f"--config {path}: line {e.lineno}: {e.msg}") from None
-  if not callable(getattr(module, "get_config", None)):
-    raise ConfigError(f"--config {path} has no get_config() function")
-  return module.get_config(arg) if arg else module.get_config()
+  return config_lib.load_config_file(config_arg)
 
 
 def export_hf(workdir: str, hf_dir: str, step: int | None = None, dtype: str | None = "bfloat16"):

@@ -226,7 +226,7 @@ def test_check_config_refuses_a_number_out_of_its_range(overrides, message):
 
 
 @pytest.mark.parametrize("arg,message", [
-    ("{tmp}/missing.py", "--config {tmp}/missing.py: no such file"),
+    ("{tmp}/missing.py", "--config {tmp}/missing.py does not exist"),
     ("{tmp}", "--config {tmp} is a directory, not a Python config file"),
     ("{tmp}/some.jsonl", "--config {tmp}/some.jsonl is a JSON file, not a Python config file"),
     ("{tmp}/syn.py", "--config {tmp}/syn.py: line 1: "),
@@ -255,4 +255,4 @@ def test_a_bad_config_file_is_one_line_naming_it(tmp_path, arg, message):
 def test_bench_with_a_missing_config_file_is_one_line(tmp_path):
   proc = _run("-m", "llama_jax.bench", f"--config={tmp_path}/missing.py")
   assert proc.returncode == 1
-  assert proc.stderr.strip().splitlines() == [f"error: --config {tmp_path}/missing.py: no such file"], proc.stderr
+  assert proc.stderr.strip().splitlines() == [f"error: --config {tmp_path}/missing.py does not exist"], proc.stderr
