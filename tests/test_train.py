@@ -215,7 +215,7 @@ def test_bad_input_is_one_line_naming_the_culprit(tmp_path, trained, args, culpr
     ({"optim.min_lr_ratio": 1.5}, "config.optim.min_lr_ratio=1.5: must be a finite number in [0, 1]"),
     ({"train.eval_every": -1}, "config.train.eval_every=-1: must be an integer >= 0"),
     ({"train.steps": 0}, "config.train.steps=0: must be an integer >= 1"),
-    ({"train.loss_chunk_size": 5}, "config.train.loss_chunk_size=5 must be 0 or divide config.data.seq_len=32"),
+    ({"optim.eps": 0.0}, "config.optim.eps=0.0: must be a finite number > 0"),
     ({"data.shuffle_seed": -1}, "config.data.shuffle_seed=-1: must be an integer >= 0"),
     ({"sample.top_p": 0.0}, "config.sample.top_p=0.0: must be a finite number in (0, 1]"),
     ({"sample.temperature": -0.5}, "config.sample.temperature=-0.5: must be a finite number >= 0"),
