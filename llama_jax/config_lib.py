@@ -169,8 +169,9 @@ def _where(e: Exception, path: str) -> str:
 
 _INT, _REAL = "an integer", "a finite number"
 
-# (key, kind, low, high, low_open): every numeric key of the training config and its valid range,
-# low excluded where low_open; high None for no upper bound. A new numeric key gets a row here.
+# (key, kind, low, high, low_open): every numeric key of the training config but config.mesh (checked
+# where the mesh is built, llama_jax/sharding.py) and its valid range, low excluded where low_open,
+# high None for no upper bound (high excluded for the keys of _OPEN_ABOVE). A new numeric key gets a row.
 _RANGES = (
     ("seed", _INT, 0, None, False),
     ("model.vocab_size", _INT, 1, None, False),
