@@ -97,13 +97,26 @@ INPUT_SENTENCE_SIZE = 10_000_000  # sentences sentencepiece keeps (a uniform sam
 
 class _Sentences:
   """The training sentences, each over MAX_SENTENCE_BYTES of UTF-8 cut (at character boundaries)
-  into pieces that are not, so that sentencepiece skips none; counts what it sees and cuts."""
+  into pieces that are not, so that sentencepiece skips none; counts what it sees and cuts.
+
+  An exception from `texts` (a DataError, a StopRun from a signal, KeyboardInterrupt...) is kept
+  in `error`: sentencepiece turns it into a RuntimeError holding only its text and stack."""
 
   def __init__(self, texts):
     self._texts = texts
     self.count = self.cut = 0
+    self.error = None
 
   def __iter__(self):
+    try:
+      yield from self._sentences()
+    except GeneratorExit:
+      raise
+    except BaseException as e:
+      self.error = e
+      raise
+
+  def _sentences(self):
     for text in self._texts:
       self.count += 1
       if len(text) * 4 <= MAX_SENTENCE_BYTES or len(text.encode("utf-8")) <= MAX_SENTENCE_BYTES:
@@ -132,6 +145,8 @@ def train_sentencepiece(texts, vocab_size: int, output: str) -> SentencePieceTok
 
   Raises:
     ConfigError: sentencepiece cannot train on them (a vocabulary too large for the text, say).
+    Whatever reading `texts` raised (a DataError naming file:line, a StopRun, KeyboardInterrupt),
+    as itself.
   """
   from llama_jax import metrics as metrics_lib
 
@@ -139,7 +154,12 @@ def train_sentencepiece(texts, vocab_size: int, output: str) -> SentencePieceTok
   sentences = _Sentences(texts)
   try:
     _train(sentences, vocab_size, model)
-  except RuntimeError as e:  # sentencepiece's own words, e.g. a vocabulary too small for the corpus
+  except BaseException as e:
+    if sentences.error is not None and sentences.error is not e:  # sentencepiece wrapped it
+      raise sentences.error.with_traceback(sentences.error.__traceback__) from None
+    if not isinstance(e, RuntimeError):
+      raise
+    # sentencepiece's own words, e.g. a vocabulary too small for the corpus
     raise ConfigError(f"training a {vocab_size}-piece tokenizer failed: {str(e).splitlines()[-1]}") from None
   if sentences.cut:
     metrics_lib.log(f"tokenizer training: cut {sentences.cut:,} of {sentences.count:,} lines longer than "

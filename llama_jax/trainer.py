@@ -2,9 +2,11 @@
 
 The run's Setup (mesh, shardings, jitted steps) comes from run_setup.py."""
 
+import inspect
 import itertools
 import os
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -31,34 +33,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   eval (None when the run stops early: `stop_after`, SIGTERM, a preemption notice).
 
   A new run (no checkpoints in `workdir`) stopped by an error before its first step, e.g. a ConfigError
-  about its data, tokenizer or sample prompt, leaves no new file in `workdir` (a workdir it made is removed).
+  about its data, tokenizer or sample prompt, or SIGTERM / Ctrl-C (while a tokenizer is trained, say),
+  leaves no new file in `workdir` (a workdir it made is removed).
+
+  SIGTERM / Ctrl-C (one process; preemption.py) during the final held-out eval or sample, once the
+  last step is saved: the eval or sample stops, the checkpoint in flight is finished, one line says
+  the last step is saved and what was interrupted, and it returns None (exit status 0, as for a
+  preemption inside the loop). `python eval.py --workdir WORKDIR` scores that checkpoint.
 
   Args:
     devices: the devices of the mesh (default: all).
     stop_after: end this run (with a checkpoint) after this step, as a preempted job would.
   """
-  config_lib.check_workdir(workdir)
-  llama = config_lib.check_config(config)
-  data_lib.check_data_config(config.data)
-  setup = run_setup.Setup(config, devices)
-  run_setup.check_batch(config, setup.mesh)
-  # init_from seeds a new run only: a workdir with checkpoints of its own resumes from them, even
-  # where the run it started from has moved away.
-  resuming = ckpt_lib.has_checkpoints(workdir)
-  init_from = run_setup.check_init_from(config) if config.init_from and not resuming else None
-  if not config.init_from and config.data.format == "sft":
-    metrics_lib.log("warning: fine-tuning from random weights (config.init_from is empty)")
-  before = set(os.listdir(workdir)) if os.path.isdir(workdir) else None
-  os.makedirs(workdir, exist_ok=True)
-  started = []  # non-empty once the first step runs: from then on what the workdir holds is the run's
+  # First: from here a signal (one process) raises StopRun until the first step, so the cleanup below runs.
+  watch = preemption.PreemptionWatch()
   try:
-    return _train_and_evaluate(config, workdir, setup, llama, init_from, stop_after, started)
-  except BaseException:
-    # A new run refused (bad data, tokenizer, sample prompt...) before its first step leaves the
-    # workdir as it found it, so the corrected command starts clean.
-    if not started and not resuming and jax.process_index() == 0:
-      _remove_new_entries(workdir, before)
-    raise
+    config_lib.check_workdir(workdir)
+    llama = config_lib.check_config(config)
+    data_lib.check_data_config(config.data)
+    setup = run_setup.Setup(config, devices)
+    run_setup.check_batch(config, setup.mesh)
+    # init_from seeds a new run only: a workdir with checkpoints of its own resumes from them, even
+    # where the run it started from has moved away.
+    resuming = ckpt_lib.has_checkpoints(workdir)
+    init_from = run_setup.check_init_from(config) if config.init_from and not resuming else None
+    if not config.init_from and config.data.format == "sft":
+      metrics_lib.log("warning: fine-tuning from random weights (config.init_from is empty)")
+    before = set(os.listdir(workdir)) if os.path.isdir(workdir) else None
+    os.makedirs(workdir, exist_ok=True)
+    started = []  # non-empty once the first step runs: from then on what the workdir holds is the run's
+    try:
+      return _train_and_evaluate(config, workdir, setup, llama, init_from, stop_after, started, watch)
+    except BaseException:
+      # A new run refused (bad data, tokenizer, sample prompt, a signal...) before its first step
+      # leaves the workdir as it found it, so the corrected command starts clean.
+      if not started and not resuming and jax.process_index() == 0:
+        _remove_new_entries(workdir, before)
+      raise
+  finally:
+    watch.close()
 
 
 def _remove_new_entries(workdir: str, before: set[str] | None):
@@ -74,13 +87,13 @@ def _remove_new_entries(workdir: str, before: set[str] | None):
       os.remove(path)
 
 
-def _train_and_evaluate(config, workdir, setup, llama, init_from, stop_after, started):
+def _train_and_evaluate(config, workdir, setup, llama, init_from, stop_after, started, watch):
   """train_and_evaluate after its checks, in an existing workdir; appends to `started` at the first step."""
   train_corpus = data_lib.open_corpus(config.data, "train_corpus")
   eval_corpus = data_lib.open_corpus(config.data, "eval_corpus")
   tok = run_setup.prepare_tokenizer(config, workdir, train_corpus, llama, init_from and init_from[0])
   evaluator = eval_lib.Evaluator(setup, tok, eval_corpus)
-  evaluator.check_not_empty()
+  evaluator.check()
   stop_ids = run_setup.inherit_stop_ids(config, workdir, tok, llama, init_from and init_from[0])
   sampler = generate_lib.TextSampler(setup, tok, config.sample, stop_ids)
   stream = data_lib.stream_definition(config.data, jax.process_count())
@@ -89,7 +102,8 @@ def _train_and_evaluate(config, workdir, setup, llama, init_from, stop_after, st
                                            jax.process_count(), overlong))
   checkpointer = ckpt_lib.Checkpointer(workdir, config.train)
   writer = metrics_lib.MetricWriter(workdir)
-  watch = preemption.PreemptionWatch()
+  previous_hook = sys.unraisablehook
+  sys.unraisablehook = _quiet_abandoned_reads(previous_hook)
   try:
     resumed = checkpointer.restore_latest(
         lambda step: _restore(checkpointer, step, setup, config, stream, train_iter))
@@ -114,22 +128,46 @@ def _train_and_evaluate(config, workdir, setup, llama, init_from, stop_after, st
                                        checkpointer, writer, watch, evaluator, sampler, train_corpus, overlong)
     if stopped_early or end < config.train.steps:
       return None
-    result = evaluator(state["params"])
-    if start < config.train.steps:
-      writer.write(config.train.steps, eval_lib.as_eval_metrics(result))
-    metrics_lib.log(f"held-out: loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
-                    f"{result['bits_per_byte']:.4f} bits/byte over {result['num_tokens']:,} tokens")
-    if config.sample.max_new_tokens > 0:
-      _sample(sampler, state["params"], config.train.steps, writer if start < config.train.steps else None)
+    doing = "held-out eval"
+    try:
+      with watch.stop_at_once():  # the last step is saved (or in flight): a signal ends the run now
+        result = evaluator(state["params"])
+        if start < config.train.steps:
+          writer.write(config.train.steps, eval_lib.as_eval_metrics(result))
+        metrics_lib.log(f"held-out: loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
+                        f"{result['bits_per_byte']:.4f} bits/byte over {result['num_tokens']:,} tokens")
+        if config.sample.max_new_tokens > 0:
+          doing = "final sample"
+          _sample(sampler, state["params"], config.train.steps, writer if start < config.train.steps else None)
+    except preemption.Interrupted as e:
+      checkpointer.wait()
+      again = ("python eval.py --workdir {w} scores it" if doing == "held-out eval" else
+               "python -m llama_jax.generate --workdir {w} samples from it").format(w=workdir)
+      metrics_lib.log(f"{e}: training finished and step {checkpointer.latest_step()} is saved in "
+                      f"{checkpointer.directory}; the {doing} was interrupted ({again})")
+      return None
     return {"step": config.train.steps, **result}
   finally:  # an error still finishes the save in flight, and stops the data threads
-    watch.close()
     train_iter.close()
     try:
       checkpointer.wait()
     finally:
       checkpointer.close()
       writer.close()
+      sys.unraisablehook = previous_hook
+
+
+def _quiet_abandoned_reads(previous):
+  """An unraisablehook for the run: a damaged checkpoint's failed restore (restore_latest warns
+  once and falls back) leaves tensorstore reads in flight whose callbacks, and the coroutines
+  awaiting them, end later in "RuntimeError: Event loop is closed" from orbax's finished event loop:
+  ~200 lines of ignored tracebacks. Those are dropped; any other goes to `previous`."""
+  def hook(unraisable):
+    if ((isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value))
+        or inspect.iscoroutine(unraisable.object)):
+      return
+    previous(unraisable)
+  return hook
 
 
 def _restore(checkpointer, step, setup, config, stream, train_iter):

@@ -524,3 +524,69 @@ def test_tokenizer_training_cuts_lines_sentencepiece_would_skip_and_says_so(tmp_
   tok = tok_lib.train_sentencepiece(tok_lib.training_lines(texts), 285, str(tmp_path / "tok.model"))
   assert len(tok.encode("xyzqw" * 4)) <= 4  # learned from the long line
   assert "tokenizer training: cut 1 of 201 lines longer than 65,536 bytes into pieces" in capsys.readouterr().out
+
+
+def _midbad_corpus(tmp_path):
+  """300 good lines; lines 151-154 a lone surrogate, non-UTF-8 bytes, a number, not JSON."""
+  good = [json.dumps({"text": f"line {i} of the good words, some more of them"}).encode() for i in range(300)]
+  bad = [b'{"text": "a lone \\ud83d surrogate"}', b'{"text": "caf\xe9"}', b'{"text": 7}', b"not json"]
+  path = tmp_path / "midbad.jsonl"
+  path.write_bytes(b"\n".join(good[:150] + bad + good[150:]) + b"\n")
+  return f"jsonl:{path}"
+
+
+def test_a_bad_document_met_while_training_a_tokenizer_is_named_as_itself(tmp_path):
+  from llama_jax import trainer
+  config = tiny_test_config(**{"data.train_corpus": _midbad_corpus(tmp_path)})
+  with pytest.raises(DataError, match=r"midbad\.jsonl:15[1-4]: "):
+    trainer.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+  assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_a_tokenizer_is_trained_ends_the_run_leaving_nothing(tmp_path, monkeypatch, sig):
+  from llama_jax import tokenizer as tok_lib
+  from llama_jax import trainer
+  from llama_jax.errors import StopRun
+  lines = tok_lib.training_lines
+
+  def signalled(texts):  # the signal arrives while sentencepiece reads the lines
+    for n, line in enumerate(lines(texts)):
+      if n == 200:
+        os.kill(os.getpid(), sig)
+      yield line
+
+  def outside(signum, frame):  # where no watch takes it (512ea26: installed later), it is not a stop
+    raise RuntimeError("signal outside the run's watch")
+
+  monkeypatch.setattr(tok_lib, "training_lines", signalled)
+  previous = signal.signal(sig, outside)
+  try:
+    with pytest.raises(StopRun, match=f"{sig.name} before the first step"):
+      trainer.train_and_evaluate(tiny_test_config(), str(tmp_path / "run"), devices=jax.devices()[:1])
+  finally:
+    signal.signal(sig, previous)
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_bad_eval_document_stops_the_run_before_its_first_step(tmp_path):
+  from llama_jax import trainer
+  config = tiny_test_config(**{"data.eval_corpus": _midbad_corpus(tmp_path),
+                               "data.tokenizer_path": _tokenizer_file(tmp_path)})
+  with pytest.raises(DataError, match=r"midbad\.jsonl:151: field 'text' is not valid Unicode"):
+    trainer.train_and_evaluate(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+  assert not os.path.exists(tmp_path / "run")
+  # data.skip_bad_documents: the check at start counts them instead
+  from llama_jax import evaluate as eval_lib, run_setup, tokenizer as tok_lib
+  config.data.skip_bad_documents = True
+  corpus = data_lib.open_corpus(config.data, "eval_corpus")
+  evaluator = eval_lib.Evaluator(run_setup.Setup(config, jax.devices()[:1]), tok_lib.load_tokenizer(
+      config.data.tokenizer_path), corpus)
+  evaluator.check()
+  assert corpus.skipped() == 4
+
+
+def _tokenizer_file(tmp_path):
+  from llama_jax import tokenizer as tok_lib
+  plays = corpus_lib.shakespeare_plays("train")[:1]
+  return tok_lib.train_sentencepiece(tok_lib.training_lines(plays), 320, str(tmp_path / "tok.model")).path

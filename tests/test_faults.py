@@ -3,6 +3,7 @@ changed configs, a wrong tokenizer and failed saves."""
 
 import contextlib
 import functools
+import gc
 import glob
 import json
 import os
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -144,7 +146,19 @@ def _damage(step_dir):
       f.truncate(os.path.getsize(path) // 3)
 
 
-def test_a_damaged_latest_checkpoint_falls_back_and_then_matches_a_straight_run(tmp_path, straight_12, capsys):
+def _sigterm_in_a_long_eval(self, params):
+  """Evaluator.__call__ of a held-out eval long enough for a SIGTERM to come early in it."""
+  os.kill(os.getpid(), signal.SIGTERM)
+  for _ in range(100):
+    time.sleep(0.05)
+  return {"loss": 1.0, "perplexity": 2.7, "bits_per_byte": 1.0, "num_tokens": 1}
+
+
+def test_a_damaged_latest_checkpoint_falls_back_and_then_matches_a_straight_run(tmp_path, straight_12, capsys,
+                                                                                 monkeypatch):
+  """Also: the fallback is one warning line (no ignored tracebacks of tensorstore's abandoned reads),
+  and a SIGTERM during the final held-out eval stops it at once, the last step saved."""
+  from llama_jax import evaluate as eval_lib
   config = _config(**{"train.steps": 12})
   workdir = tmp_path / "run"
   trainer.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1], stop_after=8)
@@ -157,9 +171,20 @@ def test_a_damaged_latest_checkpoint_falls_back_and_then_matches_a_straight_run(
   assert "checkpoint step 8" in last and "damaged" in last and str(workdir / "checkpoints") in last, proc.stderr
 
   capsys.readouterr()
-  trainer.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1])
+  unraisable = []  # tensorstore's reads abandoned by the failed restore: ~200 lines of ignored tracebacks
+  previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+  monkeypatch.setattr(eval_lib.Evaluator, "__call__", _sigterm_in_a_long_eval)
+  try:
+    assert trainer.train_and_evaluate(config, str(workdir), devices=jax.devices()[:1]) is None
+    gc.collect()
+  finally:
+    sys.unraisablehook = previous_hook
   out = capsys.readouterr().out
   assert out.count("warning:") == 1 and "checkpoint step 8" in out and "resumed from step 4" in out
+  assert not unraisable, [f"{u.exc_type.__name__}: {u.exc_value}" for u in unraisable][:3]
+  assert out.strip().splitlines()[-1].endswith(
+      f"SIGTERM: training finished and step 12 is saved in {workdir / 'checkpoints'}; the held-out eval was "
+      f"interrupted (python eval.py --workdir {workdir} scores it)")
   (kept,) = os.listdir(workdir / "broken_checkpoints")  # moved aside, not deleted
   assert kept.startswith("8-")
   assert _metrics(workdir) == _metrics(straight_12)
@@ -278,6 +303,17 @@ def test_a_refused_run_leaves_nothing_behind_and_the_corrected_one_then_works(tm
   trainer.train_and_evaluate(_config(**{"data.tokenizer_path": right.path, "train.steps": 2}), str(workdir),
                              devices=jax.devices()[:1])
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+
+
+def test_a_hugging_face_directory_is_refused_as_a_workdir_and_left_as_it_was(tmp_path):
+  hf_dir = tmp_path / "hf"
+  hf_dir.mkdir()
+  (hf_dir / "config.json").write_text('{"model_type": "llama"}')
+  (hf_dir / "tokenizer.model").write_bytes(open(_tokenizer(), "rb").read())
+  with pytest.raises(ConfigError, match=f"--workdir {hf_dir} is a Hugging Face checkpoint directory .* not a llama_jax "
+                                        "workdir: import it with python -m llama_jax.convert import-hf"):
+    trainer.train_and_evaluate(_config(**{"train.steps": 1}), str(hf_dir), devices=jax.devices()[:1])
+  assert sorted(os.listdir(hf_dir)) == ["config.json", "tokenizer.model"]
 
 
 @contextlib.contextmanager
