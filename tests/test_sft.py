@@ -180,3 +180,37 @@ def test_a_checkpoint_config_from_before_sft_keys_loads(base_run):
   del saved.data["format"], saved.sample["top_p"], saved["init_from"]
   upgraded = config_lib.with_added_keys(saved)
   assert (upgraded.data.format, upgraded.sample.top_p, upgraded.init_from) == ("text", 1.0, "")
+
+
+def test_the_stop_ids_of_the_run_fine_tuned_from_travel_to_every_generation_path(base_run, tmp_path, monkeypatch):
+  """An HF import's several EOS ids (generation.json) are copied with the tokenizer into a run started
+  from it: its training sample, exact match, generate (run_setup.stop_ids) and export-hf stop there."""
+  from llama_jax import convert
+  from llama_jax import generate as generate_lib
+  base = str(tmp_path / "base")
+  shutil.copytree(base_run, base)
+  run_setup.write_stop_ids(base, [2, 5])
+  seen, answer = [], []
+
+  def generator(self, params, prompts, max_new, stop_ids, *args, **kwargs):  # what the model says: answer, then 5
+    seen.append(list(stop_ids) if not isinstance(stop_ids, int) else [stop_ids])
+    return generate_lib.Generation([answer[:-1] + [5] for _ in prompts], 0.0, 0.0, 0.0, 0)
+
+  monkeypatch.setattr(generate_lib.Generator, "__call__", generator)
+  spec = _write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Who's there?", "response": "BERNARDO"}] * 2)
+  workdir = str(tmp_path / "sft")
+  trainer.train_and_evaluate(_sft_config(base, spec, **{"train.steps": 1, "train.checkpoint_every": 1,
+                                                        "sample.max_new_tokens": 4}),
+                             workdir, devices=jax.devices()[:1])
+  assert seen == [[2, 5]]  # the end-of-training sample
+  setup, params, tok, _ = run_setup.load_run(workdir, devices=jax.devices()[:1])
+  assert run_setup.stop_ids(workdir, tok) == [2, 5]  # generate's
+  ids, loss = data_lib.encode_pair(tok, "Who's there?", "BERNARDO")
+  answer.extend(ids[int(np.argmax(loss)):].tolist())  # the response's tokens, then EOS (2)
+  corpus = corpus_lib.open_corpus(spec, pair_fields=("prompt", "response"))
+  assert eval_lib.exact_match(setup, params, tok, corpus, 2, stop_ids=run_setup.stop_ids(workdir, tok)) == {
+      "exact_match": 1.0, "exact_match_examples": 2}  # ended by 5, a stop id of the run
+  assert seen[1:] == [[2, 5]]
+  convert.export_hf(workdir, str(tmp_path / "hf"))
+  for name in ("config.json", "generation_config.json"):
+    assert json.loads((tmp_path / "hf" / name).read_text())["eos_token_id"] == [2, 5]
