@@ -258,14 +258,7 @@ def main():
     # On stderr, so --json's stdout stays one object per line.
     print(f"step {loaded_step} of {workdir.value}: computing in {setup.llama.dtype}; stop ids {stop}",
           file=sys.stderr)
-    if prompt.value:
-      for i, text in enumerate(prompt.value):
-        if not text:
-          raise ConfigError(f"--prompt {i + 1} is empty")
-      prompts = [tok.encode(text, bos=True) for text in prompt.value]
-    else:
-      prompts = [_parse_ids(s, i) for i, s in enumerate(prompt_ids.value)]
-    check_request(prompts, max_new_tokens.value, setup.llama, name="--prompt" if prompt.value else "--prompt_ids")
+    prompts = prompts_of(tok, prompt.value, prompt_ids.value, max_new_tokens.value, setup.llama)
     out = Generator(setup.graphdef, setup.llama, setup.mesh)(params, prompts, max_new_tokens.value, stop,
                                                              sampling, seed.value)
     for i, (ids, new) in enumerate(zip(prompts, out.ids)):
@@ -282,6 +275,20 @@ def main():
             f"{out.decode_s / max(out.decode_steps, 1) * 1e3:.2f} ms per token")
 
   entry.main(lambda argv: entry.run(run))
+
+
+def prompts_of(tok, texts: list[str], id_strings: list[str], max_new_tokens: int, llama) -> list[list[int]]:
+  """The command line's prompts as token ids: --prompt texts (BOS prepended) or --prompt_ids strings,
+  checked (check_request) under the name of the flag they came from."""
+  if texts:
+    for i, text in enumerate(texts):
+      if not text:
+        raise ConfigError(f"--prompt {i + 1} is empty")
+    prompts = [tok.encode(text, bos=True) for text in texts]
+  else:
+    prompts = [_parse_ids(s, i) for i, s in enumerate(id_strings)]
+  check_request(prompts, max_new_tokens, llama, name="--prompt" if texts else "--prompt_ids")
+  return prompts
 
 
 def _parse_ids(text: str, i: int) -> list[int]:

@@ -346,3 +346,68 @@ def test_convert_cli_says_a_bad_hf_dir_in_one_line(imported, tmp_path):
   assert proc.stderr.strip().splitlines()[-1] == (f"error: --hf_dir {imported} is a llama_jax workdir (it has "
                                                   "checkpoints/), not a Hugging Face checkpoint directory")
   assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------- a default import, eval.py's checks
+
+def test_a_default_config_import_stores_rows_the_model_takes_and_eval_scores_it(hf32, tmp_path, capsys):
+  """configs/llama.py's data.seq_len 4096 beside a model of max_seq_len 32 ran eval.py out of memory."""
+  from llama_jax import checkpoint as ckpt_lib, convert, evaluate
+  from llama_jax.errors import ConfigError
+  workdir = str(tmp_path / "run")
+  llama, _ = convert.import_hf(hf32[0], workdir)  # --config configs/llama.py
+  assert "the saved config has data.seq_len 32" in capsys.readouterr().out
+  checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
+  assert checkpointer.restore_config(0).data.seq_len == llama.max_seq_len == 32
+  checkpointer.close()
+  spec = "jsonl:" + str(tmp_path / "pairs.jsonl")
+  (tmp_path / "pairs.jsonl").write_text('{"prompt": "Who is there?", "response": "Nay, answer me."}\n' * 3)
+  result = evaluate.evaluate_checkpoint(workdir, corpus_spec=spec, exact_match_examples=3, data_format="sft")
+  assert result["seq_len"] == 32 and result["exact_match_examples"] == 3 and result["num_tokens"] > 0
+  with pytest.raises(ConfigError, match=r"^--seq_len=64 exceeds the model's max_seq_len=32$"):
+    evaluate.evaluate_checkpoint(workdir, corpus_spec=spec, seq_len=64)
+  # eval.py's --output: checked before anything is loaded or scored, in one line.
+  with pytest.raises(ConfigError, match=r"^--output /nonexistent/x.json: directory /nonexistent does not exist$"):
+    evaluate.check_output("/nonexistent/x.json")
+  proc = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}", f"--output={tmp_path}"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == f"error: --output {tmp_path} is a directory; give a file name"
+
+
+@pytest.mark.parametrize("content,culprit", [
+    ('{"stop_ids": [999]}', "stop id 999 is outside the vocabulary [0, 320)"),
+    ('{"stop_ids": [2, 5', 'is not {"stop_ids": [id, ...]}: '),
+    (b'{"stop_ids": [2]}\xff', 'is not {"stop_ids": [id, ...]}: '),
+    ('{"stop_ids": [true]}', "stop_ids=[True] is not a non-empty list of token ids"),
+])
+def test_a_bad_generation_json_is_named_in_one_line(content, culprit, hf32, tmp_path):
+  from llama_jax import run_setup
+  from llama_jax.errors import ConfigError
+  path = tmp_path / "generation.json"
+  path.write_bytes(content if isinstance(content, bytes) else content.encode())
+  tok = tok_lib.load_tokenizer(os.path.join(hf32[0], "tokenizer.model"))
+  with pytest.raises(ConfigError) as e:
+    run_setup.stop_ids(str(tmp_path), tok)
+  assert str(e.value).startswith(str(path)) and culprit in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_failed_array_read_says_its_cause_not_the_tensorstore_spec():
+  """orbax wraps tensorstore's error (which names the file) in one ending in a bound method's repr."""
+  from llama_jax import checkpoint as ckpt_lib
+  try:
+    try:
+      raise ValueError('OUT_OF_RANGE: Error reading local file "/w/checkpoints/3/state/d/ab": size 10\nmore')
+    except ValueError as cause:
+      raise Exception("Encountered error while reading array index: (slice(0, 4),). See full TensorStore "
+                      "details: <bound method pybind11_detail_function_record_v1_.spec of Spec({...})>.") from cause
+  except Exception as e:  # noqa: BLE001
+    line = ckpt_lib._first_line(e)
+  assert line == 'OUT_OF_RANGE: Error reading local file "/w/checkpoints/3/state/d/ab": size 10'
+
+
+def test_convert_names_an_unknown_subcommand():
+  proc = subprocess.run([sys.executable, "-m", "llama_jax.convert", "bogus"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown subcommand 'bogus'; usage: ")
