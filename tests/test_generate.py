@@ -208,3 +208,11 @@ def test_bad_requests_fail_in_one_line_before_compiling(prompts, max_new, sampli
     generator(params, prompts, max_new, -1, gen_lib.Sampling(temperature=1.0, **sampling))
   assert culprit in str(e.value) and "\n" not in str(e.value)
   assert not generator._compiled
+
+
+def test_an_empty_prompt_is_named_by_its_flag():
+  """generate's --prompt_ids, not --prompt, when the ids given are none."""
+  with pytest.raises(ConfigError, match=r"^--prompt_ids is empty$"):
+    gen_lib.prompts_of(None, [], [""], 4, SMALL)
+  with pytest.raises(ConfigError, match=r"^--prompt_ids: token id 100 is outside the vocabulary \[0, 96\)$"):
+    gen_lib.prompts_of(None, [], ["1 100"], 4, SMALL)

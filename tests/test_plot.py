@@ -80,3 +80,34 @@ def test_non_finite_metrics_are_read_back_as_floats_and_plotted(tmp_path):
   output = tmp_path / "run.png"
   plot.plot_runs([str(tmp_path)]).savefig(output)
   assert matplotlib.image.imread(output).shape == (700, 1000, 4)
+
+
+@pytest.mark.parametrize("content,said", [
+    (b'{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo', None),  # a crash mid-write
+    (b'{"step": 1, "loss": 2.0}\ngarbage\n{"step": 3, "loss": 1.0}\n', "metrics.jsonl:2: not JSON"),
+    (b'{"step": 1, "loss": 2.0}\n\xff\xfe\n{"step": 3, "loss": 1.0}\n', "metrics.jsonl:2: not UTF-8"),
+    (b"", "metrics.jsonl: nothing to plot (no logged step)"),
+])
+def test_a_bad_metrics_line_is_named_and_a_cut_last_line_skipped(content, said, tmp_path, capsys):
+  (tmp_path / "metrics.jsonl").write_bytes(content)
+  output = tmp_path / "run.png"
+  if said is None:
+    plot.write_png([str(tmp_path)], str(output))
+    assert plot.series(plot.read_metrics(str(tmp_path)), "loss") == ([1, 2], [2.0, 1.5])
+    assert "metrics.jsonl:3: not JSON; skipped it as a last line cut short" in capsys.readouterr().err
+    assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return
+  with pytest.raises(plot.ConfigError) as e:
+    plot.write_png([str(tmp_path)], str(output))
+  assert str(e.value) == os.path.join(str(tmp_path), said)
+  assert not output.exists()
+
+
+def test_a_bad_output_is_one_line_before_plotting(workdir, tmp_path):
+  (tmp_path / "out").mkdir()
+  with pytest.raises(plot.ConfigError, match=r"^--output .*/out is a directory; give a file name$"):
+    plot.write_png([workdir], str(tmp_path / "out"))
+  assert os.listdir(tmp_path / "out") == []
+  with pytest.raises(plot.ConfigError, match=r"^--output /nonexistent/dir/o.png: directory /nonexistent/dir does "
+                                             r"not exist$"):
+    plot.write_png([workdir], "/nonexistent/dir/o.png")
