@@ -28,6 +28,7 @@ preemption notice is read after each step, and the final eval runs to its end.
 
 import contextlib
 import signal
+import sys
 
 import jax
 from jax.experimental import multihost_utils
@@ -54,9 +55,27 @@ class PreemptionWatch:
     self._previous = {}
     # jax.distributed.is_initialized first: a plain run starts no JAX backend here.
     self._single = not jax.distributed.is_initialized() or jax.process_count() == 1
+    self._previous_unraisable = None
     if self._single:  # under jax.distributed, SIGTERM belongs to jax's preemption notifier
       for sig in (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._on_signal)
+      self._previous_unraisable = sys.unraisablehook
+      sys.unraisablehook = self._on_unraisable
+
+  def _on_unraisable(self, unraisable):
+    """Python ignores an exception raised where it cannot propagate (a gc callback, __del__), our
+    handler's StopRun included: that one is dropped here, and `check` raises it again."""
+    if not isinstance(unraisable.exc_value, StopRun):
+      self._previous_unraisable(unraisable)
+
+  def check(self):
+    """Raises StopRun for a signal before the first step whose StopRun was lost (see _on_unraisable)."""
+    if self._single and self._signal is not None and not self._stepping:
+      raise StopRun(self._stop_message())
+
+  def _stop_message(self):
+    return (f"{self._signal} before the first step of this run finished: nothing new to save, "
+            "the same command starts (or resumes) it again")
 
   def _on_signal(self, signum, frame):
     del frame
@@ -64,8 +83,7 @@ class PreemptionWatch:
     if self._after_loop:
       raise Interrupted(self._signal)
     if not self._stepping:
-      raise StopRun(f"{self._signal} before the first step of this run finished: nothing new to save, "
-                    "the same command starts (or resumes) it again")
+      raise StopRun(self._stop_message())
 
   @property
   def signal_name(self) -> str:
@@ -96,3 +114,5 @@ class PreemptionWatch:
   def close(self):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+    if self._previous_unraisable is not None:
+      sys.unraisablehook = self._previous_unraisable

@@ -69,6 +69,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       # leaves the workdir as it found it, so the corrected command starts clean.
       if not started and not resuming and jax.process_index() == 0:
         _remove_new_entries(workdir, before)
+      watch.check()  # a signal's StopRun that a library wrapped in an error of its own is still the stop
       raise
   finally:
     watch.close()
@@ -92,6 +93,7 @@ def _train_and_evaluate(config, workdir, setup, llama, init_from, stop_after, st
   train_corpus = data_lib.open_corpus(config.data, "train_corpus")
   eval_corpus = data_lib.open_corpus(config.data, "eval_corpus")
   tok = run_setup.prepare_tokenizer(config, workdir, train_corpus, llama, init_from and init_from[0])
+  watch.check()  # a signal's StopRun may have been lost in a gc callback (preemption.py)
   evaluator = eval_lib.Evaluator(setup, tok, eval_corpus)
   evaluator.check()
   stop_ids = run_setup.inherit_stop_ids(config, workdir, tok, llama, init_from and init_from[0])
@@ -123,6 +125,7 @@ def _train_and_evaluate(config, workdir, setup, llama, init_from, stop_after, st
       start, state = resumed
       metrics_lib.log(f"resumed from step {start} in {checkpointer.directory}")
     end = config.train.steps if stop_after is None else min(stop_after, config.train.steps)
+    watch.check()
     started.append(start)
     state, stopped_early = _train_loop(config, setup, state, start, end, batches, train_iter, stream,
                                        checkpointer, writer, watch, evaluator, sampler, train_corpus, overlong)
