@@ -107,10 +107,10 @@ def as_eval_metrics(result: dict) -> dict:
 def exact_match(setup, params, tok, corpus, max_examples: int, batch_size: int = 64,
                 stop_ids: list[int] | None = None) -> dict:
   """Greedy answers to the first `max_examples` (prompt, response) pairs of a corpus: the fraction
-  whose answer is exactly the response's tokens followed by one of `stop_ids` (the run's,
-  run_setup.stop_ids; default the tokenizer's EOS). A prompt that leaves no room for the longest
+  whose answer is exactly the response's tokens followed by EOS (as trained: data.encode_pair) or
+  another of `stop_ids` (the run's, run_setup.stop_ids). A prompt that leaves no room for the longest
   answer within model.max_seq_len loses its start (after BOS), as in training."""
-  stop = list(stop_ids) if stop_ids else [tok.eos_id]
+  stop = list(dict.fromkeys([*(stop_ids or []), tok.eos_id]))
   examples = []
   for pair in corpus.documents(None):
     if len(examples) == max_examples:
@@ -133,7 +133,7 @@ def exact_match(setup, params, tok, corpus, max_examples: int, batch_size: int =
     prompts = [prompt[:1] + prompt[1:][-(room - 1):] for prompt, _ in batch]
     out = generator(params, prompts, max_new, stop)
     # The answer ends in EOS (data.encode_pair); any stop id ends it as well.
-    correct += sum(new[:-1] == answer[:-1] and new[-1:] != [] and new[-1] in stop for new, (_, answer) in zip(out.ids, batch))
+    correct += sum(bool(new) and new[-1] in stop and new[:-1] == answer[:-1] for new, (_, answer) in zip(out.ids, batch))
   return {"exact_match": correct / len(examples), "exact_match_examples": len(examples)}
 
 
@@ -143,8 +143,8 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, corpus_spec: str 
                         batch_size: int | None = None) -> dict:
   """Loads WORKDIR's checkpoint (latest by default) and its config, and scores a corpus
   (default: the run's data.eval_corpus). SFT data (data.format = "sft") is scored on the responses
-  (and EOS) only, plus the exact-match accuracy of greedy answers to its first pairs (stopping at the
-  run's stop ids, run_setup.stop_ids). `dtype` overrides the checkpoint's compute dtype
+  (and EOS) only, plus the exact-match accuracy of greedy answers to its first pairs (stopping at EOS
+  and the run's stop ids, run_setup.stop_ids). `dtype` overrides the checkpoint's compute dtype
   (run_setup.load_run); the result names the one that ran ("dtype").
 
   seq_len, batch_size: the packed rows scored together (default: the checkpoint's data.seq_len, and
