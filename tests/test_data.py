@@ -590,3 +590,25 @@ def _tokenizer_file(tmp_path):
   from llama_jax import tokenizer as tok_lib
   plays = corpus_lib.shakespeare_plays("train")[:1]
   return tok_lib.train_sentencepiece(tok_lib.training_lines(plays), 320, str(tmp_path / "tok.model")).path
+
+
+def test_a_stop_python_ignored_in_a_gc_callback_is_raised_again_before_the_first_step(capsys):
+  """A signal handled inside a gc callback or __del__: Python prints the StopRun as ignored and goes on."""
+  import types
+  import time
+  from llama_jax import preemption
+  from llama_jax.errors import StopRun
+  watch = preemption.PreemptionWatch()
+  try:
+    try:
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(1)
+    except StopRun as e:
+      lost = e
+    sys.unraisablehook(types.SimpleNamespace(exc_type=StopRun, exc_value=lost, exc_traceback=None, err_msg=None,
+                                             object=None))
+    assert "StopRun" not in capsys.readouterr().err  # not printed as ignored: check() raises it
+    with pytest.raises(StopRun, match="SIGTERM before the first step"):
+      watch.check()
+  finally:
+    watch.close()
