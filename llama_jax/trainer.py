@@ -145,7 +145,7 @@ def _train_and_evaluate(config, workdir, setup, llama, init_from, stop_after, st
     except preemption.Interrupted as e:
       checkpointer.wait()
       again = ("python eval.py --workdir {w} scores it" if doing == "held-out eval" else
-               "python -m llama_jax.generate --workdir {w} samples from it").format(w=workdir)
+               "python -m llama_jax.generate --workdir {w} --prompt TEXT samples from it").format(w=workdir)
       metrics_lib.log(f"{e}: training finished and step {checkpointer.latest_step()} is saved in "
                       f"{checkpointer.directory}; the {doing} was interrupted ({again})")
       return None
