@@ -9,6 +9,7 @@ preallocated stacked arrays, so peak host memory stays near one copy of the mode
 shard when writing). Needs numpy, ml_dtypes and safetensors, not torch.
 """
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -538,10 +539,7 @@ def import_hf(hf_dir: str, workdir: str, config_arg: str = "configs/llama.py", d
   setup = run_setup.Setup(config, sh.fitting_devices(config.mesh, model_lib.abstract_model(llama)))
 
   llama, params = from_hf(hf_dir, dtype=compute_dtype)
-  workdir = os.path.abspath(workdir)
-  tmp = os.path.join(os.path.dirname(workdir), f".{os.path.basename(workdir)}.importing-{os.getpid()}")
-  shutil.rmtree(tmp, ignore_errors=True)
-  try:
+  with _staged(os.path.abspath(workdir), "importing") as tmp:
     params = jax.tree.map(jax.device_put, params, setup.params_sharding)
     opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_sharding["opt_state"])(params)
     state = {"step": jax.device_put(np.zeros((), np.int32), setup.state_sharding["step"]), "params": params,
@@ -556,16 +554,27 @@ def import_hf(hf_dir: str, workdir: str, config_arg: str = "configs/llama.py", d
       shutil.copyfile(tokenizer, run_setup.tokenizer_path(tmp))
     if stop_ids:
       run_setup.write_stop_ids(tmp, stop_ids)
-    if os.path.isdir(workdir):
-      os.rmdir(workdir)  # empty, checked above
-    os.rename(tmp, workdir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   if tokenizer is None:
     print(f"note: {hf_dir} has no tokenizer.model; put the model's tokenizer at {run_setup.tokenizer_path(workdir)}")
   return llama, state
 
+
+
+@contextlib.contextmanager
+def _staged(target: str, what: str):
+  """Yields a temporary sibling of `target` to fill. When the block ends without an error it becomes
+  `target` (which must be new or an empty directory, as the caller checked); when it raises, the sibling
+  is removed, so a refused or failed write leaves nothing behind."""
+  tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{what}-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    yield tmp
+    if os.path.isdir(target):
+      os.rmdir(target)
+    os.rename(tmp, target)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
 
 def _load_config_file(config_arg: str):
   """A `get_config()` file with an optional `:argument`, as `--config` takes it: config_lib.load_config_file,
@@ -595,18 +604,10 @@ def export_hf(workdir: str, hf_dir: str, step: int | None = None, dtype: str | N
   setup, params, tok, step = run_setup.load_run(workdir, step)
   stop = run_setup.stop_ids(workdir, tok)
   eos = stop[0] if len(stop) == 1 else stop
-  tmp = os.path.join(parent, f".{os.path.basename(hf_dir)}.exporting-{os.getpid()}")
-  shutil.rmtree(tmp, ignore_errors=True)
-  try:
+  with _staged(hf_dir, "exporting") as tmp:
     to_hf(setup.llama, jax.device_get(params), tmp, dtype=dtype, bos_token_id=tok.bos_id, eos_token_id=eos)
     _write_json(os.path.join(tmp, "generation_config.json"), {"bos_token_id": tok.bos_id, "eos_token_id": eos})
     shutil.copyfile(run_setup.tokenizer_path(workdir), os.path.join(tmp, "tokenizer.model"))
-    if os.path.isdir(hf_dir):
-      os.rmdir(hf_dir)  # empty, checked above
-    os.rename(tmp, hf_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return step
 
 
