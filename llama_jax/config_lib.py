@@ -5,14 +5,12 @@ naming the culprit (config key, file or sizes).
 """
 
 import dataclasses
-import importlib.util
-import inspect
 import math
 import os
-import traceback
 
 import ml_collections
 
+from llama_jax import config_file
 from llama_jax import model as model_lib
 from llama_jax import tokenizer as tok_lib
 from llama_jax.errors import ConfigError
@@ -53,46 +51,17 @@ def check_workdir(workdir: str):
   if not os.path.isdir(parent):
     raise ConfigError(f"--workdir {workdir}: parent directory {parent} does not exist")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f"--workdir {workdir} {describe_path(workdir)}, not a directory")
-  looks = describe_path(workdir)
+    raise ConfigError(f"--workdir {workdir} {config_file.describe_path(workdir)}, not a directory")
+  looks = config_file.describe_path(workdir)
   if "Hugging Face" in looks:
     raise ConfigError(f"--workdir {workdir} {looks}, not a llama_jax workdir: import it with "
                       "python -m llama_jax.convert import-hf --hf_dir=... --workdir=NEW and give that workdir")
 
 
-def describe_path(path: str) -> str:
-  """What is at `path`, in a few words that finish "PATH ...", for a line saying a file is not
-  what a flag or key says: "does not exist", "is a directory", "is a JSON file", ...
-
-  Reads at most 64 bytes of a file; a directory is named by what marks it (checkpoints/ for a
-  llama_jax workdir, config.json for a Hugging Face checkpoint).
-  """
-  if not os.path.exists(path):
-    return "does not exist"
-  if os.path.isdir(path):
-    names = set(os.listdir(path))
-    if "checkpoints" in names:
-      return "is a llama_jax workdir (it has checkpoints/)"
-    if "config.json" in names:
-      return "is a Hugging Face checkpoint directory (it has config.json)"
-    return "is an empty directory" if not names else "is a directory"
-  size = os.path.getsize(path)
-  if size == 0:
-    return "is an empty file"
-  with open(path, "rb") as f:
-    head = f.read(64)
-  # safetensors: an 8-byte little-endian header length, then the JSON header.
-  if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
-    return "is a safetensors file"
-  if head.lstrip()[:1] in (b"{", b"["):
-    return "is a JSON file"
-  return "is a file"
-
-
 def check_tokenizer_file(path: str, name: str):
   """ConfigError, naming `name` (the flag or config key) and what `path` is instead, unless it may be a
   tokenizer file: not a directory, an empty file, a JSON or a safetensors file. Reads 64 bytes."""
-  looks = describe_path(path)
+  looks = config_file.describe_path(path)
   if looks == "does not exist":
     raise ConfigError(f"{name}: tokenizer file not found: {path}")
   if looks not in ("is a file",):
@@ -110,61 +79,6 @@ def load_tokenizer(path: str, name: str):
   except (RuntimeError, ValueError, OSError, UnicodeDecodeError) as e:
     reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
     raise ConfigError(f"{name}: {path} is not a sentencepiece model or tiktoken ranks file ({reason})") from None
-
-
-def load_config_file(config_arg: str, flag: str = "--config") -> ml_collections.ConfigDict:
-  """The ConfigDict of `FILE.py[:ARG]` as ml_collections' --config takes it: FILE's get_config(ARG)
-  (everything after the first colon, "" included), or get_config() without a colon.
-
-  Raises ConfigError in one line naming `flag` and the file when FILE does not exist, is not a .py
-  file, fails to import (its line and error), has no get_config(), takes no ARG but is given one,
-  raises (its line and error) or returns something other than a ConfigDict.
-  """
-  path, colon, arg = config_arg.partition(":")
-  if not path:
-    raise ConfigError(f"{flag} {config_arg!r} names no file: give FILE.py[:ARG], a Python file with get_config()")
-  if not os.path.exists(path):
-    raise ConfigError(f"{flag} {path} does not exist")
-  if not os.path.isfile(path) or not path.endswith(".py"):
-    raise ConfigError(f"{flag} {path} {describe_path(path)}, not a Python config file (FILE.py[:ARG] "
-                      "with get_config())")
-  spec = importlib.util.spec_from_file_location("llama_jax_config_file", path)
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-  except SyntaxError as e:
-    raise ConfigError(f"{flag} {path}: line {e.lineno}: {e.msg}") from None
-  except Exception as e:  # noqa: BLE001  (whatever the file's own code raises)
-    raise ConfigError(f"{flag} {path}: importing it raised {_where(e, path)}") from None
-  get_config = getattr(module, "get_config", None)
-  if not callable(get_config):
-    raise ConfigError(f"{flag} {path} has no get_config() function")
-  if colon:
-    try:
-      inspect.signature(get_config).bind(arg)
-    except TypeError:
-      raise ConfigError(f"{flag} {config_arg}: {path}'s get_config() takes no argument; "
-                        f"drop ':{arg}'") from None
-    except ValueError:  # no signature to inspect: let the call say
-      pass
-  try:
-    config = get_config(arg) if colon else get_config()
-  except (ConfigError, ValueError) as e:  # the file's own word on a bad argument, e.g. a preset name
-    raise ConfigError(f"{flag} {config_arg}: {e}") from None
-  except Exception as e:  # noqa: BLE001
-    raise ConfigError(f"{flag} {config_arg}: get_config() raised {_where(e, path)}") from None
-  if not isinstance(config, ml_collections.ConfigDict):
-    raise ConfigError(f"{flag} {config_arg}: get_config() returned {type(config).__name__}, "
-                      "not an ml_collections.ConfigDict")
-  return config
-
-
-def _where(e: Exception, path: str) -> str:
-  """'NameError: ... (line 3)': the exception, and the last line of `path` its traceback passed."""
-  lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
-           if os.path.abspath(f.filename) == os.path.abspath(path)]
-  message = (str(e).strip().splitlines() or [""])[0]
-  return f"{type(e).__name__}: {message}" + (f" (line {lines[-1]})" if lines else "")
 
 
 _INT, _REAL = "an integer", "a finite number"

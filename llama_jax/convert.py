@@ -25,6 +25,7 @@ import safetensors
 import safetensors.numpy
 from flax import nnx
 
+from llama_jax import config_file
 from llama_jax import model as model_lib
 from llama_jax.model import LlamaConfig, RopeScaling
 
@@ -267,11 +268,10 @@ def _config_of_dir(hf_dir: str, hf: dict, **overrides) -> LlamaConfig:
 def read_hf_config(hf_dir: str) -> dict:
   """The dict of HF_DIR/config.json. Raises FileNotFoundError for a missing dir, ValueError for
   anything else that is not an HF checkpoint dir (a file, a llama_jax workdir, no config.json, bad JSON)."""
-  from llama_jax import config_lib
   if not os.path.exists(hf_dir):
     raise FileNotFoundError(f"HF checkpoint dir not found: {hf_dir}")
   if not os.path.isdir(hf_dir) or os.path.isdir(os.path.join(hf_dir, "checkpoints")):
-    raise ValueError(f"--hf_dir {hf_dir} {config_lib.describe_path(hf_dir)}, not a Hugging Face checkpoint "
+    raise ValueError(f"--hf_dir {hf_dir} {config_file.describe_path(hf_dir)}, not a Hugging Face checkpoint "
                      "directory")
   path = os.path.join(hf_dir, "config.json")
   if not os.path.isfile(path):
@@ -522,7 +522,7 @@ def import_hf(hf_dir: str, workdir: str, config_arg: str = "configs/llama.py", d
                     if os.path.exists(os.path.join(hf_dir, name))), None)
   if tokenizer is not None:
     config_lib.check_vocab(config_lib.load_tokenizer(tokenizer, "--hf_dir"), llama, tokenizer)
-  config = _load_config_file(config_arg)
+  config = config_file.load_config_file(config_arg)
   model = config_lib.model_config_dict(llama)
   model.dtype = compute_dtype
   for key in ("scan_layers", "remat"):  # how to lay out the computation stays the config's choice
@@ -576,12 +576,6 @@ def _staged(target: str, what: str):
     shutil.rmtree(tmp, ignore_errors=True)
     raise
 
-def _load_config_file(config_arg: str):
-  """A `get_config()` file with an optional `:argument`, as `--config` takes it: config_lib.load_config_file,
-  the check train.py's --config gets too (ConfigError naming the file and what is wrong with it)."""
-  from llama_jax import config_lib
-  return config_lib.load_config_file(config_arg)
-
 
 def export_hf(workdir: str, hf_dir: str, step: int | None = None, dtype: str | None = "bfloat16"):
   """Writes WORKDIR's checkpoint (latest by default) as an HF Llama dir; returns the step.
@@ -592,7 +586,7 @@ def export_hf(workdir: str, hf_dir: str, step: int | None = None, dtype: str | N
   so a refused or failed export leaves no half-written HF dir. Raises ConfigError for a WORKDIR that
   holds no run, a missing step, or an HF_DIR with files in it.
   """
-  from llama_jax import config_lib, run_setup
+  from llama_jax import run_setup
   from llama_jax.errors import ConfigError
 
   hf_dir = os.path.abspath(hf_dir)
@@ -600,7 +594,7 @@ def export_hf(workdir: str, hf_dir: str, step: int | None = None, dtype: str | N
   if not os.path.isdir(parent):
     raise ConfigError(f"--hf_dir {hf_dir}: parent directory {parent} does not exist")
   if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)):
-    raise ConfigError(f"--hf_dir {hf_dir} {config_lib.describe_path(hf_dir)}; export into a new or empty directory")
+    raise ConfigError(f"--hf_dir {hf_dir} {config_file.describe_path(hf_dir)}; export into a new or empty directory")
   setup, params, tok, step = run_setup.load_run(workdir, step)
   stop = run_setup.stop_ids(workdir, tok)
   eos = stop[0] if len(stop) == 1 else stop

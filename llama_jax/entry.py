@@ -46,15 +46,15 @@ def parse_flags(argv):
   in one line.
 
   A program with ml_collections' --config has its FILE.py[:ARG] loaded first by
-  config_lib.load_config_file, which names the file and what is wrong with it (missing, not a .py
+  config_file.load_config_file, which names the file and what is wrong with it (missing, not a .py
   file, a syntax error or exception in it, no get_config(), a bad ARG), instead of the traceback,
   or the later "Configuration is not available", that ml_collections gives."""
   config_arg = _config_file_arg(argv)
   if config_arg is not None:
-    from llama_jax import config_lib
+    from llama_jax import config_file
     from llama_jax.errors import ConfigError
     try:
-      config_lib.load_config_file(config_arg)
+      config_file.load_config_file(config_arg)
     except ConfigError as e:
       sys.exit(f"error: {e}")
   try:

@@ -17,6 +17,7 @@ import ml_collections
 from flax import nnx
 
 from llama_jax import checkpoint as ckpt_lib
+from llama_jax import config_file
 from llama_jax import config_lib
 from llama_jax import metrics as metrics_lib
 from llama_jax import model as model_lib
@@ -187,7 +188,7 @@ def check_batch(config, mesh):
 
 def _not_a_run(workdir: str) -> str:
   """Why `workdir` holds no run, in words that follow its name."""
-  looks = config_lib.describe_path(workdir)
+  looks = config_file.describe_path(workdir)
   if "Hugging Face" in looks:
     return f"{looks}, not a llama_jax workdir: import it first with python -m llama_jax.convert import-hf"
   if looks.startswith("is a llama_jax workdir"):
@@ -249,7 +250,7 @@ def check_init_from(config) -> tuple[str, int]:
   workdir, step = parse_init_from(config.init_from)
   name = f"config.init_from={config.init_from}"
   if not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
-    looks = config_lib.describe_path(workdir)
+    looks = config_file.describe_path(workdir)
     if "Hugging Face" in looks:
       raise config_lib.ConfigError(f"{name}: {workdir} {looks}, not a llama_jax workdir: import it with "
                                    "python -m llama_jax.convert import-hf and give that workdir")

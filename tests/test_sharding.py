@@ -140,7 +140,7 @@ def test_a_checkpoint_loads_on_device_counts_its_dims_do_not_divide(odd_run, cap
     size, params, scores, ids = _eval_and_generate(workdir, devices)
     assert size == used
     if used < len(devices):
-      assert (f"using 6 of the 8 devices: over all of them, param blocks/attn/wk_DKH: dim 'embed' of size 36 "
+      assert ("using 6 of the 8 devices: over all of them, param blocks/attn/wk_DKH: dim 'embed' of size 36 "
               "is not divisible by mesh axes fsdp = 8") in capsys.readouterr().out
     jax.tree.map(np.testing.assert_array_equal, params, saved)
     assert scores["num_tokens"] == one_scores["num_tokens"]

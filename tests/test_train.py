@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_test_config
-from llama_jax import config_lib, run_setup, trainer
+from llama_jax import config_file, config_lib, run_setup, trainer
 from llama_jax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,7 +115,7 @@ def test_eval_py_writes_the_json(trained, tmp_path):
   proc = _run("eval.py", f"--workdir={workdir}", f"--output={out}")
   assert proc.returncode == 0, proc.stderr
   written = json.loads(out.read_text())
-  assert set(written) == {"step", "dtype", "loss", "perplexity", "bits_per_byte", "num_tokens"}
+  assert set(written) == {"step", "dtype", "seq_len", "loss", "perplexity", "bits_per_byte", "num_tokens"}
   assert written["step"] == 8 and written["dtype"] == "float32"  # the run's model.dtype: no --dtype given
   assert written["bits_per_byte"] == pytest.approx(result["bits_per_byte"], rel=1e-5)
   assert "bits/byte" in proc.stdout
@@ -247,7 +247,7 @@ def test_a_bad_config_file_is_one_line_naming_it(tmp_path, arg, message):
   os.chdir(ROOT)
   try:
     with pytest.raises(ConfigError, match=re.escape(message.format(tmp=tmp_path))):
-      config_lib.load_config_file(arg.format(tmp=tmp_path))
+      config_file.load_config_file(arg.format(tmp=tmp_path))
   finally:
     os.chdir(cwd)
 
