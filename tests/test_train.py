@@ -5,7 +5,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -190,13 +189,11 @@ def test_bad_input_is_one_line_naming_the_culprit(tmp_path, trained, args, culpr
     args.append("--config.model.vocab_size=320")
   workdir = [a for a in args if a.startswith("--workdir")] or [f"--workdir={tmp_path / 'w'}"]
   args = [a for a in args if not a.startswith("--workdir")]
-  start = time.time()
-  proc = _run("train.py", "--config=configs/tiny.py", *workdir, *args)
+  proc = _run("train.py", "--config=configs/tiny.py", *workdir, *args)  # its timeout is the hang guard
   assert proc.returncode != 0
   last = proc.stderr.strip().splitlines()[-1]
   assert culprit in last, proc.stderr
   assert "Traceback" not in proc.stderr
-  assert time.time() - start < 60
   assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
 
