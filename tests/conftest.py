@@ -36,6 +36,40 @@ def tiny_test_config(**overrides):
   return c
 
 
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+  """One local GCS API server (tests/gcs_server.py) for the session, started by the first test that
+  asks for it; the clients of this process and of the subprocesses it starts are pointed at it."""
+  from tests.gcs_server import GcsServer  # noqa: PLC0415
+  server = GcsServer(str(tmp_path_factory.mktemp("gcs"))).start()
+  saved = {k: os.environ.get(k) for k in server.env()}
+  os.environ.update(server.env())
+  _clear_gcs_clients()
+  yield server
+  server.stop()
+  for k, v in saved.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+  _clear_gcs_clients()
+
+
+def _clear_gcs_clients():
+  """Forgets gcsfs clients made for another endpoint (fsspec caches them)."""
+  import gcsfs  # noqa: PLC0415
+  gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server, request):
+  """A new, empty bucket on the session's server: 'gs://<name>'."""
+  import re  # noqa: PLC0415
+  import uuid  # noqa: PLC0415
+  name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+  return gcs_server.make_bucket(name)
+
+
 @pytest.fixture
 def one_device():
   return jax.devices()[:1]
