@@ -229,3 +229,15 @@ def check_bucket(path, key: str):
     raise ConfigError(f"{key}={path}: cannot reach bucket {scheme}://{b}: {reason}") from None
   if not found:
     raise ConfigError(f"{key}={path}: bucket {scheme}://{b} does not exist (or these credentials cannot see it)")
+
+
+def check_output_file(path, flag: str):
+  """Raises ConfigError naming `flag` unless a file can be written at `path`: it must not be a
+  directory, and its parent directory must exist (a local path) or its bucket must (object storage,
+  where directories are implicit)."""
+  if is_remote(path):
+    check_bucket(path, flag)
+  if isdir(path):
+    raise ConfigError(f"{flag} {path} is a directory; give a file name")
+  if not is_remote(path) and not isdir(parent(path)):
+    raise ConfigError(f"{flag} {path}: directory {parent(path)} does not exist")
