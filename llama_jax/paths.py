@@ -30,6 +30,7 @@ it and `TENSORSTORE_GCS_HTTP_URL` points tensorstore at it.
 import glob as glob_lib
 import os
 import re
+import threading
 import uuid
 
 from etils import epath
@@ -241,3 +242,30 @@ def check_output_file(path, flag: str):
     raise ConfigError(f"{flag} {path} is a directory; give a file name")
   if not is_remote(path) and not isdir(parent(path)):
     raise ConfigError(f"{flag} {path}: directory {parent(path)} does not exist")
+
+
+class RangeReader:
+  """Byte ranges of one file, read safely from many threads at once: `os.pread` on one descriptor of
+  a local file (opened at the first read, kept open), one ranged GET (`cat_file`) per read on object
+  storage. Pickles without its descriptor: a copy in another process opens its own."""
+
+  def __init__(self, path):
+    self.path = normalize(path)
+    self._fd = None
+    self._lock = threading.Lock()
+
+  def read(self, start: int, end: int) -> bytes:
+    """Bytes [start, end) of the file (fewer where it ends sooner)."""
+    if is_remote(self.path):
+      return filesystem(self.path).cat_file(self.path, start, end)
+    if self._fd is None:
+      with self._lock:
+        if self._fd is None:
+          self._fd = os.open(self.path, os.O_RDONLY)
+    return os.pread(self._fd, end - start, start)
+
+  def __getstate__(self):
+    return {"path": self.path}
+
+  def __setstate__(self, state):
+    self.__init__(state["path"])
