@@ -3,12 +3,14 @@ of the responses, plus the exact-match accuracy of greedy answers).
 
   python eval.py --workdir runs/tiny [--step N] [--output FILE] [--corpus SPEC] [--dtype float32]
       [--seq_len 64] [--batch_size 8]
+  python eval.py --workdir gs://bucket/run [--output gs://bucket/run/eval.json]
 
 The line printed and the JSON written name the compute dtype that ran ("dtype"). Rows are the
 checkpoint's data.seq_len tokens, data.batch_size / train.grad_accum_steps at a time, unless
 --seq_len / --batch_size say otherwise; a seq_len over the model's max_seq_len, or an --output that
-cannot be written (a directory, a missing parent), is one line before anything is scored. The JSON
-is written to a temporary sibling and renamed.
+cannot be written (a directory, a missing parent directory or bucket), is one line before anything is
+scored. --workdir and --output may be local or on object storage (llama_jax.paths); the JSON is written
+with paths.write_atomic (a reader sees the old file or the whole new one).
 """
 
 from absl import flags
@@ -34,7 +36,7 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
   del argv
-  from llama_jax import evaluate
+  from llama_jax import evaluate, paths
 
   def run():
     if _OUTPUT.value:
@@ -47,7 +49,7 @@ def main(argv):
     if "exact_match" in result:
       line += f" | exact match {result['exact_match']:.1%} of {result['exact_match_examples']:,}"
     print(line)
-    evaluate.write_json(result, _OUTPUT.value or f"{_WORKDIR.value}/eval_{result['step']}.json")
+    evaluate.write_json(result, _OUTPUT.value or paths.join(_WORKDIR.value, f"eval_{result['step']}.json"))
 
   entry.run(run)
 

@@ -12,7 +12,8 @@ vendors' dense bf16 peak on GPU/TPU and an fp32 matmul timed in this process on 
 --data times the training pipeline of llama_jax/data.py alone (the same iterator the trainer
 reads) with the run's tokenizer: WORKDIR/tokenizer.model if --workdir has one, else the one
 the trainer would take (data.tokenizer_path, or init_from's, copied; or one trained on the
-corpus) into --workdir or a temporary directory.
+corpus) into --workdir or a temporary directory. That tokenizer.model is all bench reads from or
+writes to --workdir, which may be local or `gs://` (run_setup.prepare_tokenizer).
 
 --peer hf builds the same model in transformers (LlamaForCausalLM, fp32, torch on all
 cores) and times its train step (forward with labels, backward, clipping, AdamW) on the same
@@ -50,8 +51,8 @@ _HF_ATTENTION = flags.DEFINE_enum("hf_attention", "eager", ["eager", "sdpa"],
                                   "equally fast on peer-tiny on a 2-core CPU).")
 _DATA = flags.DEFINE_bool("data", False, "Also time the input pipeline alone.")
 _DATA_BATCHES = flags.DEFINE_integer("data_batches", 200, "Batches the pipeline is timed on.", lower_bound=1)
-_WORKDIR = flags.DEFINE_string("workdir", None, "With --data: a run's workdir, for (or to receive) its "
-                               "tokenizer.model (default: a temporary directory).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "With --data: a run's workdir (local or gs://), for (or to "
+                               "receive) its tokenizer.model (default: a local temporary directory).")
 flags.mark_flags_as_required(["config"])
 
 WARMUP_STEPS = 2

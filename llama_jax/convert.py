@@ -7,15 +7,24 @@ Only reshapes and transposes are needed: model.py uses HF's rotate-half RoPE lay
 q/k projections are not permuted. Conversion streams one tensor at a time into (or out of)
 preallocated stacked arrays, so peak host memory stays near one copy of the model (plus one
 shard when writing). Needs numpy, ml_dtypes and safetensors, not torch.
+
+Either side may be on object storage (`gs://`, through llama_jax.paths):
+- An HF dir on `gs://` is read without downloading its files: ranged reads of each safetensors
+  header, then one ranged read per tensor (_RemoteSafetensors), so host memory holds one source
+  tensor at a time beside the params being filled, as with the local reader.
+- An HF dir written to `gs://` has each safetensors shard written to a local temporary file (one
+  shard, at most max_shard_bytes, on local disk at a time) and uploaded, one object per file.
+- Object storage has no atomic rename, so an import or export there writes straight into its final
+  prefix and writes last the file that makes it usable (_staged says which); a failure deletes what
+  it wrote.
 """
 
 import contextlib
 import dataclasses
-import glob
 import json
 import math
 import os
-import shutil
+import tempfile
 from typing import Callable
 
 import jax
@@ -27,6 +36,7 @@ from flax import nnx
 
 from llama_jax import config_file
 from llama_jax import model as model_lib
+from llama_jax import paths
 from llama_jax.model import LlamaConfig, RopeScaling
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -262,19 +272,21 @@ def _config_of_dir(hf_dir: str, hf: dict, **overrides) -> LlamaConfig:
     return config_from_hf(hf, **overrides)
   except ValueError as e:
     message = str(e)
-    raise ValueError(os.path.join(hf_dir, message) if message.startswith("config.json") else message) from None
+    if message.startswith("config.json"):
+      message = paths.join(hf_dir, "config.json") + message.removeprefix("config.json")
+    raise ValueError(message) from None
 
 
 def read_hf_config(hf_dir: str) -> dict:
   """The dict of HF_DIR/config.json. Raises FileNotFoundError for a missing dir, ValueError for
   anything else that is not an HF checkpoint dir (a file, a llama_jax workdir, no config.json, bad JSON)."""
-  if not os.path.exists(hf_dir):
+  if not paths.exists(hf_dir):
     raise FileNotFoundError(f"HF checkpoint dir not found: {hf_dir}")
-  if not os.path.isdir(hf_dir) or os.path.isdir(os.path.join(hf_dir, "checkpoints")):
+  if not paths.isdir(hf_dir) or paths.isdir(paths.join(hf_dir, "checkpoints")):
     raise ValueError(f"--hf_dir {hf_dir} {config_file.describe_path(hf_dir)}, not a Hugging Face checkpoint "
                      "directory")
-  path = os.path.join(hf_dir, "config.json")
-  if not os.path.isfile(path):
+  path = paths.join(hf_dir, "config.json")
+  if not paths.isfile(path):
     raise FileNotFoundError(f"{hf_dir} is not an HF checkpoint: no config.json")
   return _read_json(path)
 
@@ -282,8 +294,7 @@ def read_hf_config(hf_dir: str) -> dict:
 def _read_json(path: str) -> dict:
   """A JSON object from `path`; ValueError naming the file when it is not one."""
   try:
-    with open(path) as f:
-      obj = json.load(f)
+    obj = json.loads(paths.read_text(path))
   except (ValueError, UnicodeDecodeError) as e:
     raise ValueError(f"{path} is not JSON: {e}") from None
   if not isinstance(obj, dict):
@@ -295,10 +306,10 @@ def stop_ids_from_hf(hf_dir: str, hf: dict, vocab_size: int) -> list[int]:
   """The end-of-sequence ids transformers' generate stops at: generation_config.json's eos_token_id
   where it sets one, else config.json's (`hf`); each an int or a list. [] when neither sets one.
   Raises ValueError naming the file for an id that is not an int in [0, vocab_size)."""
-  path = os.path.join(hf_dir, "generation_config.json")
-  generation = _read_json(path) if os.path.isfile(path) else {}
+  path = paths.join(hf_dir, "generation_config.json")
+  generation = _read_json(path) if paths.isfile(path) else {}
   source, ids = (path, generation["eos_token_id"]) if generation.get("eos_token_id") is not None else (
-      os.path.join(hf_dir, "config.json"), hf.get("eos_token_id"))
+      paths.join(hf_dir, "config.json"), hf.get("eos_token_id"))
   if ids is None:
     return []
   ids = [ids] if isinstance(ids, int) else ids
@@ -322,26 +333,25 @@ def dtype_from_hf(hf: dict) -> str:
 
 def _index_tensors(hf_dir: str) -> dict[str, tuple[str, tuple[int, ...]]]:
   """hf tensor name -> (file, shape), from the safetensors headers only."""
-  index = os.path.join(hf_dir, INDEX_FILE)
-  if os.path.isfile(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
-    files = sorted({os.path.join(hf_dir, name) for name in weight_map.values()})
+  index = paths.join(hf_dir, INDEX_FILE)
+  if paths.isfile(index):
+    weight_map = json.loads(paths.read_text(index))["weight_map"]
+    files = sorted({paths.join(hf_dir, name) for name in weight_map.values()})
     for file in files:
-      if not os.path.isfile(file):
-        raise FileNotFoundError(f"{INDEX_FILE} in {hf_dir} names {os.path.basename(file)}, "
+      if not paths.isfile(file):
+        raise FileNotFoundError(f"{INDEX_FILE} in {hf_dir} names {paths.name(file)}, "
                                 "which is missing")
   else:
-    files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+    files = paths.glob(paths.join(hf_dir, "*.safetensors"))
   if not files:
-    others = [n for n in os.listdir(hf_dir) if n.endswith((".bin", ".pth", ".pt"))]
+    others = [n for n in paths.listdir(hf_dir) if n.endswith((".bin", ".pth", ".pt"))]
     hint = f" (found {others}: convert them to safetensors first)" if others else ""
     raise FileNotFoundError(f"no *.safetensors files in {hf_dir}{hint}")
   tensors = {}
   for file in files:
     with _open(file) as f:
-      for name in f.keys():
-        tensors[name] = (file, tuple(f.get_slice(name).get_shape()))
+      for name, shape in f.shapes().items():
+        tensors[name] = (file, shape)
   return tensors
 
 
@@ -366,11 +376,89 @@ def _check_tensors(config, maps, tensors):
 
 
 def _open(file):
-  # pread copies each tensor into its own buffer: RSS does not grow with mapped file pages.
-  try:
-    return safetensors.safe_open(file, framework="numpy", backend="pread")
-  except TypeError:  # safetensors < 0.8 has no backend argument
-    return safetensors.safe_open(file, framework="numpy")
+  """The safetensors file at `file` (local or on object storage): a context manager with shapes() and
+  get_tensor(name)."""
+  return _RemoteSafetensors(file) if paths.is_remote(file) else _LocalSafetensors(file)
+
+
+class _LocalSafetensors:
+  """A local safetensors file, through safetensors.safe_open."""
+
+  def __init__(self, file):
+    # pread copies each tensor into its own buffer: RSS does not grow with mapped file pages.
+    try:
+      self._file = safetensors.safe_open(file, framework="numpy", backend="pread")
+    except TypeError:  # safetensors < 0.8 has no backend argument
+      self._file = safetensors.safe_open(file, framework="numpy")
+
+  def __enter__(self):
+    self._file.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    return self._file.__exit__(*exc)
+
+  def shapes(self) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(self._file.get_slice(name).get_shape()) for name in self._file.keys()}
+
+  def get_tensor(self, name):
+    return self._file.get_tensor(name)
+
+
+# safetensors' dtype names (its format specification) -> numpy.
+_SAFETENSORS_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+                       "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+                       "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
+                       "BOOL": np.dtype(np.bool_)}
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+
+
+class _RemoteSafetensors:
+  """A safetensors file on object storage, read by ranged reads: the header (its 8-byte length, then
+  the JSON), then each tensor's bytes when asked for, so nothing but the tensors read is downloaded.
+  Layout: the safetensors format (8-byte little-endian header size N, N bytes of JSON giving each
+  tensor's dtype, shape and [begin, end) byte offsets after the header, then the data)."""
+
+  def __init__(self, file):
+    self._file, self._fs = paths.normalize(file), paths.filesystem(file)
+    size = self._fs.size(self._file)
+    n = int.from_bytes(self._fs.cat_file(self._file, 0, 8), "little") if size >= 8 else 0
+    if not 2 <= n <= min(size - 8, _MAX_HEADER_BYTES):
+      raise ValueError(f"{file} is not a safetensors file (a header of {n} bytes in a file of {size})")
+    try:
+      header = json.loads(self._fs.cat_file(self._file, 8, 8 + n))
+    except (ValueError, UnicodeDecodeError):
+      raise ValueError(f"{file} is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+      raise ValueError(f"{file} is not a safetensors file (its header is not a JSON object)")
+    header.pop("__metadata__", None)
+    self._data_start = 8 + n
+    self._tensors = {}
+    for name, info in header.items():
+      try:
+        dtype, shape, (begin, end) = _SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
+        ok = all(isinstance(d, int) and d >= 0 for d in (*shape, begin, end))
+        ok = ok and end - begin == math.prod(shape) * dtype.itemsize and self._data_start + end <= size
+      except (KeyError, TypeError, ValueError):
+        ok = False
+      if not ok:
+        raise ValueError(f"{file}: tensor {name!r} has a bad safetensors header entry {info!r}")
+      self._tensors[name] = (dtype, shape, begin, end)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+  def shapes(self) -> dict[str, tuple[int, ...]]:
+    return {name: shape for name, (_, shape, _, _) in self._tensors.items()}
+
+  def get_tensor(self, name):
+    """The tensor `name`, one ranged read of its bytes (a read-only array over them)."""
+    dtype, shape, begin, end = self._tensors[name]
+    raw = self._fs.cat_file(self._file, self._data_start + begin, self._data_start + end)
+    return np.frombuffer(raw, dtype).reshape(shape)
 
 
 # ---------------------------------------------------------------------------- ours -> HF
@@ -397,25 +485,38 @@ def to_hf(config: LlamaConfig, params: dict, hf_dir: str, dtype: str | None = No
     return int(np.prod(m.hf_shape)) * tensor_dtype(m).itemsize
 
   shards = _plan_shards(maps, nbytes, max_shard_bytes)
-  os.makedirs(hf_dir, exist_ok=True)
+  paths.makedirs(hf_dir)
   names = ([SINGLE_FILE] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
   for name, shard in zip(names, shards):
     tensors = {m.hf_name: _hf_tensor(params, m, tensor_dtype(m)) for m in shard}
-    safetensors.numpy.save_file(tensors, os.path.join(hf_dir, name), metadata={"format": "pt"})
+    _save_safetensors(tensors, paths.join(hf_dir, name))
     del tensors
   written = list(names)
   if len(shards) > 1:
     index = {"metadata": {"total_size": sum(nbytes(m) for m in maps)},
              "weight_map": {m.hf_name: name for name, shard in zip(names, shards) for m in shard}}
-    _write_json(os.path.join(hf_dir, INDEX_FILE), index)
+    _write_json(paths.join(hf_dir, INDEX_FILE), index)
     written.append(INDEX_FILE)
   dtypes = {tensor_dtype(m).name for m in maps}
   hf_config = config_to_hf(config, **({"dtype": dtypes.pop()} if len(dtypes) == 1 else {}))
   hf_config.update(extra_config)
-  _write_json(os.path.join(hf_dir, "config.json"), hf_config)
+  # Last: an HF dir without config.json is no checkpoint to anyone reading it (from_pretrained, import-hf).
+  _write_json(paths.join(hf_dir, "config.json"), hf_config)
   written.append("config.json")
   return written
+
+
+def _save_safetensors(tensors: dict, path: str):
+  """One safetensors file at `path`; on object storage written to a local temporary file, then
+  uploaded as one object (it appears whole, when the upload completes)."""
+  if not paths.is_remote(path):
+    safetensors.numpy.save_file(tensors, path, metadata={"format": "pt"})
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    local = os.path.join(tmp, paths.name(path))
+    safetensors.numpy.save_file(tensors, local, metadata={"format": "pt"})
+    paths.filesystem(path).put_file(local, paths.normalize(path))
 
 
 def _check_params(config, params):
@@ -452,11 +553,7 @@ def _hf_tensor(params, m, dtype):
 
 
 def _write_json(path, obj):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  paths.write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -496,20 +593,22 @@ def import_hf(hf_dir: str, workdir: str, config_arg: str = "configs/llama.py", d
   (stop_ids_from_hf) WORKDIR/generation.json, which generation stops at.
 
   Everything is checked first (config.json, tensor names and shapes, the tokenizer and its vocabulary,
-  the config file, the workdir: new or empty); the workdir is written as a temporary sibling and renamed,
-  so a refused or failed import leaves nothing behind. Raises ConfigError (or ValueError /
-  FileNotFoundError from the HF files) naming the culprit. Returns (LlamaConfig, train state).
+  the config file, the workdir: new or empty); the workdir is written through _staged, the checkpoint
+  last, so a refused or failed import leaves nothing behind. HF_DIR and WORKDIR may each be local or on
+  `gs://`. Raises ConfigError (or ValueError / FileNotFoundError from the HF files) naming the culprit.
+  Returns (LlamaConfig, train state).
   """
   from llama_jax import checkpoint as ckpt_lib
   from llama_jax import config_lib, run_setup
   from llama_jax import sharding as sh
   from llama_jax.errors import ConfigError
 
+  paths.check_bucket(workdir, "--workdir")
   config_lib.check_workdir(workdir)
   if ckpt_lib.has_checkpoints(workdir):
     raise ConfigError(f"--workdir {workdir} already has checkpoints; import into a new workdir")
-  if os.path.isdir(workdir) and os.listdir(workdir):
-    raise ConfigError(f"--workdir {workdir} is not empty (it has {sorted(os.listdir(workdir))[:3]}); "
+  if paths.listdir(workdir):
+    raise ConfigError(f"--workdir {workdir} is not empty (it has {paths.listdir(workdir)[:3]}); "
                       "import into a new or empty directory")
   if dtype is not None and dtype not in config_lib.COMPUTE_DTYPES:
     raise ConfigError(f"--dtype {dtype!r} is not one of {list(config_lib.COMPUTE_DTYPES)}")
@@ -518,8 +617,8 @@ def import_hf(hf_dir: str, workdir: str, config_arg: str = "configs/llama.py", d
   _check_tensors(llama, _mappings(llama), _index_tensors(hf_dir))
   compute_dtype = dtype or dtype_from_hf(hf)
   stop_ids = stop_ids_from_hf(hf_dir, hf, llama.vocab_size)
-  tokenizer = next((os.path.join(hf_dir, name) for name in ("tokenizer.model", os.path.join("original", "tokenizer.model"))
-                    if os.path.exists(os.path.join(hf_dir, name))), None)
+  candidates = (paths.join(hf_dir, "tokenizer.model"), paths.join(hf_dir, "original", "tokenizer.model"))
+  tokenizer = next((path for path in candidates if paths.exists(path)), None)
   if tokenizer is not None:
     config_lib.check_vocab(config_lib.load_tokenizer(tokenizer, "--hf_dir"), llama, tokenizer)
   config = config_file.load_config_file(config_arg)
@@ -539,21 +638,22 @@ def import_hf(hf_dir: str, workdir: str, config_arg: str = "configs/llama.py", d
   setup = run_setup.Setup(config, sh.fitting_devices(config.mesh, model_lib.abstract_model(llama)))
 
   llama, params = from_hf(hf_dir, dtype=compute_dtype)
-  with _staged(os.path.abspath(workdir), "importing") as tmp:
+  with _staged(paths.normalize(workdir), "importing") as tmp:
+    paths.makedirs(tmp)
+    if tokenizer is not None:
+      paths.copy(tokenizer, run_setup.tokenizer_path(tmp))
+    if stop_ids:
+      run_setup.write_stop_ids(tmp, stop_ids)
     params = jax.tree.map(jax.device_put, params, setup.params_sharding)
     opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_sharding["opt_state"])(params)
     state = {"step": jax.device_put(np.zeros((), np.int32), setup.state_sharding["step"]), "params": params,
              "opt_state": opt_state}
-    ckpt = ckpt_lib.Checkpointer(tmp)
+    ckpt = ckpt_lib.Checkpointer(tmp)  # last: a workdir is a run once it has a checkpoint
     try:
       ckpt.save(0, state, config, force=True)
       ckpt.wait()
     finally:
       ckpt.close()
-    if tokenizer is not None:
-      shutil.copyfile(tokenizer, run_setup.tokenizer_path(tmp))
-    if stop_ids:
-      run_setup.write_stop_ids(tmp, stop_ids)
   if tokenizer is None:
     print(f"note: {hf_dir} has no tokenizer.model; put the model's tokenizer at {run_setup.tokenizer_path(workdir)}")
   return llama, state
@@ -562,18 +662,36 @@ def import_hf(hf_dir: str, workdir: str, config_arg: str = "configs/llama.py", d
 
 @contextlib.contextmanager
 def _staged(target: str, what: str):
-  """Yields a temporary sibling of `target` to fill. When the block ends without an error it becomes
-  `target` (which must be new or an empty directory, as the caller checked); when it raises, the sibling
-  is removed, so a refused or failed write leaves nothing behind."""
-  tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{what}-{os.getpid()}")
-  shutil.rmtree(tmp, ignore_errors=True)
+  """Yields the directory to fill in place of `target` (new or an empty directory, as the caller
+  checked); when the block raises, what it wrote is deleted, so a refused or failed write leaves nothing
+  behind.
+
+  On a local disk that is a temporary sibling renamed to `target` when the block ends: `target` appears
+  whole or not at all. Object storage has no rename (a copy and a delete, not atomic), so there the
+  block writes straight into `target` and writes last the file that makes it usable: import's checkpoint
+  (orbax marks a step complete only when all of it is written) and export's config.json (to_hf), so a
+  process killed half-way leaves a prefix that the tools refuse (no checkpoint; no config.json), which
+  has to be deleted before another try.
+  """
+  if paths.is_remote(target):
+    try:
+      yield target
+    except BaseException:
+      with contextlib.suppress(Exception):  # the error that stopped the write is the one to report
+        paths.remove(target)
+      raise
+    return
+  tmp = paths.join(paths.parent(target), f".{paths.name(target)}.{what}-{os.getpid()}")
+  with contextlib.suppress(OSError):
+    paths.remove(tmp)
   try:
     yield tmp
-    if os.path.isdir(target):
-      os.rmdir(target)
-    os.rename(tmp, target)
+    if paths.isdir(target):
+      os.rmdir(target)  # empty, as checked: rmdir refuses anything else
+    paths.move(tmp, target)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the error that stopped the write is the one to report
+      paths.remove(tmp)
     raise
 
 
@@ -582,26 +700,29 @@ def export_hf(workdir: str, hf_dir: str, step: int | None = None, dtype: str | N
 
   dtype: of the written tensors (None: the stored params' own). config.json's eos_token_id is the run's
   stop ids (run_setup.stop_ids: an int, or a list when there are several), also written to
-  generation_config.json. HF_DIR must be new or empty; it is written as a temporary sibling and renamed,
-  so a refused or failed export leaves no half-written HF dir. Raises ConfigError for a WORKDIR that
-  holds no run, a missing step, or an HF_DIR with files in it.
+  generation_config.json. HF_DIR must be new or empty; it is written through _staged, config.json last,
+  so a refused or failed export leaves no half-written HF dir. WORKDIR and HF_DIR may each be local or
+  on `gs://`. Raises ConfigError for a WORKDIR that holds no run, a missing step, an HF_DIR with files
+  in it, or one whose parent directory (bucket, on object storage) does not exist.
   """
   from llama_jax import run_setup
   from llama_jax.errors import ConfigError
 
-  hf_dir = os.path.abspath(hf_dir)
-  parent = os.path.dirname(hf_dir)
-  if not os.path.isdir(parent):
-    raise ConfigError(f"--hf_dir {hf_dir}: parent directory {parent} does not exist")
-  if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)):
+  hf_dir = paths.normalize(hf_dir)
+  if paths.is_remote(hf_dir):
+    paths.check_bucket(hf_dir, "--hf_dir")
+  elif not paths.isdir(paths.parent(hf_dir)):
+    raise ConfigError(f"--hf_dir {hf_dir}: parent directory {paths.parent(hf_dir)} does not exist")
+  if paths.exists(hf_dir) and (not paths.isdir(hf_dir) or paths.listdir(hf_dir)):
     raise ConfigError(f"--hf_dir {hf_dir} {config_file.describe_path(hf_dir)}; export into a new or empty directory")
   setup, params, tok, step = run_setup.load_run(workdir, step)
   stop = run_setup.stop_ids(workdir, tok)
   eos = stop[0] if len(stop) == 1 else stop
   with _staged(hf_dir, "exporting") as tmp:
+    paths.makedirs(tmp)
+    paths.copy(run_setup.tokenizer_path(workdir), paths.join(tmp, "tokenizer.model"))
+    _write_json(paths.join(tmp, "generation_config.json"), {"bos_token_id": tok.bos_id, "eos_token_id": eos})
     to_hf(setup.llama, jax.device_get(params), tmp, dtype=dtype, bos_token_id=tok.bos_id, eos_token_id=eos)
-    _write_json(os.path.join(tmp, "generation_config.json"), {"bos_token_id": tok.bos_id, "eos_token_id": eos})
-    shutil.copyfile(run_setup.tokenizer_path(workdir), os.path.join(tmp, "tokenizer.model"))
   return step
 
 
@@ -626,10 +747,13 @@ def main():
   from llama_jax import entry
   from llama_jax.errors import ConfigError
 
-  hf_dir = flags.DEFINE_string("hf_dir", None, "The Hugging Face checkpoint directory (read or written).")
-  workdir = flags.DEFINE_string("workdir", None, "The llama_jax workdir (written or read).")
-  config = flags.DEFINE_string("config", "configs/llama.py", "import-hf: training config to store with it.")
-  check = flags.DEFINE_bool("check", False, "import-hf: compare logits with transformers (needs torch).")
+  hf_dir = flags.DEFINE_string("hf_dir", None, "The Hugging Face checkpoint directory (read or written; local "
+                               "or gs://).")
+  workdir = flags.DEFINE_string("workdir", None, "The llama_jax workdir (written or read; local or gs://).")
+  config = flags.DEFINE_string("config", "configs/llama.py", "import-hf: training config to store with it (a "
+                               "local file).")
+  check = flags.DEFINE_bool("check", False, "import-hf: compare logits with transformers (needs torch, and a "
+                            "local --hf_dir).")
   step = flags.DEFINE_integer("step", None, "export-hf: checkpoint step (default: the latest).")
   dtype = flags.DEFINE_enum("dtype", None, sorted(DTYPES),
                             "import-hf: the compute dtype stored with the model (default: the checkpoint's own, "
@@ -647,6 +771,9 @@ def main():
     if missing:
       raise ConfigError(f"{command}: {' and '.join(missing)} must be given; {usage}")
     if command == "import-hf":
+      if check.value and paths.is_remote(hf_dir.value):  # transformers' from_pretrained reads a local dir
+        raise ConfigError(f"--check compares with transformers, which reads a local directory, not --hf_dir "
+                          f"{hf_dir.value}; drop --check or import from a local copy")
       llama, state = import_hf(hf_dir.value, workdir.value, config.value, dtype.value)
       print(f"wrote {workdir.value}/checkpoints/0 ({model_lib.count_params(llama):,} parameters, "
             f"computing in {llama.dtype})")

@@ -24,6 +24,7 @@ from llama_jax import config_lib
 from llama_jax import data as data_lib
 from llama_jax import generate as generate_lib
 from llama_jax import metrics as metrics_lib
+from llama_jax import paths
 from llama_jax import run_setup
 from llama_jax import sharding as sh
 
@@ -184,25 +185,15 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, corpus_spec: str 
 
 
 def check_output(path: str, flag: str = "--output"):
-  """One line (ConfigError) for an output file that cannot be written: a directory, or one in a
-  directory that does not exist. Called before the work, so that no result is lost."""
-  if os.path.isdir(path):
-    raise config_lib.ConfigError(f"{flag} {path} is a directory; give a file name")
-  parent = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(parent):
-    raise config_lib.ConfigError(f"{flag} {path}: directory {parent} does not exist")
+  """One line (ConfigError) for an output file that cannot be written (paths.check_output_file: a
+  directory, a missing local parent directory, a missing bucket). Called before the work, so that no
+  result is lost."""
+  paths.check_output_file(path, flag)
 
 
 def write_json(result: dict, path: str):
-  """Writes `result` as strict JSON (non-finite floats as "inf", "-inf", "nan"), from process 0,
-  atomically: a temporary sibling renamed over `path`."""
+  """Writes `result` as strict JSON (non-finite floats as "inf", "-inf", "nan"), from process 0, to
+  `path` (local or `gs://`) with paths.write_atomic: a reader sees the old file or the whole new one."""
   if jax.process_index() == 0:
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-      with open(tmp, "w") as f:
-        f.write(metrics_lib.dumps(result, indent=2) + "\n")
-      os.replace(tmp, path)
-    finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
+    paths.write_atomic(path, metrics_lib.dumps(result, indent=2) + "\n")
     metrics_lib.log(f"wrote {path}")

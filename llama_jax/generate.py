@@ -13,6 +13,10 @@ from it), plus any --stop_id.
       [--max_new_tokens 100] [--temperature 0.8 --top_k 50 --top_p 0.95] [--seed 0] [--json]
       [--stop_id 128009 ...] [--dtype float32]
   python -m llama_jax.generate --workdir runs/tiny --prompt_ids "1 306 626" --temperature 0
+  python -m llama_jax.generate --workdir gs://bucket/run --prompt "ROMEO." --json
+
+The workdir may be local or on object storage (its checkpoint and files are read through
+run_setup.load_run and llama_jax.paths); generate writes nothing to it.
 """
 
 import dataclasses
@@ -229,7 +233,8 @@ def main():
   from llama_jax import config_lib, entry
   from llama_jax import run_setup
 
-  workdir = flags.DEFINE_string("workdir", None, "Training workdir (or HF import) with checkpoints/ and tokenizer.model.")
+  workdir = flags.DEFINE_string("workdir", None, "Training workdir (or HF import) with checkpoints/ and "
+                                "tokenizer.model; local or gs://.")
   step = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   prompt = flags.DEFINE_multi_string("prompt", [], "Text to continue (BOS is prepended); repeat for a batch.")
   prompt_ids = flags.DEFINE_multi_string("prompt_ids", [], 'Token ids to continue, e.g. "1 306 626"; repeat for a batch.')

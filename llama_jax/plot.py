@@ -1,12 +1,15 @@
 """Training curves of one or more runs from WORKDIR/metrics.jsonl, as one PNG.
 
   python -m llama_jax.plot runs/tiny [runs/other ...] --output run.png
+  python -m llama_jax.plot gs://bucket/tiny --output gs://bucket/tiny/run.png
 
 Four panels against step: train loss (the mean over each log interval), held-out bits per
 byte, learning rate and tokens/s; each run is one line in every panel, in the same colour,
-named by its workdir in the legend.
+named by its workdir in the legend. Workdirs and --output may be local or on object storage
+(llama_jax.paths): metrics.jsonl is read whole, the image is rendered in memory and written in one piece.
 """
 
+import io
 import json
 import os
 import sys
@@ -15,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from llama_jax import metrics as metrics_lib
+from llama_jax import paths
 from llama_jax.errors import ConfigError
 
 # (metrics.jsonl key, panel title): train events carry the first, third and fourth
@@ -29,11 +33,10 @@ def read_metrics(workdir: str) -> list[dict]:
   A last line that is not JSON (a run killed mid-write leaves one cut short) is skipped with a
   warning on stderr; any other line that is not a UTF-8 JSON object is ConfigError `PATH:LINE: ...`.
   """
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(path):
+  path = paths.join(workdir, "metrics.jsonl")
+  if not paths.isfile(path):
     raise ConfigError(f"{workdir}: no metrics.jsonl (not a training workdir, or no step logged yet)")
-  with open(path, "rb") as f:
-    lines = [(n, line) for n, line in enumerate(f.read().split(b"\n"), 1) if line.strip()]
+  lines = [(n, line) for n, line in enumerate(paths.read_bytes(path).split(b"\n"), 1) if line.strip()]
   events = []
   for n, raw in lines:
     try:
@@ -68,7 +71,7 @@ def plot_runs(workdirs: list[str]) -> Figure:
   runs = [(_label(w, workdirs), read_metrics(w)) for w in workdirs]
   for w, (_, events) in zip(workdirs, runs):
     if not any(key in e for e in events for key, _ in PANELS):
-      raise ConfigError(f"{os.path.join(w, 'metrics.jsonl')}: nothing to plot (no logged step)")
+      raise ConfigError(f"{paths.join(w, 'metrics.jsonl')}: nothing to plot (no logged step)")
   fig = Figure(figsize=(10, 7), dpi=100, layout="constrained")
   FigureCanvasAgg(fig)
   axes = fig.subplots(2, 2, sharex=True)  # a lone eval point is placed within the run
@@ -87,8 +90,14 @@ def plot_runs(workdirs: list[str]) -> Figure:
 
 def _label(workdir: str, workdirs: list[str]) -> str:
   """The workdir's name; its whole path where two runs share a name."""
-  name = lambda w: os.path.basename(os.path.normpath(w))
-  return name(workdir) if [name(w) for w in workdirs].count(name(workdir)) == 1 else os.path.normpath(workdir)
+  name = lambda w: paths.name(_shown(w))
+  return name(workdir) if [name(w) for w in workdirs].count(name(workdir)) == 1 else _shown(workdir)
+
+
+def _shown(workdir: str) -> str:
+  """The workdir as given, tidied: a URL without a trailing '/', a local path normalised (a string
+  operation: nothing on disk is read)."""
+  return paths.normalize(workdir) if paths.is_remote(workdir) else os.path.normpath(workdir)
 
 
 def main():
@@ -110,25 +119,17 @@ def main():
 
 
 def write_png(workdirs: list[str], output: str):
-  """plot_runs(workdirs) written to `output` (a PNG; another image format for another extension).
-  --output is checked first (ConfigError for a directory, a missing parent directory, an extension
-  matplotlib does not write), and written as a temporary sibling renamed over it."""
-  if os.path.isdir(output):
-    raise ConfigError(f"--output {output} is a directory; give a file name")
-  parent = os.path.dirname(os.path.abspath(output))
-  if not os.path.isdir(parent):
-    raise ConfigError(f"--output {output}: directory {parent} does not exist")
-  kind = os.path.splitext(output)[1][1:].lower() or "png"  # as savefig picks it: by the name's extension
+  """plot_runs(workdirs) written to `output` (a PNG; another image format for another extension),
+  local or `gs://`. --output is checked first (ConfigError for a directory, a missing parent directory
+  or bucket, an extension matplotlib does not write); the image is rendered in memory and written with
+  paths.write_atomic, so a reader sees the old file or the whole new one."""
+  paths.check_output_file(output, "--output")
+  kind = os.path.splitext(paths.name(output))[1][1:].lower() or "png"  # as savefig picks it: by the extension
   if kind not in FigureCanvasAgg.get_supported_filetypes():
     raise ConfigError(f"--output {output}: .{kind} is not an image format matplotlib writes (give a .png name)")
-  fig = plot_runs(workdirs)
-  tmp = os.path.join(parent, f".{os.path.basename(output)}.tmp-{os.getpid()}")
-  try:
-    fig.savefig(tmp, format=kind)
-    os.replace(tmp, output)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  image = io.BytesIO()
+  plot_runs(workdirs).savefig(image, format=kind)
+  paths.write_atomic(output, image.getvalue())
 
 
 if __name__ == "__main__":

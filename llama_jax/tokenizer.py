@@ -9,6 +9,10 @@ fallback on a corpus:
 
 `--input` is a corpus spec (see corpus.py); a shuffled sample of up to `--sample_bytes` of it is used.
 
+Tokenizer files are read and written through llama_jax.paths, so each may be local or on object
+storage (`gs://bucket/tok.model`): a file is read whole into memory (sentencepiece takes the bytes of
+its model, tiktoken the ranks), and a trained model is written in one piece.
+
 What decode(encode(text)) gives back, for any valid Unicode `text` (encode raises ConfigError
 on a lone surrogate, which no UTF-8 text holds):
   - a model trained here, and Llama-2's (identity normalisation, byte fallback):
@@ -26,6 +30,7 @@ import re
 
 import sentencepiece as spm
 
+from llama_jax import paths
 from llama_jax.errors import ConfigError
 
 
@@ -44,10 +49,13 @@ class SentencePieceTokenizer:
   """A sentencepiece model: Llama-1/2's `tokenizer.model`, or one trained by this module."""
 
   def __init__(self, path: str):
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
       raise FileNotFoundError(f"tokenizer file not found: {path}")
     self.path = path
-    self._sp = spm.SentencePieceProcessor(model_file=path)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_proto=paths.read_bytes(path))
+    except RuntimeError:  # sentencepiece's words for bytes it cannot parse name its own source line
+      raise RuntimeError(f"could not parse a sentencepiece ModelProto from {path}") from None
 
   @property
   def vocab_size(self) -> int:
@@ -83,8 +91,8 @@ class SentencePieceTokenizer:
 
 
 def load_tokenizer(path: str):
-  """Loads the tokenizer file at `path`: a sentencepiece model or a tiktoken ranks file."""
-  if not os.path.isfile(path):
+  """Loads the tokenizer file at `path` (local or `gs://`): a sentencepiece model or a tiktoken ranks file."""
+  if not paths.isfile(path):
     raise FileNotFoundError(f"tokenizer file not found: {path}")
   if is_tiktoken_file(path):
     return TiktokenTokenizer(path)
@@ -133,7 +141,8 @@ class _Sentences:
 
 
 def train_sentencepiece(texts, vocab_size: int, output: str) -> SentencePieceTokenizer:
-  """Trains a BPE sentencepiece model with byte fallback on `texts` (an iterable of str).
+  """Trains a BPE sentencepiece model with byte fallback on `texts` (an iterable of str), and writes it
+  to `output` (local or `gs://`) with paths.write_atomic: a reader sees no file or the whole model.
 
   Identity normalisation and kept whitespace make decode(encode(text)) == text for every valid
   Unicode text without U+2581 "▁" (that comes back as a space), so bits per byte are measured
@@ -167,11 +176,8 @@ def train_sentencepiece(texts, vocab_size: int, output: str) -> SentencePieceTok
   if sentences.count > INPUT_SENTENCE_SIZE:
     metrics_lib.log(f"tokenizer training: sentencepiece kept a uniform sample of {INPUT_SENTENCE_SIZE:,} "
                     f"of {sentences.count:,} lines")
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  tmp = output + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(model.getvalue())
-  os.replace(tmp, output)
+  paths.makedirs(paths.parent(output))
+  paths.write_atomic(output, model.getvalue())  # sentencepiece wrote the model into memory
   return SentencePieceTokenizer(output)
 
 
@@ -212,7 +218,7 @@ def main():
   source = flags.DEFINE_string("input", None, "Corpus spec (e.g. shakespeare:train, jsonl:web/*.jsonl).")
   sample_bytes = flags.DEFINE_integer("sample_bytes", 100_000_000, "Train on a shuffled sample this large.")
   vocab_size = flags.DEFINE_integer("vocab_size", None, "Pieces in the vocabulary.")
-  output = flags.DEFINE_string("output", None, "Path of the .model file to write.")
+  output = flags.DEFINE_string("output", None, "Path of the .model file to write (local or gs://).")
   flags.mark_flags_as_required(["input", "vocab_size", "output"])
 
   def run(argv):
@@ -258,14 +264,14 @@ def llama3_special_tokens(first_id: int) -> dict[str, int]:
 
 def is_tiktoken_file(path: str) -> bool:
   """A tiktoken ranks file is text lines `<base64 token> <rank>`; a sentencepiece one is protobuf."""
-  with open(path, "rb") as f:
+  with paths.open(path, "rb") as f:
     head = f.read(1024)
   return _TIKTOKEN_LINE.match(head) is not None
 
 
 def load_tiktoken_ranks(path: str) -> dict[bytes, int]:
   ranks = {}
-  with open(path, "rb") as f:
+  with io.BytesIO(paths.read_bytes(path)) as f:  # one read (a few MB), then lines as a local file gives them
     for n, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -292,13 +298,13 @@ class TiktokenTokenizer:
   def __init__(self, path: str):
     import tiktoken
 
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
       raise FileNotFoundError(f"tokenizer file not found: {path}")
     self.path = path
     ranks = load_tiktoken_ranks(path)
     self.special_tokens = llama3_special_tokens(len(ranks))
     self._enc = tiktoken.Encoding(
-        name=os.path.basename(path), pat_str=LLAMA3_SPLIT_PATTERN, mergeable_ranks=ranks,
+        name=paths.name(path), pat_str=LLAMA3_SPLIT_PATTERN, mergeable_ranks=ranks,
         special_tokens=self.special_tokens)
 
   @property
