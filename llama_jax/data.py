@@ -315,8 +315,7 @@ def pipeline_stats(batches, num_batches: int, bos_id: int) -> dict:
 
 def main():
   """The command line (flags are defined here: this module is imported by train.py too)."""
-  import os
-  from llama_jax import entry
+  from llama_jax import entry, paths
   from llama_jax import tokenizer as tok_lib
 
   config_flag = config_flags.DEFINE_config_file("config", None, "Training config file.")
@@ -328,7 +327,9 @@ def main():
 
   def run():
     config = config_flag.value
-    path = os.path.join(workdir.value, "tokenizer.model") if workdir.value else config.data.tokenizer_path
+    if workdir.value:
+      paths.check_bucket(workdir.value, "--workdir")
+    path = paths.join(workdir.value, "tokenizer.model") if workdir.value else config.data.tokenizer_path
     if not path:
       raise ConfigError("give --workdir (a run with a tokenizer.model) or --config.data.tokenizer_path")
     tok = tok_lib.load_tokenizer(path)
