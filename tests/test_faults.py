@@ -21,12 +21,13 @@ import pytest
 
 from conftest import tiny_test_config
 from llama_jax import data as data_lib
-from llama_jax import run_setup, trainer
+from llama_jax import paths, run_setup, trainer
 from llama_jax.errors import ConfigError, StopRun
 from test_train import ROOT, subprocess_env, train_cmd
 
 EVAL = "text:" + os.path.join(ROOT, "tests", "data", "heldout_sample.txt")
 COMPARED = ("loss", "grad_norm", "learning_rate", "num_targets")
+EVAL_COMPARED = ("eval_loss", "eval_perplexity", "eval_bits_per_byte", "eval_num_tokens")
 
 
 @functools.cache
@@ -42,10 +43,12 @@ def _config(**overrides):
                              "data.tokenizer_path": _tokenizer(), **overrides})
 
 
-def _metrics(workdir):
-  """step -> the compared metrics of the last event logged for that step (a resumed run logs again)."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {e["step"]: tuple(e[k] for k in COMPARED) for e in map(json.loads, f) if "loss" in e}
+def _metrics(workdir, kind="loss"):
+  """step -> the compared metrics of the last event of `kind` logged for that step (a resumed run logs
+  again): train steps ("loss") or held-out evals ("eval_loss"); `workdir` local or gs://."""
+  events = map(json.loads, paths.read_text(paths.join(workdir, "metrics.jsonl")).splitlines())
+  compared = COMPARED if kind == "loss" else EVAL_COMPARED
+  return {e["step"]: tuple(e[k] for k in compared) for e in events if kind in e}
 
 
 def _params(workdir, step):
@@ -80,29 +83,39 @@ def _run_until_signalled(cmd, at_step, total, send):
 
 
 @pytest.mark.slow
-def test_sigterm_twice_then_finishing_equals_a_straight_run(tmp_path):
+def test_sigterm_twice_then_finishing_on_gs_equals_a_straight_run_on_disk(tmp_path, gcs_bucket):
+  """The interrupted run keeps its workdir and tokenizer on gs:// (a local GCS API server): every step's
+  metrics, the final eval and the params equal those of the straight run on a local disk, bit for bit."""
   config = _config(**{"train.steps": 30, "train.checkpoint_every": 2, "train.async_checkpoint": True})
   straight = subprocess.run(train_cmd(tmp_path / "a", config), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
                             timeout=300)
   assert straight.returncode == 0, straight.stdout + straight.stderr
+  remote = f"{gcs_bucket}/b"
+  paths.copy(config.data.tokenizer_path, f"{gcs_bucket}/tokenizer.model")
+  config.data.tokenizer_path = f"{gcs_bucket}/tokenizer.model"
   rng = np.random.default_rng()
   saved = 0
   for _ in range(2):
     at = saved + int(rng.integers(2, 9))  # saves every 2 steps, asynchronously: one is often in flight
-    code, out = _run_until_signalled(train_cmd(tmp_path / "b", config), at, 30, lambda p: p.send_signal(signal.SIGTERM))
+    code, out = _run_until_signalled(train_cmd(remote, config), at, 30, lambda p: p.send_signal(signal.SIGTERM))
     assert code == 0, out
     assert "Traceback" not in out
     last = out.strip().splitlines()[-1]
     assert "SIGTERM: saved step" in last, out
     saved = int(last.split("saved step ")[1].split()[0])
     assert saved >= at
-    assert sorted(int(s) for s in os.listdir(tmp_path / "b" / "checkpoints"))[-1] == saved
-  finish = subprocess.run(train_cmd(tmp_path / "b", config), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+    assert sorted(int(s) for s in paths.listdir(f"{remote}/checkpoints"))[-1] == saved
+  finish = subprocess.run(train_cmd(remote, config), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
                           timeout=300)
   assert finish.returncode == 0, finish.stdout + finish.stderr
   assert f"resumed from step {saved}" in finish.stdout
-  assert _metrics(tmp_path / "b") == _metrics(tmp_path / "a")  # every step, exactly
-  _assert_same_params(_params(tmp_path / "b", 30), _params(tmp_path / "a", 30))
+  assert not os.path.exists(remote) and not os.path.exists("gs:")  # nothing went to a local folder of that name
+  assert _metrics(remote) == _metrics(tmp_path / "a")  # every step, exactly
+  assert 30 in _metrics(remote, "eval_loss")
+  assert _metrics(remote, "eval_loss") == _metrics(tmp_path / "a", "eval_loss")  # the final eval
+  assert paths.read_bytes(f"{remote}/tokenizer.model") == paths.read_bytes(tmp_path / "a" / "tokenizer.model")
+  assert paths.glob(f"{remote}/tensorboard/*tfevents*")
+  _assert_same_params(_params(remote, 30), _params(tmp_path / "a", 30))
 
 
 @pytest.mark.slow
