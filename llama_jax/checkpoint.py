@@ -8,14 +8,31 @@ first two.
 
 When to save and what to keep is orbax's policy: every `train.checkpoint_every` steps (and, if
 set, every `train.checkpoint_every_minutes`), keeping the newest `train.keep_checkpoints` plus
-every `train.keep_every`-th step for good. A save is written to a temporary directory and
-renamed when complete, so an interrupted save leaves no step behind; a step whose files were
-damaged later is found by restoring it (`restore_latest`), moved to WORKDIR/broken_checkpoints/
-with a warning, and the step before it is used.
+every `train.keep_every`-th step for good. On a local disk a save is written to a temporary
+directory and renamed when complete; on object storage (`gs://`, where a rename is a copy)
+orbax writes the step in place and its commit_success.txt last, and a step directory without
+it is no step. Either way an interrupted save leaves no step behind (on gs:// its half-written
+directory is passed over, and written again in place when the run gets there). A step whose
+files were damaged later is found by restoring it (`restore_latest`), moved to
+WORKDIR/broken_checkpoints/ with a warning (on gs:// a copy and a delete), and the step before
+it is used.
+
+The workdir may be local or on `gs://` (llama_jax.paths; orbax takes the URL as it is). Transient
+storage errors are retried by the client libraries, not here:
+- gcsfs (our own files, and orbax's metadata, JSON items and commit files through etils.epath)
+  tries a request that fails with a connection error, a timeout, 429 or 5xx 6 times, waiting
+  1, 2, 4, 8 and 16 s (plus up to 1 s of jitter each) in between: ~31-36 s before it fails.
+- tensorstore (the arrays, and orbax's merge of their OCDBT files when a save is finalized)
+  retries as its gcs_request_retries context says, which `train.storage_retries` sets
+  (set_storage_retries): that many retries after the first try, waiting 1 s, doubling up to
+  32 s. The default here, 6, gives up after ~1 min (tensorstore's own, 32, after ~15 min:
+  orbax's background save would hold the next save that long).
+A request that still fails stops the run with one line (CheckpointError; a background save's
+failure comes up at the next save or at the end), and the same command resumes from the last
+complete step. gcsfs listings are not cached (`_fresh_listings`), so every listing sees what
+other clients and processes wrote.
 """
 
-import os
-import shutil
 import time
 
 import grain
@@ -25,27 +42,59 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from llama_jax import metrics as metrics_lib
+from llama_jax import paths
 from llama_jax.errors import ConfigError
 
 _POLICIES = ocp.checkpoint_managers
+
+
+def _fresh_listings():
+  """Makes every gcsfs client made from here on list a directory afresh each time.
+
+  gcsfs keeps each listing it made for the life of its client by default, and a client sees only its
+  own changes: orbax lists steps through etils.epath's client, paths.move (the quarantine) goes through
+  another, and on a pod other processes write the same directories. A listing kept from before such a
+  change makes orbax take a step that was moved away for one still there (and fail reading it)."""
+  import fsspec.config  # noqa: PLC0415
+  for protocol in ("gs", "gcs"):
+    fsspec.config.conf.setdefault(protocol, {})["use_listings_cache"] = False
+
+
+_fresh_listings()  # at import: a client made before it keeps caching (a run imports this module before it makes any)
 
 
 class CheckpointError(ConfigError):
   """A checkpoint that cannot be written or read, named in one line."""
 
 
+# train.storage_retries where a training config predates the key.
+STORAGE_RETRIES = 6
+
+
+def set_storage_retries(retries: int):
+  """Sets how often tensorstore retries a failed GCS request of orbax's array files in this process
+  (its gcs_request_retries context resource: `retries` retries 1 s apart, the wait doubling up to 32 s).
+
+  orbax takes no tensorstore context from its caller: every context it makes is a copy of the two
+  module-level dicts of orbax.checkpoint._src.serialization.tensorstore_utils (with and without
+  OCDBT), so the setting goes into both."""
+  from orbax.checkpoint._src.serialization import tensorstore_utils  # noqa: PLC0415
+  setting = {"max_retries": int(retries), "initial_delay": "1s", "max_delay": "32s"}
+  for context in (tensorstore_utils._BASE_TS_CONTEXT, tensorstore_utils._DEFAULT_OCDBT_TS_CONTEXT):  # noqa: SLF001
+    context["gcs_request_retries"] = setting
+
+
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return paths.join(paths.normalize(workdir), "checkpoints")
 
 
 def has_checkpoints(workdir: str) -> bool:
   """Whether the workdir holds any checkpoint directory yet (finished or not)."""
-  directory = checkpoint_dir(workdir)
-  return os.path.isdir(directory) and bool(os.listdir(directory))
+  return bool(paths.listdir(checkpoint_dir(workdir)))
 
 
 def broken_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "broken_checkpoints")
+  return paths.join(paths.normalize(workdir), "broken_checkpoints")
 
 
 def _options(train_config, read_only: bool) -> ocp.CheckpointManagerOptions:
@@ -85,6 +134,9 @@ class Checkpointer:
                read_only: bool = False):
     self.workdir = workdir
     self.directory = checkpoint_dir(workdir)
+    self._in_flight = None  # the step of the last save started, until wait() has seen it end
+    if train_config is not None:
+      set_storage_retries(train_config.get("storage_retries", STORAGE_RETRIES))
     handlers = {"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
                 "data": grain.checkpoint.CheckpointHandler(), "stream": ocp.JsonCheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=_options(train_config, read_only),
@@ -105,27 +157,31 @@ class Checkpointer:
     items = dict(state=ocp.args.PyTreeSave(state), config=ocp.args.JsonSave(config.to_dict()))
     if data_iter is not None:
       items.update(data=grain.checkpoint.CheckpointSave(data_iter), stream=ocp.args.JsonSave(stream))
+    self.wait()  # the save in flight first (orbax would wait for it too): its failure is named as its step's
     try:
-      os.makedirs(self.directory, exist_ok=True)
+      paths.makedirs(self.directory)
       # An unwritable directory fails here, at once: orbax's async save would wait minutes for
       # a step directory that its background thread could not create.
-      probe = os.path.join(self.directory, f".write-test-{jax.process_index()}")
-      with open(probe, "w"):
+      probe = paths.join(self.directory, f".write-test-{jax.process_index()}")
+      with paths.open(probe, "w"):
         pass
-      os.remove(probe)
+      paths.remove(probe)
       self.manager.save(step, args=ocp.args.Composite(**items), force=force)
     except Exception as e:  # noqa: BLE001  (a full disk, a read-only mount: say so in one line)
       raise CheckpointError(f"saving step {step} in {self.directory} failed: {_first_line(e)}") from e
+    self._in_flight = step
 
   def wait(self):
     """Waits for the save in flight; a failure of the background write is reported here."""
+    step, self._in_flight = self._in_flight, None
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"saving in {self.directory} failed: {_first_line(e)}") from e
+      which = "" if step is None else f"step {step} "
+      raise CheckpointError(f"saving {which}in {self.directory} failed: {_first_line(e)}") from e
 
   def has_data(self, step: int) -> bool:
-    return os.path.isdir(os.path.join(self.directory, str(step), "data"))
+    return paths.isdir(paths.join(self.directory, str(step), "data"))
 
   def _restore(self, step: int, **items):
     try:
@@ -186,10 +242,10 @@ class Checkpointer:
       try:
         return step, restore_fn(step)
       except CheckpointError as e:
-        target = os.path.join(broken_dir(self.workdir), f"{step}-{int(time.time())}")
+        target = paths.join(broken_dir(self.workdir), f"{step}-{int(time.time())}")
         if jax.process_index() == 0:
-          os.makedirs(broken_dir(self.workdir), exist_ok=True)
-          shutil.move(os.path.join(self.directory, str(step)), target)
+          paths.makedirs(broken_dir(self.workdir))
+          paths.move(paths.join(self.directory, str(step)), target)
         multihost_utils.sync_global_devices(f"moved broken checkpoint {step}")
         metrics_lib.log(f"warning: {e}; moved it to {target}, resuming from the checkpoint before it")
         self.manager.reload()

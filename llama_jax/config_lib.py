@@ -6,12 +6,12 @@ naming the culprit (config key, file or sizes).
 
 import dataclasses
 import math
-import os
 
 import ml_collections
 
 from llama_jax import config_file
 from llama_jax import model as model_lib
+from llama_jax import paths
 from llama_jax import tokenizer as tok_lib
 from llama_jax.errors import ConfigError
 
@@ -45,12 +45,17 @@ def model_config_dict(config: model_lib.LlamaConfig) -> ml_collections.ConfigDic
 
 
 def check_workdir(workdir: str):
-  """ConfigError unless `workdir` is a directory or can be made as one (its parent exists), and is
-  not a Hugging Face checkpoint directory (config.json and no checkpoints/: import it first)."""
-  parent = os.path.dirname(os.path.abspath(workdir))
-  if not os.path.isdir(parent):
-    raise ConfigError(f"--workdir {workdir}: parent directory {parent} does not exist")
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  """ConfigError unless `workdir` is a directory or can be made as one, and is not a Hugging Face
+  checkpoint directory (config.json and no checkpoints/: import it first). A local workdir can be
+  made where its parent directory exists; a `gs://` one where its bucket exists and answers
+  (paths.check_bucket, after the client's retries)."""
+  if paths.is_remote(workdir):
+    paths.check_bucket(workdir, "--workdir")
+  else:
+    parent = paths.parent(workdir)
+    if not paths.isdir(parent):
+      raise ConfigError(f"--workdir {workdir}: parent directory {parent} does not exist")
+  if paths.exists(workdir) and not paths.isdir(workdir):
     raise ConfigError(f"--workdir {workdir} {config_file.describe_path(workdir)}, not a directory")
   looks = config_file.describe_path(workdir)
   if "Hugging Face" in looks:
@@ -127,6 +132,7 @@ _RANGES = (
     ("train.keep_checkpoints", _INT, 1, None, False),
     ("train.keep_every", _INT, 0, None, False),
     ("train.skip_nonfinite_steps", _INT, 0, None, False),
+    ("train.storage_retries", _INT, 0, None, False),
     ("sample.max_new_tokens", _INT, 0, None, False),
     ("sample.temperature", _REAL, 0, None, False),
     ("sample.top_k", _INT, 0, None, False),

@@ -5,51 +5,153 @@ Non-finite values (an infinite perplexity, a NaN throughput) are kept, not dropp
 JSON has no numbers for them (Python's `Infinity`/`NaN` are not JSON and strict parsers refuse
 them), so metrics.jsonl and eval_<step>.json write them as the strings "inf", "-inf" and "nan"
 (`dumps`), which `number` and `float()` read back; TensorBoard gets the float itself.
+
+A workdir on object storage (`gs://`) has no append, and an object there takes about one update a
+second, so MetricWriter keeps the events in memory and sends them together (`flush`): once
+`flush_secs` have passed since the last upload (checked at each event), when the trainer saves a
+checkpoint, and at the end of the run. metrics.jsonl grows by paths.append (a compose: only the
+new lines travel), and so does the run's TensorBoard event file,
+WORKDIR/tensorboard/events.out.tfevents.<time>.<host>: its records (tensorboardX's Event protos
+in TFRecord framing, as its SummaryWriter writes them to a local file) are made here and appended
+whole, so TensorBoard reads complete records there at any moment. tensorboardX's own `gs://`
+writer was not taken: it uploads the whole event file again on every flush (traffic growing with
+the run's length) through google-cloud-storage's Client, and its SummaryWriter writes from a
+queue in a thread of its own, so that no flush of ours could say which events are in. A process
+that dies without a word (SIGKILL, a lost machine) loses the events since the last flush; those
+after its last checkpoint are logged again by the resumed run.
 """
 
 import json
 import math
-import os
+import socket
+import struct
 import time
 
 import jax
 import numpy as np
 
+from llama_jax import paths
+from llama_jax.errors import ConfigError
+
+# Seconds between uploads of the metrics of a workdir on object storage (see the module docstring).
+FLUSH_SECS = 10.0
+
+
+class MetricsError(ConfigError):
+  """metrics.jsonl or a TensorBoard file on object storage that cannot be written, named in one line."""
+
 
 class MetricWriter:
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, flush_secs: float = FLUSH_SECS):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
-    from tensorboardX import SummaryWriter  # imported here: processes > 0 never need it
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._remote = paths.is_remote(workdir)
+    self._jsonl_path = paths.join(workdir, "metrics.jsonl")
+    if self._remote:
+      self._lines = []  # events not yet appended to metrics.jsonl
+      self._tb = _TensorBoardRecords()
+      self._tb_path = paths.join(workdir, "tensorboard",
+                                 f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}")
+      self._flush_secs, self._flushed_at, self._failed = flush_secs, time.monotonic(), False
+    else:
+      from tensorboardX import SummaryWriter  # imported here: processes > 0 never need it
+      self._jsonl = paths.open(self._jsonl_path, "a")
+      self._tb = SummaryWriter(paths.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _to_python(v) for k, v in metrics.items()}}
-    self._jsonl.write(dumps(record) + "\n")
-    self._jsonl.flush()
+    self._add_line(dumps(record))
     for k, v in record.items():
       if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
         self._tb.add_scalar(k, v, step)
-    self._tb.flush()
+    self._written()
 
   def write_text(self, step: int, tag: str, text: str):
     """A text (a sample) as {"step", tag: text} in metrics.jsonl and under `tag` in TensorBoard."""
     if not self.enabled:
       return
-    self._jsonl.write(dumps({"step": int(step), tag: text}) + "\n")
-    self._jsonl.flush()
+    self._add_line(dumps({"step": int(step), tag: text}))
     self._tb.add_text(tag, text, step)
-    self._tb.flush()
+    self._written()
+
+  def _add_line(self, line: str):
+    if self._remote:
+      self._lines.append(line + "\n")
+    else:
+      self._jsonl.write(line + "\n")
+      self._jsonl.flush()
+
+  def _written(self):
+    if not self._remote:
+      self._tb.flush()
+    elif time.monotonic() - self._flushed_at >= self._flush_secs:
+      self.flush()
+
+  def flush(self):
+    """Sends what object storage does not have yet (nothing to do for a local workdir, which has
+    every event already). Raises MetricsError, naming the file, when an upload fails after the
+    client's retries; the run stops on it, so later flushes (close) do not try again."""
+    if not self.enabled or not self._remote or self._failed:
+      return
+    path = self._jsonl_path
+    try:
+      if self._lines:
+        paths.append(path, "".join(self._lines))
+        self._lines = []
+      path = self._tb_path
+      records = self._tb.take()
+      if records:
+        paths.append(path, records)
+    except Exception as e:  # noqa: BLE001  (gcsfs and aiohttp raise many kinds)
+      self._failed = True
+      reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      raise MetricsError(f"writing {path} failed: {reason}") from e
+    self._flushed_at = time.monotonic()
 
   def close(self):
-    if self.enabled:
+    """Sends what is left (object storage), or closes the files."""
+    if not self.enabled:
+      return
+    if self._remote:
+      self.flush()
+    else:
       self._jsonl.close()
       self._tb.close()
+
+
+class _TensorBoardRecords:
+  """TensorBoard events kept in memory as the bytes of an event file: the records tensorboardX's
+  SummaryWriter writes (its summary protos; a length, the data and their masked CRC32Cs, little-endian),
+  starting with the file-version event that opens each file."""
+
+  def __init__(self):
+    from tensorboardX.proto import event_pb2  # noqa: PLC0415  (imported here: processes > 0 never need it)
+    self._event = event_pb2.Event
+    self._pending = bytearray()
+    self._add(self._event(wall_time=time.time(), file_version="brain.Event:2"))
+
+  def add_scalar(self, tag: str, value: float, step: int):
+    from tensorboardX import summary  # noqa: PLC0415
+    self._add(self._event(wall_time=time.time(), step=int(step), summary=summary.scalar(tag, value)))
+
+  def add_text(self, tag: str, text: str, step: int):
+    from tensorboardX import summary  # noqa: PLC0415
+    self._add(self._event(wall_time=time.time(), step=int(step), summary=summary.text(tag, text)))
+
+  def _add(self, event):
+    from tensorboardX.record_writer import masked_crc32c  # noqa: PLC0415
+    data = event.SerializeToString()
+    header = struct.pack("<Q", len(data))
+    self._pending += header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
+
+  def take(self) -> bytes:
+    """The records added since the last take."""
+    records, self._pending = bytes(self._pending), bytearray()
+    return records
 
 
 def _to_python(v):

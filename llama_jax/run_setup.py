@@ -7,8 +7,6 @@ HF conversion all start here; this module imports none of them.
 """
 
 import json
-import os
-import shutil
 import time
 
 import jax
@@ -22,28 +20,25 @@ from llama_jax import config_lib
 from llama_jax import metrics as metrics_lib
 from llama_jax import model as model_lib
 from llama_jax import optim
+from llama_jax import paths
 from llama_jax import sharding as sh
 from llama_jax import tokenizer as tok_lib
 from llama_jax import train_step as step_lib
 
 
 def tokenizer_path(workdir: str) -> str:
-  return os.path.join(workdir, "tokenizer.model")
+  return paths.join(workdir, "tokenizer.model")
 
 
 def generation_path(workdir: str) -> str:
   """WORKDIR/generation.json: {"stop_ids": [...]}, written by an HF import whose checkpoint lists its
   end-of-sequence ids (Llama 3 instruct: <|end_of_text|> and <|eot_id|>), and copied into a run
   started from it (inherit_stop_ids)."""
-  return os.path.join(workdir, "generation.json")
+  return paths.join(workdir, "generation.json")
 
 
 def write_stop_ids(workdir: str, stop_ids: list[int]):
-  path = generation_path(workdir)
-  with open(path + ".tmp", "w") as f:
-    json.dump({"stop_ids": [int(t) for t in stop_ids]}, f)
-    f.write("\n")
-  os.replace(path + ".tmp", path)
+  paths.write_atomic(generation_path(workdir), json.dumps({"stop_ids": [int(t) for t in stop_ids]}) + "\n")
 
 
 def stop_ids(workdir: str, tok, vocab_size: int | None = None) -> list[int]:
@@ -55,11 +50,10 @@ def stop_ids(workdir: str, tok, vocab_size: int | None = None) -> list[int]:
   inside the vocabulary (`vocab_size`: the model's; default the tokenizer's).
   """
   path = generation_path(workdir)
-  if not os.path.lexists(path):
+  if not paths.exists(path):
     return [tok.eos_id]
   try:
-    with open(path, encoding="utf-8") as f:
-      ids = json.load(f)["stop_ids"]
+    ids = json.loads(paths.read_text(path))["stop_ids"]
   except (ValueError, KeyError, TypeError, OSError) as e:  # UnicodeDecodeError is a ValueError
     reason = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise config_lib.ConfigError(f"{path} is not {{\"stop_ids\": [id, ...]}}: {reason}") from None
@@ -78,7 +72,7 @@ def inherit_stop_ids(config, workdir: str, tok, llama, init_from: str | None = N
   export stop where the model it was fine-tuned from does. Checks them (stop_ids) and returns them."""
   given = generation_path(init_from) if init_from and not config.data.tokenizer_path else ""
   path = generation_path(workdir)
-  if given and os.path.lexists(given) and not os.path.lexists(path):
+  if given and paths.exists(given) and not paths.exists(path):
     ids = stop_ids(init_from, tok, llama.vocab_size)  # a bad file in init_from is named before anything is copied
     if jax.process_index() == 0:
       write_stop_ids(workdir, ids)
@@ -95,13 +89,12 @@ def prepare_tokenizer(config, workdir: str, train_corpus, llama, init_from: str 
   """
   path = tokenizer_path(workdir)
   given = config.data.tokenizer_path or (tokenizer_path(init_from) if init_from else "")
-  if not os.path.exists(path):
+  if not paths.exists(path):
     if given:
       name = "config.data.tokenizer_path" if config.data.tokenizer_path else f"config.init_from={init_from}"
       config_lib.check_vocab(config_lib.load_tokenizer(given, name), llama, given)
       if jax.process_index() == 0:
-        shutil.copyfile(given, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        paths.copy(given, path)
     else:
       metrics_lib.log(f"training a {config.model.vocab_size}-piece tokenizer on up to "
                       f"{config.data.tokenizer_sample_bytes:,} bytes of {config.data.train_corpus}")
@@ -116,7 +109,7 @@ def prepare_tokenizer(config, workdir: str, train_corpus, llama, init_from: str 
 
 def _wait_for_file(path, timeout_s=600):
   deadline = time.time() + timeout_s
-  while not os.path.exists(path):
+  while not paths.exists(path):
     if time.time() > deadline:
       raise TimeoutError(f"{path} did not appear (written by process 0)")
     time.sleep(0.5)
@@ -209,7 +202,7 @@ def load_run(workdir: str, step: int | None = None, devices=None, dtype: str | N
   """
   if dtype is not None and dtype not in config_lib.COMPUTE_DTYPES:
     raise config_lib.ConfigError(f"--dtype {dtype!r} is not one of {list(config_lib.COMPUTE_DTYPES)}")
-  if not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)) or not ckpt_lib.has_checkpoints(workdir):
+  if not ckpt_lib.has_checkpoints(workdir):
     raise config_lib.ConfigError(f"--workdir {workdir} {_not_a_run(workdir)}")
   checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:  # closed on every path: orbax's background threads must not outlive an error
@@ -249,7 +242,7 @@ def check_init_from(config) -> tuple[str, int]:
   checkpoint of the architecture this config builds."""
   workdir, step = parse_init_from(config.init_from)
   name = f"config.init_from={config.init_from}"
-  if not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
+  if not paths.isdir(ckpt_lib.checkpoint_dir(workdir)):
     looks = config_file.describe_path(workdir)
     if "Hugging Face" in looks:
       raise config_lib.ConfigError(f"{name}: {workdir} {looks}, not a llama_jax workdir: import it with "
@@ -268,7 +261,7 @@ def check_init_from(config) -> tuple[str, int]:
     checkpointer.close()
   if changes:
     raise config_lib.ConfigError(f"{name}: its model differs from config.model: {'; '.join(changes)}")
-  if not os.path.isfile(tokenizer_path(workdir)):
+  if not paths.isfile(tokenizer_path(workdir)):
     raise config_lib.ConfigError(f"{name}: no tokenizer.model in {workdir}")
   return workdir, step
 

@@ -2,10 +2,11 @@
 
 The run's Setup (mesh, shardings, jitted steps) comes from run_setup.py."""
 
+import functools
 import inspect
 import itertools
+import logging
 import os
-import shutil
 import sys
 
 import jax
@@ -21,6 +22,7 @@ from llama_jax import flops
 from llama_jax import generate as generate_lib
 from llama_jax import metrics as metrics_lib
 from llama_jax import model as model_lib
+from llama_jax import paths
 from llama_jax import preemption
 from llama_jax import run_setup
 from llama_jax import sharding as sh
@@ -59,8 +61,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     init_from = run_setup.check_init_from(config) if config.init_from and not resuming else None
     if not config.init_from and config.data.format == "sft":
       metrics_lib.log("warning: fine-tuning from random weights (config.init_from is empty)")
-    before = set(os.listdir(workdir)) if os.path.isdir(workdir) else None
-    os.makedirs(workdir, exist_ok=True)
+    before = set(paths.listdir(workdir)) if paths.isdir(workdir) else None
+    paths.makedirs(workdir)
     started = []  # non-empty once the first step runs: from then on what the workdir holds is the run's
     try:
       return _train_and_evaluate(config, workdir, setup, llama, init_from, stop_after, started, watch)
@@ -76,16 +78,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
 
 def _remove_new_entries(workdir: str, before: set[str] | None):
-  """Deletes what this run added to `workdir` (all of it when `before` is None: the run made it)."""
-  if before is None:
-    shutil.rmtree(workdir, ignore_errors=True)
+  """Deletes what this run added to `workdir` (all of it when `before` is None: the run made it).
+  Best effort, as it runs while another error is on its way out: what cannot be listed or removed
+  (a storage server that went away) is left there, and that error goes on."""
+  try:
+    added = [workdir] if before is None else [paths.join(workdir, n) for n in set(paths.listdir(workdir)) - before]
+  except Exception:  # noqa: BLE001  (gcsfs raises more than OSError)
     return
-  for name in set(os.listdir(workdir)) - before:
-    path = os.path.join(workdir, name)
-    if os.path.isdir(path) and not os.path.islink(path):
-      shutil.rmtree(path, ignore_errors=True)
-    else:
-      os.remove(path)
+  for path in added:
+    try:
+      if not paths.is_remote(path) and os.path.islink(path):
+        os.remove(path)  # the link, not what it points to
+      else:
+        paths.remove(path)
+    except Exception:  # noqa: BLE001
+      pass
 
 
 def _train_and_evaluate(config, workdir, setup, llama, init_from, stop_after, started, watch):
@@ -106,6 +113,10 @@ def _train_and_evaluate(config, workdir, setup, llama, init_from, stop_after, st
   writer = metrics_lib.MetricWriter(workdir)
   previous_hook = sys.unraisablehook
   sys.unraisablehook = _quiet_abandoned_reads(previous_hook)
+  quiet, handlers = _StorageTracebacks(), list(logging.getLogger().handlers)  # absl's, in an entry point
+  for handler in handlers:
+    handler.addFilter(quiet)
+  failed = False
   try:
     resumed = checkpointer.restore_latest(
         lambda step: _restore(checkpointer, step, setup, config, stream, train_iter))
@@ -150,14 +161,41 @@ def _train_and_evaluate(config, workdir, setup, llama, init_from, stop_after, st
                       f"{checkpointer.directory}; the {doing} was interrupted ({again})")
       return None
     return {"step": config.train.steps, **result}
-  finally:  # an error still finishes the save in flight, and stops the data threads
-    train_iter.close()
+  except BaseException:
+    failed = True
+    raise
+  finally:  # an error still finishes the save in flight, sends the metrics not sent yet, and stops the data threads
+    _close_all([train_iter.close, checkpointer.wait, checkpointer.close, writer.close,
+                lambda: setattr(sys, "unraisablehook", previous_hook),
+                *[functools.partial(handler.removeFilter, quiet) for handler in handlers]], failed)
+
+
+def _close_all(closers, failed: bool):
+  """Calls every closer, whatever fails. Raises the first failure, unless the run is already stopping
+  on an error (`failed`): that error is the one reported, as what failed here follows from it (a
+  storage server gone fails the save in flight and the metrics upload too)."""
+  first = None
+  for close in closers:
     try:
-      checkpointer.wait()
-    finally:
-      checkpointer.close()
-      writer.close()
-      sys.unraisablehook = previous_hook
+      close()
+    except BaseException as e:  # noqa: BLE001  (a signal's StopRun too: raised after the rest is closed)
+      if first is None:
+        first = e
+  if first is not None and not failed:
+    raise first
+
+
+class _StorageTracebacks(logging.Filter):
+  """Drops the tracebacks that orbax, gcsfs and fsspec log about a failed read or write, one per
+  thread or retry (a storage server gone: a dozen before the run ends), and those asyncio logs for
+  their futures that failed with no one left to ask (the reads of a damaged checkpoint that
+  restore_latest gave up on, when they are collected): the failure reaches the run as an exception,
+  CheckpointError or MetricsError, which the run reports in one line. This package runs no event
+  loop of its own, so every asyncio traceback is theirs."""
+
+  def filter(self, record):
+    return not (record.exc_info and any(f"{os.sep}{lib}{os.sep}" in record.pathname
+                                        for lib in ("orbax", "gcsfs", "fsspec", "asyncio")))
 
 
 def _quiet_abandoned_reads(previous):
@@ -257,6 +295,7 @@ def _train_loop(config, setup, state, start, end, batches, train_iter, stream, c
         _sample(sampler, state["params"], done, writer)
       if preempted or done == end or checkpointer.should_save(done):
         check_finite()
+        writer.flush()  # on object storage: the metrics up to this step go up with its checkpoint
         checkpointer.save(done, state, config, train_iter, stream, force=True)
       if preempted:
         checkpointer.wait()

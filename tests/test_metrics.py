@@ -85,6 +85,41 @@ def test_metric_writer_keeps_non_finite_values_in_strict_json_and_tensorboard(tm
   assert math.isnan(scalars["mfu"][0])
 
 
+def test_metric_writer_on_gs_sends_events_together_and_tensorboard_reads_them_there(tmp_path, gcs_bucket):
+  """On object storage (no append; an object takes about one update a second) events go up together:
+  at flush() (the trainer's, at each checkpoint), once flush_secs have passed, and at close."""
+  from llama_jax import paths
+  workdir = f"{gcs_bucket}/run"
+  jsonl = paths.join(workdir, "metrics.jsonl")
+
+  def on_gs():
+    """(steps in metrics.jsonl, TensorBoard scalars of the event files) as object storage has them."""
+    local = tmp_path / f"tensorboard-{len(os.listdir(tmp_path))}"
+    local.mkdir()
+    for path in paths.glob(paths.join(workdir, "tensorboard", "*")):
+      (local / paths.name(path)).write_bytes(paths.read_bytes(path))
+    steps = [strict_json(line)["step"] for line in paths.read_text(jsonl).splitlines()] if paths.exists(jsonl) else []
+    return steps, _tensorboard_scalars(str(local))
+
+  writer = metrics_lib.MetricWriter(workdir, flush_secs=3600)
+  writer.write(1, {"loss": 3.0})
+  assert on_gs() == ([], {})  # kept here until a flush
+  writer.flush()
+  assert on_gs() == ([1], {"loss": [3.0]})
+  writer.write(2, {"loss": 2.5, "eval_perplexity": math.inf})
+  writer.write_text(2, "sample", "ROMEO.")
+  assert on_gs()[0] == [1]
+  writer.close()
+  text = {"sample/text_summary": [0.0]}  # how the text's event shows here (the parser reads scalars)
+  assert on_gs() == ([1, 2, 2], {"loss": [3.0, 2.5], "eval_perplexity": [math.inf], **text})
+  assert strict_json(paths.read_text(jsonl).splitlines()[-1]) == {"step": 2, "sample": "ROMEO."}
+
+  writer = metrics_lib.MetricWriter(workdir, flush_secs=0)  # a resumed run, whose every event is due
+  writer.write(3, {"loss": 2.0})
+  assert on_gs() == ([1, 2, 2, 3], {"loss": [3.0, 2.5, 2.0], "eval_perplexity": [math.inf], **text})
+  writer.close()
+
+
 def test_tokens_per_sec_over_no_time_is_nan_and_the_log_line_says_so(monkeypatch):
   monkeypatch.setattr(metrics_lib.time, "perf_counter", lambda: 100.0)  # a clock that does not advance
   progress = metrics_lib.ProgressLogger(start_step=0, total_steps=10)

@@ -1,0 +1,250 @@
+"""Faults of object storage, against a local GCS API server (tests/gcs_server.py): a bucket that does not
+exist, a server that goes away in the middle of an async save (and comes back), a short outage, and a
+torn checkpoint on gs://.
+
+A test that stops a server starts its own GcsServer and runs train.py in a subprocess pointed at it
+(CHILD below), so the clients of this process, which the session's server serves, are not touched.
+"""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from conftest import tiny_test_config
+from test_faults import _tokenizer
+from test_train import ROOT, subprocess_env
+
+EVAL = "text:" + os.path.join(ROOT, "tests", "data", "heldout_sample.txt")
+
+# train.py with a hook that breaks the storage in the middle of an async save, for the test that starts it:
+# in the background thread of the save of step STEP, when orbax opens the step's OCDBT stores to merge
+# them (its first tensorstore request after the arrays are written; commit_success.txt comes later).
+# GCS_FAULT=kill:STEP: this process kills the server (SIGKILL to GCS_SERVER_PID) there. gcsfs's backoff
+#   sleeps (1, 2, 4, 8, 16 s) are fast-forwarded: its 6 tries stay, without their ~31 s of waiting.
+# GCS_FAULT=outage:STEP: it prints GCS_OUTAGE there and waits for a line on stdin, which the test
+#   sends once it has taken the network to the server down (_Proxy; up again half a second later).
+CHILD = r"""
+import asyncio, os, runpy, signal, sys, types
+sys.modules["torch"] = None  # tensorboardX imports torch where it is installed (here, for other tests): ~3 s
+import orbax.checkpoint as ocp
+from orbax.checkpoint._src.serialization import tensorstore_utils
+
+kind, at = os.environ["GCS_FAULT"].split(":")
+if kind == "kill":
+  import gcsfs.retry
+
+  async def no_wait(seconds):
+    await asyncio.sleep(0)
+
+  gcsfs.retry.asyncio = types.SimpleNamespace(sleep=no_wait)
+
+finalize, open_kv_store, armed = ocp.PyTreeCheckpointHandler.finalize, tensorstore_utils.open_kv_store, []
+
+
+def finalize_armed(self, directory):
+  if os.path.basename(os.path.dirname(str(directory).rstrip("/"))) == at:
+    armed.append(True)
+  return finalize(self, directory)
+
+
+def open_kv_store_with_fault(*args, **kwargs):
+  if armed:
+    armed.clear()
+    if kind == "kill":
+      os.kill(int(os.environ["GCS_SERVER_PID"]), signal.SIGKILL)
+    else:
+      print("GCS_OUTAGE", flush=True)
+      sys.stdin.readline()
+  return open_kv_store(*args, **kwargs)
+
+
+ocp.PyTreeCheckpointHandler.finalize = finalize_armed
+tensorstore_utils.open_kv_store = open_kv_store_with_fault
+sys.argv[0] = "train.py"
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def _config(**overrides):
+  return tiny_test_config(**{"data.eval_corpus": EVAL, "data.tokenizer_path": _tokenizer(), "train.steps": 6,
+                             "train.checkpoint_every": 1, "train.async_checkpoint": True, **overrides})
+
+
+def _config_file(path, config):
+  """A --config file whose get_config() is `config`, for train.py in a subprocess."""
+  path.write_text(f"import ml_collections\n\n\ndef get_config():\n  return ml_collections.ConfigDict({config.to_dict()!r})\n")
+  return str(path)
+
+
+def _child(server, workdir, config_file, fault, via=None, stdin=None, stderr=subprocess.PIPE):
+  """train.py (CHILD) on `workdir`, its clients pointed at `server` (through the proxy `via` if given).
+  The children of a test share a JAX compilation cache next to the config file: the second compiles
+  nothing (~8 s less here)."""
+  cache = os.path.join(os.path.dirname(config_file), "jax-cache")
+  clients = {k: v.replace(server.url, via.url) if via else v for k, v in server.env().items()}
+  env = dict(subprocess_env(), **clients, GCS_FAULT=fault, GCS_SERVER_PID=str(server._process.pid),
+             JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  return subprocess.Popen([sys.executable, "-c", CHILD, f"--config={config_file}", f"--workdir={workdir}"], cwd=ROOT,
+                          env=env, stdin=stdin, stdout=subprocess.PIPE, stderr=stderr, text=True)
+
+
+class _Proxy:
+  """A TCP proxy to a local server whose network can go down: `down()` refuses new connections and
+  cuts those open, `up()` takes them again. The server behind it keeps its state, as GCS does through
+  an outage (stopping fake-gcs-server would also lose the upload sessions it keeps in memory, which
+  GCS keeps for a week)."""
+
+  def __init__(self, port: int):
+    from tests.gcs_server import _free_port
+    self._target, self._port = port, _free_port()
+    self.url = f"http://127.0.0.1:{self._port}"
+    self._open = set()
+    self.up()
+
+  def up(self):
+    self._listener = socket.create_server(("127.0.0.1", self._port))
+    threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+  def down(self):
+    self._listener.shutdown(socket.SHUT_RDWR)
+    self._listener.close()
+    for conn in list(self._open):
+      self._cut(conn)
+
+  def _accept(self, listener):
+    while True:
+      try:
+        client, _ = listener.accept()
+      except OSError:  # down()
+        return
+      server = socket.create_connection(("127.0.0.1", self._target))
+      self._open |= {client, server}
+      for a, b in ((client, server), (server, client)):
+        threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+  def _pump(self, source, sink):
+    try:
+      while data := source.recv(1 << 16):
+        sink.sendall(data)
+    except OSError:
+      pass
+    self._cut(source)
+    self._cut(sink)
+
+  def _cut(self, conn):
+    self._open.discard(conn)
+    try:
+      conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+      pass
+    conn.close()
+
+
+def _runs(metrics_jsonl):
+  """The train records of metrics.jsonl, one {step: record} per run (a run starts where the step goes
+  back), less the machine's speed."""
+  runs, last = [], None
+  for event in map(json.loads, open(metrics_jsonl).read().splitlines()):
+    if "loss" in event:
+      if last is None or event["step"] <= last:
+        runs.append({})
+      runs[-1][event["step"]] = {k: v for k, v in event.items() if k not in ("tokens_per_sec", "mfu")}
+      last = event["step"]
+  return runs
+
+
+@pytest.fixture
+def own_server(tmp_path):
+  from tests.gcs_server import GcsServer
+  server = GcsServer(str(tmp_path / "gcs")).start()
+  yield server
+  server.stop()
+
+
+def test_a_bucket_that_does_not_exist_is_one_line_before_compiling(tmp_path, gcs_server):
+  config_file = _config_file(tmp_path / "config.py", _config())
+  proc = subprocess.run([sys.executable, "train.py", f"--config={config_file}", "--workdir=gs://nobucket/run"],
+                        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1, proc.stderr
+  assert proc.stdout == ""  # not a line of the run: no tokenizer, no model, nothing compiled
+  assert proc.stderr.strip().splitlines() == [
+      "error: --workdir=gs://nobucket/run: bucket gs://nobucket does not exist (or these credentials cannot see it)"]
+
+
+def _tear(server, bucket, step_prefix):
+  """Cuts every array data file (state/**/d/*) under step_prefix to a third through the GCS API, as
+  test_faults._damage does on a disk: a torn checkpoint, as a bad copy leaves one."""
+  api = f"{server.url}/storage/v1/b/{bucket}/o"
+  listing = json.loads(urllib.request.urlopen(f"{api}?prefix={urllib.parse.quote(step_prefix)}state/").read())
+  names = [o["name"] for o in listing["items"] if "/d/" in o["name"]]
+  assert names
+  for name in names:
+    data = urllib.request.urlopen(f"{api}/{urllib.parse.quote(name, safe='')}?alt=media").read()
+    upload = urllib.request.Request(f"{server.url}/upload/storage/v1/b/{bucket}/o?uploadType=media&name="
+                                    f"{urllib.parse.quote(name, safe='')}", data=data[:len(data) // 3], method="POST")
+    urllib.request.urlopen(upload).read()
+
+
+def test_storage_faults_in_a_run_on_gs_end_in_one_line_and_the_restart_resumes_exactly(tmp_path, own_server):
+  """The server goes away in the middle of an async save: the run stops with one line. The server is
+  back, the latest complete checkpoint is torn: the restart ignores the half-written step, moves the
+  torn one to broken_checkpoints/ (one warning), resumes from the one before and trains on exactly as
+  the first run did; a half-second outage during one of its saves is retried by the client libraries."""
+  server = own_server
+  bucket = "faults"
+  workdir = server.make_bucket(bucket) + "/run"
+  root = os.path.join(server.root, bucket, "run")  # the server keeps the objects as files here: read them there
+
+  # The server dies in the background save of step 4, with tensorstore told to retry once: one line.
+  proc = _child(server, workdir, _config_file(tmp_path / "short.py", _config(**{"train.storage_retries": 1})), "kill:4")
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 1, out + err
+  assert "Traceback" not in err
+  assert re.fullmatch(rf"error: (saving step 4 in {workdir}/checkpoints|writing {workdir}/\S+) failed: .+",
+                      err.strip().splitlines()[-1]), err
+  assert os.listdir(os.path.join(root, "checkpoints", "4", "state"))  # arrays written, never committed
+  assert not os.path.exists(os.path.join(root, "checkpoints", "4", "commit_success.txt"))
+
+  # The server is back and step 3, the newest complete one, is torn. The same command, with
+  # tensorstore's retries as configured, rides out a half-second outage of the network in its save of step 4.
+  server.stop()
+  server.start()
+  _tear(server, bucket, "run/checkpoints/3/")
+  network = _Proxy(server.port)
+  proc = _child(server, workdir, _config_file(tmp_path / "config.py", _config()), "outage:4", via=network,
+                stdin=subprocess.PIPE, stderr=subprocess.STDOUT)
+  watchdog = threading.Timer(120, proc.kill)  # a hang fails the test instead of holding it
+  watchdog.start()
+  lines = []
+  try:
+    for line in proc.stdout:
+      lines.append(line)
+      if line.strip() == "GCS_OUTAGE":
+        network.down()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        time.sleep(0.5)
+        network.up()
+    proc.wait()
+  finally:
+    watchdog.cancel()
+    network.down()
+  out = "".join(lines)
+  assert proc.returncode == 0 and "Traceback" not in out, out
+  (warning,) = [line for line in out.splitlines() if "warning:" in line]
+  (broken,) = os.listdir(os.path.join(root, "broken_checkpoints"))
+  assert broken.startswith("3-") and f"checkpoint step 3 in {workdir}/checkpoints is damaged" in warning, out
+  assert f"moved it to {workdir}/broken_checkpoints/{broken}" in warning
+  assert f"resumed from step 2 in {workdir}/checkpoints" in out, out  # not the half-written 4, not the torn 3
+  first, resumed = _runs(os.path.join(root, "metrics.jsonl"))
+  assert sorted(resumed) == [3, 4, 5, 6] and {3, 4} <= set(first)
+  assert all(resumed[step] == first[step] for step in first if step in resumed)  # bit for bit
