@@ -1,6 +1,7 @@
 """Streaming a multi-GB JSONL corpus: start-up time, peak memory, pipeline vs training tokens/s.
 
   .venv-test/bin/python benchmarks/stream_jsonl.py [--dir /tmp/llama_jax_stream] [--sizes_gb 1,4]
+  .venv-test/bin/python benchmarks/stream_jsonl.py --gcs [--sizes_gb 0.25,1]
 
 Writes (once; reused when present) JSONL corpora of the given sizes, random slices of the 34
 training plays, and a 1024-piece tokenizer; then for each size trains configs/tiny.py for 60
@@ -9,6 +10,13 @@ is indexed by then) and to the first log line, the peak RSS (VmHWM) and the trai
 last, it times the input pipeline alone (`python -m llama_jax.data --stats`) on the largest
 corpus. The claim checked: start-up under a minute, peak RSS flat in corpus size, and the
 pipeline >= 5x the tokens/s the tiny model trains at.
+
+With --gcs the corpora are uploaded (once; kept under DIR/gcs) to a local GCS API server
+(tests/gcs_server.py: fake-gcs-server) and read as `jsonl:gs://...`. For each size it reports
+the seconds and peak RSS of opening the corpus (indexing its lines with ranged reads), next to
+the same files on the local disk, and the pipeline alone (`--stats N` and `--stats 2N`: tokens/s
+and peak RSS); last it trains configs/tiny.py for --steps steps on the largest gs:// corpus (a
+local workdir) for the training tokens/s the pipeline is compared with.
 """
 
 import argparse
@@ -114,6 +122,8 @@ def main():
   parser.add_argument("--file_mb", type=int, default=256, help="size of each JSONL file")
   parser.add_argument("--steps", type=int, default=60)
   parser.add_argument("--stats_batches", type=int, default=2000)
+  parser.add_argument("--gcs", action="store_true", help="read the corpora from a local GCS API server")
+  parser.add_argument("--gcs_port", type=int, default=None, help="its port (default: a free one)")
   args = parser.parse_args()
   sizes = [float(s) for s in args.sizes_gb.split(",")]
 
@@ -126,6 +136,9 @@ def main():
     dirs[gb] = os.path.join(args.dir, f"corpus-{gb:g}gb")
     write_corpus(dirs[gb], int(gb * 1e9), args.file_mb * MB, "".join(plays))
   del plays
+  if args.gcs:
+    gcs_main(args, sizes, dirs, tok_path)
+    return
 
   results = {}
   for gb in sizes:
@@ -169,6 +182,94 @@ def main():
   peaks = [r[2] for r in results.values()]
   print(f"first step < 60 s: {all(r[1] < 60 for r in results.values())} | peak RSS spread over sizes "
         f"{(max(peaks) - min(peaks)) / 1e6:.0f} MB | pipeline >= 5x (steady): {steady >= 5 * train}")
+
+
+def upload(server, local_dir: str, url: str):
+  """Copies local_dir's JSONL files to the prefix url, once: a DONE object marks a finished upload."""
+  import fsspec  # noqa: PLC0415
+  fs = fsspec.filesystem("gs")
+  if fs.exists(f"{url}/DONE"):
+    return
+  start = time.monotonic()
+  files = sorted(glob.glob(os.path.join(local_dir, "*.jsonl")))
+  for f in files:
+    fs.put_file(f, f"{url}/{os.path.basename(f)}")
+  fs.pipe_file(f"{url}/DONE", b"")
+  print(f"uploaded {len(files)} files to {url} in {time.monotonic() - start:.0f} s", flush=True)
+
+
+_OPEN_SCRIPT = """
+import sys, time
+from llama_jax import corpus
+start = time.perf_counter()
+c = corpus.open_corpus(sys.argv[1])
+print(f"opened: {len(c):,} lines in {time.perf_counter() - start:.2f} s")
+"""
+
+
+def pipeline_stats(spec, tok_path, batches):
+  """(seconds, tokens, peak RSS, the stats line) of `llama_jax.data --stats batches` on spec."""
+  cmd = [sys.executable, "-m", "llama_jax.data", "--config", "configs/tiny.py", "--stats", str(batches),
+         f"--config.data.train_corpus={spec}", f"--config.data.tokenizer_path={tok_path}"]
+  lines, _, peak, code = run_measured(cmd, [])
+  if code:
+    fail("llama_jax.data --stats", lines, code)
+  line = [l for l in lines if "tokens/s" in l][-1].strip()
+  seconds = float(re.search(r"in ([\d.]+) s", line).group(1))
+  return seconds, tokens_per_sec(line) * seconds, peak, line
+
+
+def gcs_main(args, sizes, dirs, tok_path):
+  """The --gcs benchmark (see the module docstring)."""
+  sys.path.insert(0, os.path.join(REPO, "tests"))
+  from gcs_server import GcsServer  # noqa: PLC0415
+  server = GcsServer(os.path.join(args.dir, "gcs"), port=args.gcs_port).start()
+  os.environ.update(server.env())
+  try:
+    try:
+      server.make_bucket("stream")
+    except OSError:  # kept from an earlier run (409: it exists)
+      pass
+    urls = {gb: f"gs://stream/corpus-{gb:g}gb" for gb in sizes}
+    for gb in sizes:
+      upload(server, dirs[gb], urls[gb])
+    rates, peaks = {}, {}
+    for gb in sizes:
+      for where, spec in (("local disk", f"jsonl:{dirs[gb]}/*.jsonl"), ("gs://", f"jsonl:{urls[gb]}/*.jsonl")):
+        if where == "local disk":
+          evict_from_page_cache(sorted(glob.glob(os.path.join(dirs[gb], "*.jsonl"))))
+        lines, _, peak, code = run_measured([sys.executable, "-c", _OPEN_SCRIPT, spec], [])
+        if code:
+          fail(f"opening {spec}", lines, code)
+        print(f"{gb:g} GB on {where}: {[l for l in lines if l.startswith('opened')][-1]} | peak RSS "
+              f"{peak / 1e6:.0f} MB", flush=True)
+      runs = []
+      for n in (args.stats_batches, 2 * args.stats_batches):
+        seconds, tokens, peak, line = pipeline_stats(f"jsonl:{urls[gb]}/*.jsonl", tok_path, n)
+        runs.append((seconds, tokens))
+        peaks[gb] = max(peaks.get(gb, 0), peak)
+        print(f"pipeline alone on {gb:g} GB gs://: {line} | peak RSS {peak / 1e6:.0f} MB", flush=True)
+      rates[gb] = (runs[1][1] - runs[0][1]) / (runs[1][0] - runs[0][0])
+      print(f"pipeline alone on {gb:g} GB gs://: steady {rates[gb]:,.0f} tokens/s (difference of the two runs)",
+            flush=True)
+    largest = max(sizes)
+    workdir = os.path.join(args.dir, f"run-gcs-{largest:g}gb-{int(time.time())}")  # fresh: no resume
+    cmd = [sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", workdir,
+           f"--config.data.train_corpus=jsonl:{urls[largest]}/*.jsonl", f"--config.data.tokenizer_path={tok_path}",
+           "--config.data.eval_corpus=text:tests/data/heldout_sample.txt",
+           f"--config.train.steps={args.steps}", "--config.train.log_every=20",
+           "--config.train.checkpoint_every=1000", "--config.sample.max_new_tokens=0"]
+    lines, _, peak, code = run_measured(cmd, [])
+    if code:
+      fail(f"train.py on {largest:g} GB gs://", lines, code)
+    train = tokens_per_sec([l for l in lines if re.search(r"step \d+/", l)][-1])
+    print(f"train.py on {largest:g} GB gs://: {train:,.0f} tokens/s (steps {args.steps - 20}-{args.steps}) | "
+          f"peak RSS {peak / 1e6:.0f} MB", flush=True)
+    for gb in sizes:
+      print(f"{gb:g} GB: pipeline / training tokens/s = {rates[gb]:,.0f} / {train:,.0f} = {rates[gb] / train:.1f}x "
+            f"| pipeline peak RSS {peaks[gb] / 1e6:.0f} MB")
+  finally:
+    server.stop()
 
 
 if __name__ == "__main__":

@@ -319,7 +319,7 @@ def main():
   from llama_jax import tokenizer as tok_lib
 
   config_flag = config_flags.DEFINE_config_file("config", None, "Training config file.")
-  workdir = flags.DEFINE_string("workdir", None, "A run's workdir: its tokenizer.model is used "
+  workdir = flags.DEFINE_string("workdir", None, "A run's workdir (local or gs://): its tokenizer.model is used "
                                 "(default: config.data.tokenizer_path).")
   show = flags.DEFINE_integer("show", 0, "Print this many decoded rows of the first training batch.")
   stats = flags.DEFINE_integer("stats", 0, "Time this many training batches of the pipeline alone.")

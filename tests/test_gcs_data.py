@@ -79,26 +79,28 @@ def _assert_same_batches(a, b):
 
 
 class _ReadLog:
-  """Records the byte ranges read from files on object storage (paths.RangeReader)."""
+  """Records every GET of object data that gcsfs sends (bucket/object, first byte, end), however it
+  was asked for: a ranged read, an open file's read, a whole-object read (None, None)."""
 
   def __init__(self, monkeypatch):
+    import gcsfs
     self.ranges = []
-    read = paths.RangeReader.read
+    get = gcsfs.GCSFileSystem._cat_file_sequential
 
-    def logged(reader, start, end):
-      if paths.is_remote(reader.path):
-        self.ranges.append((reader.path, start, end))
-      return read(reader, start, end)
+    async def logged(fs, path, start=None, end=None, **kwargs):
+      self.ranges.append((fs._strip_protocol(path), start, end))
+      return await get(fs, path, start=start, end=end, **kwargs)
 
-    monkeypatch.setattr(paths.RangeReader, "read", logged)
+    monkeypatch.setattr(gcsfs.GCSFileSystem, "_cat_file_sequential", logged)
 
 
 def _line_ranges(jsonl) -> list[tuple[str, int, int]]:
-  """(file, start, end) of every line of a JsonlLines source, in its global line order."""
-  return [(path, int(o[i]), int(o[i + 1])) for path, o in zip(jsonl._paths, jsonl._offsets) for i in range(len(o) - 1)]
+  """(bucket/object, start, end) of every line of a JsonlLines source on gs://, in its global line order."""
+  return [(path.removeprefix("gs://"), int(o[i]), int(o[i + 1])) for path, o in zip(jsonl._paths, jsonl._offsets)
+          for i in range(len(o) - 1)]
 
 
-def test_a_jsonl_and_tfds_mixture_on_gcs_trains_and_resumes_exactly_each_process_reading_its_share(
+def test_a_jsonl_and_tfds_mixture_on_gcs_resumes_exactly_each_process_reading_only_its_share(
     corpora, array_record_on_gcs, monkeypatch):
   k, n, config = 4, 4, _data_config()
   log = _ReadLog(monkeypatch)
@@ -122,6 +124,19 @@ def test_a_jsonl_and_tfds_mixture_on_gcs_trains_and_resumes_exactly_each_process
     resumed = iter(data_lib.train_batches(_open(corpora, _mix(corpora, 1), 1), TOK, config, p, 2))
     resumed.set_state(json.loads(state))
     _assert_same_batches(_take(resumed, n), rest)
+
+
+def test_a_jsonl_file_on_gcs_is_indexed_block_by_block_with_ranged_reads(corpora, monkeypatch):
+  local_spec, gs_spec = corpora["specs"]["jsonl"]
+  monkeypatch.setattr(corpus_lib, "REMOTE_BLOCK_BYTES", 1000)  # a file here holds ~5 KB: several blocks each
+  log = _ReadLog(monkeypatch)
+  remote = _open(corpora, gs_spec, 1)
+  local = _open(corpora, local_spec, 0)
+  index_reads = [r for r in log.ranges if r[0].endswith(".jsonl")]
+  assert len(index_reads) > 3 * len(remote.source._paths)
+  assert all(start is not None and 0 < end - start <= 1000 for _, start, end in index_reads)
+  for a, b in zip(remote.source._offsets, local.source._offsets, strict=True):
+    assert a.tolist() == b.tolist()
 
 
 @pytest.mark.parametrize("kind", ["text", "parquet", "jsonl"])
