@@ -43,10 +43,9 @@ def corpora(gcs_server, tmp_path_factory):
                    row_group_size=4)
   bucket = gcs_server.make_bucket("corpora-" + os.urandom(4).hex())
   fsspec.filesystem("gs").put(str(root), f"{bucket}/c", recursive=True)
-  patterns = {"jsonl": "jsonl/*.jsonl", "text": "text/*.txt", "parquet": "parquet/*.parquet#content",
-              "tfds": None}
-  specs = {k: (f"{k}:{root}/{p}", f"{k}:{bucket}/c/{p}") for k, p in patterns.items() if p}
-  specs["tfds"] = ("tfds:tiny_plays@train#body",) * 2
+  patterns = {"jsonl": "jsonl/*.jsonl", "text": "text/*.txt", "parquet": "parquet/*.parquet#content"}
+  specs = {k: (f"{k}:{root}/{p}", f"{k}:{bucket}/c/{p}") for k, p in patterns.items()}
+  specs["tfds"] = ("tfds:tiny_plays@train#body",) * 2  # local or gs:// by its data_dir
   return {"specs": specs, "tfds_data_dir": (str(root / "tfds"), f"{bucket}/c/tfds"), "url": gcs_server.url}
 
 
