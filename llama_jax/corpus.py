@@ -237,7 +237,7 @@ def line_offsets(path: str, block_bytes: int = 1 << 26) -> np.ndarray:
 def _remote_line_offsets(files: list[str]) -> list[np.ndarray]:
   """line_offsets of objects: all of them cut into ranged reads of REMOTE_BLOCK_BYTES, read in order
   with REMOTE_READS_AHEAD of them in flight (many small objects, or blocks of one large object, at
-  once), never an object whole. Memory: those blocks, whatever the corpus size."""
+  once), never an object whole. Memory: those blocks and the one scanned, whatever the corpus size."""
   sizes = paths.filesystem(files[0]).sizes(files) if files else []  # one concurrent look-up of them all
   readers = [paths.RangeReader(f) for f in files]
   reads = iter([(i, start, min(start + REMOTE_BLOCK_BYTES, size))
