@@ -623,10 +623,10 @@ def _parquet_corpus(spec: str, rest: str, name: str, skips: _Skips) -> ParquetCo
   pattern, column = _split_field(rest, None)
   if not column:
     raise ConfigError(f"{name}={spec!r}: name the text column, parquet:GLOB#COLUMN")
-  paths = _glob(pattern, name)
+  files = _glob(pattern, name)
   import pyarrow as pa
   import pyarrow.parquet as pq
-  for path in paths:
+  for path in files:
     try:
       schema = pq.read_schema(path, **_parquet_options(path))
     except Exception as e:  # noqa: BLE001  (pyarrow's errors for a damaged file)
@@ -636,7 +636,7 @@ def _parquet_corpus(spec: str, rest: str, name: str, skips: _Skips) -> ParquetCo
     kind = schema.field(column).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
       raise ConfigError(f"{name}: {path} column {column!r} holds {kind}, not strings")
-  return ParquetCorpus(spec, paths, column, skips)
+  return ParquetCorpus(spec, files, column, skips)
 
 
 def _mixture(spec: str, rest: str, name: str, **kwargs) -> MixtureCorpus:
