@@ -518,10 +518,10 @@ def _glob(pattern: str, name: str) -> list[str]:
   if paths.is_remote(pattern):
     paths.check_bucket(pattern, name)
     files, others = _remote_matches(pattern)
-  else:  # os.path.isfile: a regular file (paths.isfile, as epath's is_file, takes a FIFO for a file)
+  else:
     matches = paths.glob(pattern)
-    files = [p for p in matches if os.path.isfile(p)]
-    others = [p for p in matches if not os.path.isfile(p)]
+    files = [p for p in matches if paths.isfile(p)]  # regular files only
+    others = [p for p in matches if not paths.isfile(p)]
   if not files:
     if len(others) == 1 and paths.normalize(others[0]) == paths.normalize(pattern):  # that very path
       what = _not_a_file(others[0])
