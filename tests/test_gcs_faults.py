@@ -1,6 +1,7 @@
 """Faults of object storage, against a local GCS API server (tests/gcs_server.py): a bucket that does not
-exist, a server that goes away in the middle of an async save (and comes back), a short outage, and a
-torn checkpoint on gs://.
+exist, a server that goes away in the middle of an async save, a torn checkpoint on gs://, a short
+outage, a run refused on gs://; and the pieces they rest on (train.storage_retries reaching
+tensorstore, a run's cleanup after a storage failure).
 
 A test that stops a server starts its own GcsServer and runs train.py in a subprocess pointed at it
 (CHILD below), so the clients of this process, which the session's server serves, are not touched.
@@ -206,7 +207,10 @@ def test_storage_faults_in_a_run_on_gs_end_in_one_line_and_the_restart_resumes_e
 
   # The server dies in the background save of step 4, with tensorstore told to retry once: one line.
   proc = _child(server, workdir, _config_file(tmp_path / "short.py", _config(**{"train.storage_retries": 1})), "kill:4")
-  out, err = proc.communicate(timeout=120)
+  try:
+    out, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()  # gone already, unless it hung
   assert proc.returncode == 1, out + err
   assert "Traceback" not in err
   assert re.fullmatch(rf"error: (saving step 4 in {workdir}/checkpoints|writing {workdir}/\S+) failed: .+",
@@ -248,3 +252,53 @@ def test_storage_faults_in_a_run_on_gs_end_in_one_line_and_the_restart_resumes_e
   first, resumed = _runs(os.path.join(root, "metrics.jsonl"))
   assert sorted(resumed) == [3, 4, 5, 6] and {3, 4} <= set(first)
   assert all(resumed[step] == first[step] for step in first if step in resumed)  # bit for bit
+
+
+def test_train_storage_retries_reach_every_tensorstore_context_orbax_makes():
+  """orbax takes no tensorstore context from its caller; the setting must still reach the contexts it
+  makes for array files with and without OCDBT (tensorstore's own default retries for ~15 min)."""
+  from orbax.checkpoint._src.serialization import tensorstore_utils
+
+  from llama_jax import checkpoint as ckpt_lib
+  try:
+    ckpt_lib.set_storage_retries(2)
+    for ocdbt in (True, False):
+      retries = tensorstore_utils.get_ts_context(use_ocdbt=ocdbt)["gcs_request_retries"].to_json(include_defaults=True)
+      assert retries == {"max_retries": 2, "initial_delay": "1s", "max_delay": "32s"}
+  finally:
+    ckpt_lib.set_storage_retries(ckpt_lib.STORAGE_RETRIES)
+
+
+def test_closing_a_run_calls_every_closer_and_reports_the_error_that_stopped_it():
+  """A storage server gone fails the save in flight and the metrics upload too: every closer still
+  runs, and the run reports the error it was stopping on (none: the first closer's)."""
+  from llama_jax import trainer
+  called = []
+
+  def closer(name, fails):
+    def close():
+      called.append(name)
+      if fails:
+        raise OSError(name)
+    return close
+
+  closers = [closer("checkpoint", True), closer("hook", False), closer("metrics", True)]
+  trainer._close_all(closers, failed=True)  # the run's own error goes on: nothing raised here
+  assert called == ["checkpoint", "hook", "metrics"]
+  with pytest.raises(OSError, match="^checkpoint$"):
+    trainer._close_all(closers, failed=False)
+  assert called[3:] == ["checkpoint", "hook", "metrics"]
+
+
+def test_a_run_on_gs_refused_before_its_first_step_leaves_the_workdir_as_it_was(gcs_bucket):
+  """As on a disk (test_faults): refused after its tokenizer was copied in, the run removes what it added."""
+  import jax
+
+  from llama_jax import paths, trainer
+  from llama_jax.errors import ConfigError
+  workdir = f"{gcs_bucket}/run"
+  paths.write_atomic(paths.join(workdir, "notes.txt"), "mine")
+  with pytest.raises(ConfigError, match="config.sample.prompt has .* no room left"):
+    trainer.train_and_evaluate(_config(**{"sample.max_new_tokens": 4, "sample.prompt": "ROMEO. " * 40}), workdir,
+                               devices=jax.devices()[:1])
+  assert paths.listdir(workdir) == ["notes.txt"]

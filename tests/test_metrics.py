@@ -93,13 +93,17 @@ def test_metric_writer_on_gs_sends_events_together_and_tensorboard_reads_them_th
   jsonl = paths.join(workdir, "metrics.jsonl")
 
   def on_gs():
-    """(steps in metrics.jsonl, TensorBoard scalars of the event files) as object storage has them."""
-    local = tmp_path / f"tensorboard-{len(os.listdir(tmp_path))}"
-    local.mkdir()
-    for path in paths.glob(paths.join(workdir, "tensorboard", "*")):
+    """(steps in metrics.jsonl, TensorBoard scalars of the event files, oldest file first) as object
+    storage has them."""
+    scalars = {}
+    for path in paths.glob(paths.join(workdir, "tensorboard", "*")):  # sorted: by the time in the name
+      local = tmp_path / f"tensorboard-{len(os.listdir(tmp_path))}"
+      local.mkdir()
       (local / paths.name(path)).write_bytes(paths.read_bytes(path))
+      for tag, values in _tensorboard_scalars(str(local)).items():
+        scalars.setdefault(tag, []).extend(values)
     steps = [strict_json(line)["step"] for line in paths.read_text(jsonl).splitlines()] if paths.exists(jsonl) else []
-    return steps, _tensorboard_scalars(str(local))
+    return steps, scalars
 
   writer = metrics_lib.MetricWriter(workdir, flush_secs=3600)
   writer.write(1, {"loss": 3.0})
