@@ -187,11 +187,12 @@ def _close_all(closers, failed: bool):
 
 class _StorageTracebacks(logging.Filter):
   """Drops the tracebacks that orbax, gcsfs and fsspec log about a failed read or write, one per
-  thread or retry (a storage server gone: a dozen before the run ends), and those asyncio logs for
+  thread or retry (a storage server gone: several before the run ends), and those asyncio logs for
   their futures that failed with no one left to ask (the reads of a damaged checkpoint that
-  restore_latest gave up on, when they are collected): the failure reaches the run as an exception,
-  CheckpointError or MetricsError, which the run reports in one line. This package runs no event
-  loop of its own, so every asyncio traceback is theirs."""
+  restore_latest gave up on, when they are collected). The failure itself reaches the run as an
+  exception (CheckpointError, MetricsError), which it reports in one line: a warning where it falls
+  back to an older checkpoint, the error that ends it otherwise. This package runs no event loop of
+  its own, so every asyncio traceback is theirs."""
 
   def filter(self, record):
     return not (record.exc_info and any(f"{os.sep}{lib}{os.sep}" in record.pathname
