@@ -76,13 +76,16 @@ runpy.run_path("train.py", run_name="__main__")
 
 
 def _config(**overrides):
-  return tiny_test_config(**{"data.eval_corpus": EVAL, "data.tokenizer_path": _tokenizer(), "train.steps": 6,
-                             "train.checkpoint_every": 1, "train.async_checkpoint": True, **overrides})
+  """The tiny test config on one small text file (opened in a blink, where the plays take a second)."""
+  return tiny_test_config(**{"data.train_corpus": EVAL, "data.eval_corpus": EVAL, "data.tokenizer_path": _tokenizer(),
+                             "train.steps": 6, "train.checkpoint_every": 1, "train.async_checkpoint": True,
+                             **overrides})
 
 
 def _config_file(path, config):
   """A --config file whose get_config() is `config`, for train.py in a subprocess."""
-  path.write_text(f"import ml_collections\n\n\ndef get_config():\n  return ml_collections.ConfigDict({config.to_dict()!r})\n")
+  path.write_text("import ml_collections\n\n\ndef get_config():\n"
+                  f"  return ml_collections.ConfigDict({config.to_dict()!r})\n")
   return str(path)
 
 
