@@ -31,13 +31,15 @@ EVAL = "text:" + os.path.join(ROOT, "tests", "data", "heldout_sample.txt")
 # them (its first tensorstore request after the arrays are written; commit_success.txt comes later).
 # GCS_FAULT=kill:STEP: this process kills the server (SIGKILL to GCS_SERVER_PID) there. gcsfs's backoff
 #   sleeps (1, 2, 4, 8, 16 s) are fast-forwarded: its 6 tries stay, without their ~31 s of waiting.
-# GCS_FAULT=outage:STEP: it prints GCS_OUTAGE there and waits for a line on stdin, which the test
+# GCS_FAULT=outage:STEP: there, once the main thread waits for that save (the next one is due: no
+#   request of its own in flight), it prints GCS_OUTAGE and waits for a line on stdin, which the test
 #   sends once it has taken the network to the server down (_Proxy; up again half a second later).
 CHILD = r"""
-import asyncio, os, runpy, signal, sys, types
+import asyncio, os, runpy, signal, sys, threading, time, types
 sys.modules["torch"] = None  # tensorboardX imports torch where it is installed (here, for other tests): ~3 s
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.serialization import tensorstore_utils
+from llama_jax import checkpoint as ckpt_lib
 
 kind, at = os.environ["GCS_FAULT"].split(":")
 if kind == "kill":
@@ -63,13 +65,27 @@ def open_kv_store_with_fault(*args, **kwargs):
     if kind == "kill":
       os.kill(int(os.environ["GCS_SERVER_PID"]), signal.SIGKILL)
     else:
+      while not waiting.is_set():
+        time.sleep(0.01)
       print("GCS_OUTAGE", flush=True)
       sys.stdin.readline()
   return open_kv_store(*args, **kwargs)
 
 
+wait, waiting = ckpt_lib.Checkpointer.wait, threading.Event()
+
+
+def wait_marked(self):
+  waiting.set()
+  try:
+    return wait(self)
+  finally:
+    waiting.clear()
+
+
 ocp.PyTreeCheckpointHandler.finalize = finalize_armed
 tensorstore_utils.open_kv_store = open_kv_store_with_fault
+ckpt_lib.Checkpointer.wait = wait_marked
 sys.argv[0] = "train.py"
 runpy.run_path("train.py", run_name="__main__")
 """
