@@ -80,6 +80,7 @@ def get_config():
   c.train.keep_checkpoints = 3  # newest checkpoints kept
   c.train.keep_every = 0  # also keep every this-many-th step for good (0: none)
   c.train.async_checkpoint = True  # save in the background while training goes on
+  c.train.storage_retries = 6  # tensorstore's retries of a failed checkpoint request on gs:// (~1 min; checkpoint.py)
   c.train.skip_nonfinite_steps = 0  # skip up to this many non-finite updates in a row (0: stop at the first)
   c.train.allow_config_change = False  # resume even if the model, data order or seeds changed
 

@@ -156,7 +156,8 @@ def append(path, data: bytes | str):
 
   On `gs://` the new bytes go up as a temporary object that GCS composes onto the file (compose is
   atomic: a reader sees the file before or after, whole), then the temporary object is deleted.
-  Only one writer may append to a file at a time (two composes could each drop the other's part).
+  Only one writer may append to a file at a time (two composes could each drop the other's part),
+  and a compose that gcsfs retries after its first answer was lost adds the bytes twice.
   """
   raw = data.encode("utf-8") if isinstance(data, str) else data
   if not is_remote(path):
@@ -173,7 +174,10 @@ def append(path, data: bytes | str):
   try:
     fs.merge(path, [path, part])
   finally:
-    fs.rm_file(part)
+    try:
+      fs.rm_file(part)
+    except FileNotFoundError:  # a delete retried after its first answer was lost
+      pass
 
 
 def remove(path):
