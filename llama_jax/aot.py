@@ -19,6 +19,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from llama_jax import entry
+from llama_jax import errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p-8", "A Cloud TPU slice name from TOPOLOGIES (v4-8 ... v5p-128), "
@@ -52,7 +53,7 @@ def tpu_devices(topology: str):
                                         chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=(False,) * 3).devices
   except RuntimeError as e:  # JaxRuntimeError from libtpu, or no TPU backend (libtpu missing)
     raise ConfigError(f"--topology {topology}: libtpu cannot describe it: "
-                      f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+                      f"{errors.first_line(e)}") from None
 
 
 def lower_train_step(config, devices):

@@ -41,6 +41,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from llama_jax import errors
 from llama_jax import metrics as metrics_lib
 from llama_jax import paths
 from llama_jax.errors import ConfigError
@@ -117,7 +118,7 @@ def _first_line(e: BaseException) -> str:
   """The reason in one readable line: tensorstore appends its whole JSON spec to the first, and orbax
   wraps a failed read in "Encountered error while reading array index: ... See full TensorStore
   details: <bound method ...>", whose cause (tensorstore's, naming the file) is what is worth saying."""
-  line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  line = errors.first_line(e)
   line = line.split(" [tensorstore_spec")[0]
   if "See full TensorStore details" in line or line.startswith("Encountered error while reading array"):
     cause = e.__cause__ or e.__context__

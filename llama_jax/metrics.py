@@ -30,6 +30,7 @@ import time
 import jax
 import numpy as np
 
+from llama_jax import errors
 from llama_jax import paths
 from llama_jax.errors import ConfigError
 
@@ -108,7 +109,7 @@ class MetricWriter:
         paths.append(path, records)
     except Exception as e:  # noqa: BLE001  (gcsfs and aiohttp raise many kinds)
       self._failed = True
-      reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      reason = errors.first_line(e)
       raise MetricsError(f"writing {path} failed: {reason}") from e
     self._flushed_at = time.monotonic()
 

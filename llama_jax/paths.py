@@ -35,6 +35,7 @@ import uuid
 
 from etils import epath
 
+from llama_jax import errors
 from llama_jax.errors import ConfigError
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -233,7 +234,7 @@ def check_bucket(path, key: str):
   try:
     found = filesystem(path).exists(f"{scheme}://{b}")
   except Exception as e:  # noqa: BLE001  (no server, no credentials: the client says which)
-    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    reason = errors.first_line(e)
     raise ConfigError(f"{key}={path}: cannot reach bucket {scheme}://{b}: {reason}") from None
   if not found:
     raise ConfigError(f"{key}={path}: bucket {scheme}://{b} does not exist (or these credentials cannot see it)")
