@@ -37,7 +37,9 @@ def get_config():
   c.model.scan_layers = False  # unrolled: 4 small layers run ~1.15x faster than under lax.scan on a
   #   CPU and compile as fast (configs/llama.py scans: one compiled block for 32-126 layers)
   c.model.remat = "none"  # rematerialisation policy: none, full, save_dots, ...
-  c.model.attention = "einsum"  # or "dot_product": jax.nn.dot_product_attention (cuDNN flash on GPUs)
+  c.model.attention = "auto"  # kernel: "auto" (splash on TPU, cudnn on GPU, else xla), "xla", "splash", "cudnn"
+  c.model.attention_block_q = 512  # queries per block of the xla and splash kernels (all T if T is shorter)
+  c.model.attention_block_kv = 512  # keys per block (llama_jax/attention.py)
   c.model.init_std = 0.02  # std of the normal initialisation (output projections / sqrt(2L))
 
   c.data = ml_collections.ConfigDict()

@@ -9,6 +9,7 @@ import math
 
 import ml_collections
 
+from llama_jax import attention as attention_lib
 from llama_jax import config_file
 from llama_jax import model as model_lib
 from llama_jax import paths
@@ -103,6 +104,8 @@ _RANGES = (
     ("model.rope_theta", _REAL, 0, None, True),
     ("model.max_seq_len", _INT, 1, None, False),
     ("model.init_std", _REAL, 0, None, True),
+    ("model.attention_block_q", _INT, 1, None, False),
+    ("model.attention_block_kv", _INT, 1, None, False),
     ("model.rope_scaling.factor", _REAL, 0, None, True),
     ("model.rope_scaling.low_freq_factor", _REAL, 0, None, True),
     ("model.rope_scaling.high_freq_factor", _REAL, 0, None, True),
@@ -197,6 +200,7 @@ def check_config(config: ml_collections.ConfigDict, tokenizer: bool = True):
   if config.data.batch_size % k:
     raise ConfigError(f"config.data.batch_size={config.data.batch_size} is not divisible by "
                       f"config.train.grad_accum_steps={k}")
+  check_attention_blocks(llama)
   chunk = config.train.loss_chunk_size
   if chunk and config.data.seq_len % chunk:
     raise ConfigError(f"config.train.loss_chunk_size={chunk} must be 0 or divide "
@@ -208,6 +212,17 @@ def check_config(config: ml_collections.ConfigDict, tokenizer: bool = True):
   return llama
 
 
+def check_attention_blocks(llama: model_lib.LlamaConfig):
+  """ConfigError naming the key unless, for the splash kernel, model.attention_block_q and _kv are
+  multiples of attention.SPLASH_BLOCK_MULTIPLE (any block works for xla)."""
+  if llama.attention != "splash":
+    return
+  for key in ("attention_block_q", "attention_block_kv"):
+    if getattr(llama, key) % attention_lib.SPLASH_BLOCK_MULTIPLE:
+      raise ConfigError(f"config.model.{key}={getattr(llama, key)}: the splash kernel's blocks must be "
+                        f"multiples of {attention_lib.SPLASH_BLOCK_MULTIPLE}")
+
+
 def check_vocab(tokenizer, llama: model_lib.LlamaConfig, source: str):
   if tokenizer.vocab_size != llama.vocab_size:
     raise ConfigError(f"tokenizer {source} has vocab size {tokenizer.vocab_size}, but "
@@ -216,7 +231,8 @@ def check_vocab(tokenizer, llama: model_lib.LlamaConfig, source: str):
 
 # What a resumed run may change freely: how the model is computed (not what it is). The data
 # stream is guarded by what each checkpoint records of it (data.stream_definition).
-_COMPUTE_FIELDS = ("model.dtype", "model.scan_layers", "model.remat", "model.attention")
+_COMPUTE_FIELDS = ("model.dtype", "model.scan_layers", "model.remat", "model.attention",
+                   "model.attention_block_q", "model.attention_block_kv")
 
 
 def _diff(a: dict, b: dict) -> list[str]:
@@ -250,11 +266,16 @@ _ADDED_KEYS = {
     "train.checkpoint_every_minutes": 0.0, "train.keep_every": 0, "train.skip_nonfinite_steps": 0,
     "train.allow_config_change": False,
     "sample.top_k": 0, "sample.top_p": 1.0, "sample.every": 0,
+    "model.attention_block_q": 512, "model.attention_block_kv": 512,
 }
+# Values an older checkpoint's config may hold, and what they are called now: its two attention
+# paths computed what the xla kernel computes.
+_RENAMED_VALUES = {"model.attention": {"einsum": "xla", "dot_product": "xla"}}
 
 
 def with_added_keys(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A checkpoint's config with the keys it predates filled in (see _ADDED_KEYS)."""
+  """A checkpoint's config with the keys it predates filled in (see _ADDED_KEYS) and the values
+  renamed since under their names of today (_RENAMED_VALUES)."""
   config = ml_collections.ConfigDict(config.to_dict())
   for key, value in _ADDED_KEYS.items():
     *sections, name = key.split(".")
@@ -263,4 +284,10 @@ def with_added_keys(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
       node = node[section]
     if name not in node:
       node[name] = value
+  for key, renames in _RENAMED_VALUES.items():
+    *sections, name = key.split(".")
+    node = config
+    for section in sections:
+      node = node[section]
+    node[name] = renames.get(node[name], node[name])
   return config

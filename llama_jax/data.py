@@ -13,8 +13,8 @@ checkpoint (checkpoint.py) and a resumed run reads exactly the batches it would 
   `data.pack_bins` open rows with room, and what no chunk fills is padding.
 - A row becomes inputs = row[:-1] and targets = row[1:]; a target counts (weight 1) only
   when it lies in the same document as its input, so nothing is predicted across a document
-  boundary or on padding. The model attends only within a segment and RoPE positions restart
-  at 0 in each one (model.attention_mask).
+  boundary or on padding. The model attends only within a segment (its segment ids go to
+  llama_jax/attention.py) and RoPE positions restart at 0 in each one.
 
 Fine-tuning data (`data.format = "sft"`) are (prompt, response) pairs, each one segment
 [BOS] prompt response [EOS] that is never cut into chunks: only the response tokens and the

@@ -5,8 +5,10 @@ heads, K kv heads, G query heads per kv head (N = K * G), H head dim, L layers, 
 Parameters are stored in float32 (`param_dtype`) and cast to `dtype` for compute. The
 layers are stored stacked (leading L axis) and run with `jax.lax.scan` or unrolled.
 
-Decoding (generate.py) passes a KV cache {"k", "v"} of [L, B, S, K, H] arrays: a token at
-position p writes its keys and values to slot p of its row and attends to slots <= p.
+Attention (attention.py) keeps a token within its own document of a packed row: the model
+takes segment ids and positions, never a [B, T, S] mask. Decoding (generate.py) passes a KV
+cache {"k", "v"} of [L, B, S, K, H] arrays: a token at position p writes its keys and values to
+slot p of its row and attends to slots <= p.
 """
 
 import dataclasses
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from llama_jax import attention as attention_lib
 from llama_jax import sharding as sh
 
 
@@ -49,7 +52,9 @@ class LlamaConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True  # lax.scan over the stacked layers (fast compile) or unroll
   remat: str = "none"  # one of REMAT_POLICIES
-  attention: str = "einsum"  # "einsum" (written out below) or "dot_product" (jax.nn's: cuDNN flash on GPUs)
+  attention: str = "auto"  # kernel, one of attention.KERNELS: auto (splash on TPU, cudnn on GPU, else xla)
+  attention_block_q: int = 512  # queries per block of the xla and splash kernels (the whole row if shorter)
+  attention_block_kv: int = 512  # keys per block
   init_std: float = 0.02
 
   @property
@@ -66,8 +71,11 @@ class LlamaConfig:
       raise ValueError(f"head dim {self.head_dim} (model.dim / model.n_heads) must be even for RoPE")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
-    if self.attention not in ("einsum", "dot_product"):
-      raise ValueError(f"model.attention={self.attention!r} is not 'einsum' or 'dot_product'")
+    if self.attention not in attention_lib.KERNELS:
+      raise ValueError(f"model.attention={self.attention!r} is not one of {', '.join(attention_lib.KERNELS)}")
+    for key in ("attention_block_q", "attention_block_kv"):
+      if getattr(self, key) < 1:
+        raise ValueError(f"model.{key}={getattr(self, key)} must be >= 1")
 
 
 # What the backward pass may keep from the forward pass of a block; the rest is recomputed.
@@ -138,10 +146,11 @@ class Attention(nnx.Module):
     self.wv_DKH = _param(rngs, (D, K, H), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM), std, pd)
     self.wo_NHD = _param(rngs, (N, H, D), (sh.HEADS, sh.HEAD_DIM, sh.EMBED), out_std, pd)
 
-  def __call__(self, x_BTD, positions_BT, mask_BTS=None, cache=None):
-    """mask_BTS: which keys each query sees (None: all earlier positions). With a cache (k, v of
-    [B, S, K, H]), the new keys and values go to the slots of their positions, the queries
-    attend to every slot up to their own position, and the updated cache comes back too."""
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache=None):
+    """Each token attends to the earlier tokens of its document (equal segment_ids_BT) through the
+    config's kernel. With a cache (k, v of [B, S, K, H]) instead, the new keys and values go to
+    the slots of their positions, the queries attend to every slot up to their own position, and
+    the updated cache comes back too."""
     c = self.config
     dt = x_BTD.dtype
     q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...].astype(dt))
@@ -150,16 +159,14 @@ class Attention(nnx.Module):
     inv_freq = rope_frequencies(c)
     q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
     k_BSKH = apply_rope(k_BSKH, positions_BT, inv_freq)
-    if cache is not None:
+    if cache is None:
+      out_BTNH = attention_lib.attend(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, kernel=c.attention,
+                                      block_q=c.attention_block_q, block_kv=c.attention_block_kv)
+    else:
       k_BSKH, v_BSKH = (_write_slots(cache_BSKH, new_BTKH.astype(cache_BSKH.dtype), positions_BT[:, 0])
                         for cache_BSKH, new_BTKH in zip(cache, (k_BSKH, v_BSKH)))
       cache = (k_BSKH, v_BSKH)
-      mask_BTS = jnp.arange(k_BSKH.shape[1])[None, None, :] <= positions_BT[:, :, None]
-    if c.attention == "dot_product":
-      out_BTNH = jax.nn.dot_product_attention(
-          q_BTNH, k_BSKH, v_BSKH, mask=None if mask_BTS is None else mask_BTS[:, None], is_causal=mask_BTS is None)
-    else:
-      out_BTNH = _attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+      out_BTNH = attention_lib.attend_cached(q_BTNH, k_BSKH, v_BSKH, positions_BT)
     return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.wo_NHD[...].astype(dt)), cache
 
 
@@ -167,20 +174,6 @@ def _write_slots(cache_BSKH, new_BTKH, start_B):
   """Row b of the cache with new_BTKH[b] written to slots start_B[b] .. start_B[b] + T - 1."""
   write = lambda c_SKH, n_TKH, s: jax.lax.dynamic_update_slice_in_dim(c_SKH, n_TKH, s, axis=0)
   return jax.vmap(write)(cache_BSKH, new_BTKH, start_B)
-
-
-def _attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
-  """softmax(q k^T / sqrt(H)) v, each kv head shared by G consecutive query heads; fp32 softmax."""
-  B, T, N, H = q_BTNH.shape
-  K = k_BSKH.shape[2]
-  if mask_BTS is None:
-    mask_BTS = jnp.tril(jnp.ones((T, T), bool))[None]
-  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)  # query head n uses kv head n // G
-  scores_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH).astype(jnp.float32) / math.sqrt(H)
-  scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
-  probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(q_BTNH.dtype)
-  out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
-  return out_BTKGH.reshape(B, T, N, H)
 
 
 class MLP(nnx.Module):
@@ -209,20 +202,12 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(config.dim, config.norm_eps, config.param_dtype)
     self.mlp = MLP(config, rngs)
 
-  def __call__(self, x_BTD, positions_BT, mask_BTS, cache=None):
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache=None):
     x_BTD = sh.constrain(x_BTD, (sh.BATCH, sh.SEQ, sh.ACT_EMBED))
     x_BTD = checkpoint_name(x_BTD, "block_input")
-    attn_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, mask_BTS, cache)
+    attn_BTD, cache = self.attn(self.attn_norm(x_BTD), positions_BT, segment_ids_BT, cache)
     h_BTD = x_BTD + checkpoint_name(attn_BTD, "attn_out")
     return h_BTD + self.mlp(self.mlp_norm(h_BTD)), cache
-
-
-def attention_mask(segment_ids_BT):
-  """Causal mask, restricted to within a document when segment ids are given."""
-  B, T = segment_ids_BT.shape
-  causal_TS = jnp.tril(jnp.ones((T, T), bool))
-  same_doc_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-  return causal_TS[None] & same_doc_BTS
 
 
 class Llama(nnx.Module):
@@ -247,11 +232,13 @@ class Llama(nnx.Module):
     return self.logits(self.hidden_states(tokens_BT, positions_BT, segment_ids_BT))
 
   def hidden_states(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
-    """The final-normed hidden states x_BTD that the LM head turns into logits."""
+    """The final-normed hidden states x_BTD that the LM head turns into logits. Without positions
+    and segment ids, each row is one document starting at position 0."""
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
-    mask_BTS = None if segment_ids_BT is None else attention_mask(segment_ids_BT)
-    x_BTD, _ = self._blocks(self._embed(tokens_BT), positions_BT, mask_BTS, None)
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.zeros(tokens_BT.shape, jnp.int32)
+    x_BTD, _ = self._blocks(self._embed(tokens_BT), positions_BT, segment_ids_BT, None)
     return self.final_norm(sh.constrain(x_BTD, (sh.BATCH, sh.SEQ, sh.ACT_EMBED)))
 
   def decode(self, tokens_BT, positions_BT, cache):
@@ -264,14 +251,14 @@ class Llama(nnx.Module):
   def _embed(self, tokens_BT):
     return self.embed_VD[...].astype(jnp.dtype(self.config.dtype))[tokens_BT]
 
-  def _blocks(self, x_BTD, positions_BT, mask_BTS, cache):
+  def _blocks(self, x_BTD, positions_BT, segment_ids_BT, cache):
     """The L blocks in turn; cache (k, v of [L, B, S, K, H]) or None, updated per layer."""
     c = self.config
     block_graph, block_params = nnx.split(self.blocks)
 
     def block_fn(x_BTD, params_and_cache):
       params, layer_cache = params_and_cache
-      return nnx.merge(block_graph, params)(x_BTD, positions_BT, mask_BTS, layer_cache)
+      return nnx.merge(block_graph, params)(x_BTD, positions_BT, segment_ids_BT, layer_cache)
 
     if c.remat != "none":
       block_fn = jax.checkpoint(block_fn, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)

@@ -145,9 +145,10 @@ def test_batches_score_every_target_once_and_nothing_across_documents(sources):
     assert not np.any(counted[:, :-1] & crossing)
 
 
-@pytest.mark.parametrize("attention", ["einsum", "dot_product"])
-def test_packed_row_logits_equal_each_document_alone(attention):
-  config = config_lib.llama_config(tiny_test_config(**{"model.attention": attention}).model)
+@pytest.mark.parametrize("blocks", [512, 8])  # the row in one block; 4 x 4 blocks of 8
+def test_packed_row_logits_equal_each_document_alone(blocks):
+  config = config_lib.llama_config(tiny_test_config(**{"model.attention": "xla", "model.attention_block_q": blocks,
+                                                       "model.attention_block_kv": blocks}).model)
   model = model_lib.init_model(config, seed=0)
   rng = np.random.default_rng(1)
   lengths = [9, 14, 6]  # + 3 padding = T

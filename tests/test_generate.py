@@ -85,10 +85,16 @@ def _cached_logits(model, prompts, max_new, feed):
   return np.stack(out, axis=1)  # [B, max_new, V]
 
 
-@pytest.mark.parametrize("layout", ["scan", "unrolled", "scan_8_devices", "dot_product"])
+# The full forward runs the config's kernel: xla in one block, xla in blocks of 32, and splash (interpret
+# mode) on rows padded to 128 positions; the cached decoding always runs attention.attend_cached.
+KERNEL_OF_LAYOUT = {"xla_blocks_of_32": ("xla", 32), "splash": ("splash", 128)}
+
+
+@pytest.mark.parametrize("layout", ["scan", "unrolled", "scan_8_devices", "xla_blocks_of_32", "splash"])
 def test_cached_decoding_gives_the_full_forward_logits(layout):
-  config = dataclasses.replace(SMALL, scan_layers=layout != "unrolled",
-                               attention="dot_product" if layout == "dot_product" else "einsum")
+  kernel, blocks = KERNEL_OF_LAYOUT.get(layout, ("xla", 512))
+  config = dataclasses.replace(SMALL, scan_layers=layout != "unrolled", attention=kernel, attention_block_q=blocks,
+                               attention_block_kv=blocks, max_seq_len=max(SMALL.max_seq_len, 128))
   model = model_lib.init_model(config, seed=0)
   prompts = prompts_of([3, 11, 7, 9], config.vocab_size)
   max_new = 9
@@ -104,7 +110,8 @@ def test_cached_decoding_gives_the_full_forward_logits(layout):
     cached = _cached_logits(model, prompts, max_new, feed)
   for b, (prompt, fed) in enumerate(zip(prompts, feed)):
     sequence = np.array([prompt + fed[:max_new - 1]])
-    full = np.asarray(model(sequence))[0, len(prompt) - 1:]
+    padded = np.pad(sequence, ((0, 0), (0, 128 - sequence.shape[1])))  # later tokens change no earlier logit
+    full = np.asarray(model(padded if layout in KERNEL_OF_LAYOUT else sequence))[0, len(prompt) - 1:sequence.shape[1]]
     assert np.abs(full).max() > 1.0
     np.testing.assert_allclose(cached[b], full, atol=1e-5, rtol=0)
 

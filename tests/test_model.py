@@ -35,9 +35,10 @@ def test_changing_a_future_token_never_changes_earlier_logits():
     assert not np.allclose(base[:, t:], changed[:, t:])
 
 
-@pytest.mark.parametrize("attention", ["einsum", "dot_product"])
-def test_documents_do_not_see_each_other(attention):
-  model = model_lib.init_model(dataclasses.replace(SMALL, attention=attention), 0)
+@pytest.mark.parametrize("blocks", [512, 2])  # one block of all 10 positions; 5 x 5 blocks of 2
+def test_documents_do_not_see_each_other(blocks):
+  config = dataclasses.replace(SMALL, attention="xla", attention_block_q=blocks, attention_block_kv=blocks)
+  model = model_lib.init_model(config, 0)
   tokens = _tokens(B=1, T=10)
   segments = jnp.array([[0] * 4 + [1] * 6])
   positions = jnp.array([list(range(4)) + list(range(6))])
@@ -119,16 +120,16 @@ def _reference_attention(attn, config, x_BTD):
   return np.einsum("btnh,nhd->btd", out, p["wo"])
 
 
-@pytest.mark.parametrize("attention", ["einsum", "dot_product"])
+@pytest.mark.parametrize("blocks", [512, 4])  # one block of all 8 positions; 2 x 2 blocks of 4
 @pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
-def test_grouped_query_attention_matches_repeated_heads(n_kv_heads, attention):
-  config = dataclasses.replace(SMALL, n_kv_heads=n_kv_heads, attention=attention)
+def test_grouped_query_attention_matches_repeated_heads(n_kv_heads, blocks):
+  config = dataclasses.replace(SMALL, n_kv_heads=n_kv_heads, attention="xla", attention_block_q=blocks,
+                               attention_block_kv=blocks)
   attn = model_lib.Attention(config, nnx.Rngs(params=3))
-  x_BTD = jax.random.normal(jax.random.key(2), (2, 7, 32))
+  x_BTD = jax.random.normal(jax.random.key(2), (2, 8, 32))
   T = x_BTD.shape[1]
   positions = jnp.broadcast_to(jnp.arange(T), (2, T))
-  mask = model_lib.attention_mask(jnp.zeros((2, T), jnp.int32))
-  out_BTD, _ = attn(x_BTD, positions, mask)  # (output, cache): no cache here
+  out_BTD, _ = attn(x_BTD, positions, jnp.zeros((2, T), jnp.int32))  # (output, cache): no cache here
   np.testing.assert_allclose(out_BTD, _reference_attention(attn, config, x_BTD),
                              atol=1e-5)
 

@@ -1,0 +1,278 @@
+"""Causal self-attention over packed rows, by kernel: "xla" (blocked, plain JAX), "splash" (Pallas, TPU)
+and "cudnn" (GPU); "auto" picks the one for the platform the model is traced for.
+
+Every kernel computes, for each query head n (using kv head n // G, N = K * G):
+
+  out[b, t, n] = sum_s softmax_s(q[b, t, n] . k[b, s, n // G] / sqrt(H)) v[b, s, n // G]
+  over the keys s <= t with segment_ids[b, s] == segment_ids[b, t]
+
+so a token attends to the earlier tokens of its own document in a packed row (data.py) and to nothing
+else. No [B, T, S] mask is ever built: each kernel forms the mask of a block where it uses it. The
+dense, masked softmax of the decoding path (a KV cache, generate.py) is `attend_cached`.
+
+Dimension letters as in model.py; Q and C are a query block and a key block (model.attention_block_q,
+model.attention_block_kv), i and j their indices.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax import sharding as sh
+
+KERNELS = ("auto", "xla", "splash", "cudnn")
+
+
+def platform() -> str:
+  """The platform the current trace is for: the devices of the mesh set by jax.set_mesh (a TPU topology
+  when compiling ahead of time on a CPU, aot.py), else the default backend's ("cpu", "gpu", "tpu")."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    return mesh.abstract_device.platform
+  return jax.default_backend()
+
+
+def resolve(kernel: str, on: str) -> str:
+  """The kernel "auto" stands for on platform `on`: splash on TPU, cudnn on GPU, xla elsewhere."""
+  if kernel != "auto":
+    return kernel
+  return {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(on, "xla")
+
+
+# The splash kernel's blocks span whole vector registers of 128 lanes (its BlockSizes checks).
+SPLASH_BLOCK_MULTIPLE = 128
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, kernel: str = "auto", block_q: int = 512,
+           block_kv: int = 512):
+  """Causal attention within the documents of packed rows (the rule in the module docstring).
+
+  Args:
+    q_BTNH, k_BTKH, v_BTKH: queries, keys and values of the same T positions (RoPE applied).
+    segment_ids_BT: int32, the document of each position; equal ids attend to each other.
+    kernel: one of KERNELS. block_q, block_kv: the queries and keys a kernel works on at once
+      (xla and splash; splash's must be multiples of SPLASH_BLOCK_MULTIPLE). A block longer than
+      the row shrinks to it; a row that is not a multiple of the blocks is padded at its end (the
+      padding is causally after every real position, so no real query sees it) and cut off again.
+  Returns:
+    out_BTNH in the dtype of q.
+  Raises:
+    ValueError for a kernel not in KERNELS or not built for this platform (cudnn off GPU).
+  """
+  B, T = segment_ids_BT.shape
+  on = platform()
+  kernel = resolve(kernel, on)
+  if kernel == "xla":
+    unit, fn = 1, blocked_attention
+  elif kernel == "splash":
+    unit = SPLASH_BLOCK_MULTIPLE
+    fn = lambda q, k, v, seg, bq, bk: _sharded(
+        functools.partial(splash_attention, block_q=bq, block_kv=bk, interpret=on != "tpu"), q, k, v, seg)
+  else:
+    raise ValueError(f"attention kernel {kernel!r} is not one of {KERNELS}")
+  block_q, block_kv = min(block_q, _round_up(T, unit)), min(block_kv, _round_up(T, unit))
+  pad = _round_up(T, math.lcm(block_q, block_kv)) - T
+  if pad:
+    q_BTNH, k_BTKH, v_BTKH = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q_BTNH, k_BTKH, v_BTKH))
+    segment_ids_BT = jnp.pad(segment_ids_BT, ((0, 0), (0, pad)), constant_values=-1)
+  out_BTNH = fn(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_q, block_kv)
+  return out_BTNH[:, :T]
+
+
+def attend_cached(q_BTNH, k_BSKH, v_BSKH, positions_BT):
+  """Decoding against a KV cache: query t (at position positions_BT[b, t]) sees cache slots s <=
+  its position. A dense fp32 softmax with the mask formed inside; T is a prompt or one token.
+  Returns out_BTNH in the dtype of q."""
+  B, T, N, H = q_BTNH.shape
+  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+  scores_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH,
+                            preferred_element_type=jnp.float32) / math.sqrt(H)
+  visible_BTS = jnp.arange(S)[None, None, :] <= positions_BT[:, :, None]
+  scores_BKGTS = jnp.where(visible_BTS[:, None, None], scores_BKGTS, -jnp.inf)
+  probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
+  out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+  return out_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)
+
+
+# --- xla: blocked attention with an online softmax (memory O(T x block), not O(T^2)) ---------------
+#
+# The forward pass walks the key blocks j <= i of each query block i, keeping a running max m,
+# normaliser l and unnormalised output o per query (Milakov & Gimelshein 2018, "Online normalizer
+# calculation for softmax"; Dao et al. 2022, "FlashAttention", Algorithm 1). Blocks above the
+# diagonal are never computed. The backward pass recomputes each block's probabilities from the
+# saved log-sum-exp (FlashAttention-2, Dao 2023, Algorithm 2), so nothing of size T x S is stored.
+
+
+def blocked_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_q: int, block_kv: int):
+  """The "xla" kernel: attend()'s rule in query blocks of block_q and key blocks of block_kv.
+  Scores, softmax and accumulation in fp32; returns out_BTNH in q's dtype."""
+  return _blocked(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_q, block_kv)
+
+
+def _split_heads(q_BTNH, K):
+  B, T, N, H = q_BTNH.shape
+  return q_BTNH.reshape(B, T, K, N // K, H)
+
+
+def _block_visible(segment_ids_BT, i, j, Q, C):
+  """[B, Q, C]: which keys of key block j each query of query block i sees (causal, same document)."""
+  q_idx = i * Q + jnp.arange(Q)
+  k_idx = j * C + jnp.arange(C)
+  seg_q_BQ = jax.lax.dynamic_slice_in_dim(segment_ids_BT, i * Q, Q, axis=1)
+  seg_k_BC = jax.lax.dynamic_slice_in_dim(segment_ids_BT, j * C, C, axis=1)
+  causal_QC = k_idx[None, :] <= q_idx[:, None]
+  return causal_QC[None] & (seg_q_BQ[:, :, None] == seg_k_BC[:, None, :])
+
+
+def _block_scores(q_BQKGH, k_BCKH, visible_BQC, scale):
+  """Masked fp32 scores [B, K, G, Q, C] of one (query block, key block); -inf where not visible."""
+  s_BKGQC = jnp.einsum("BQKGH,BCKH->BKGQC", q_BQKGH, k_BCKH, preferred_element_type=jnp.float32) * scale
+  return jnp.where(visible_BQC[:, None, None], s_BKGQC, -jnp.inf)
+
+
+def _last_key_block(i, Q, C):
+  """The last key block holding a key at or before the last query of query block i."""
+  return ((i + 1) * Q - 1) // C
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blocked(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, Q, C):
+  return _blocked_fwd(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, Q, C)[0]
+
+
+def _blocked_forward(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, Q, C):
+  """(out_BTNH, lse_BKGT): the output and the fp32 log-sum-exp of every query's scores."""
+  B, T, N, H = q_BTNH.shape
+  K = k_BTKH.shape[2]
+  G = N // K
+  scale = 1.0 / math.sqrt(H)
+  q_BTKGH = _split_heads(q_BTNH, K)
+
+  def query_block(_, i):
+    q_BQKGH = jax.lax.dynamic_slice_in_dim(q_BTKGH, i * Q, Q, axis=1)
+
+    def key_block(j, carry):
+      m_BKGQ, l_BKGQ, o_BKGQH = carry
+      k_BCKH = jax.lax.dynamic_slice_in_dim(k_BTKH, j * C, C, axis=1)
+      v_BCKH = jax.lax.dynamic_slice_in_dim(v_BTKH, j * C, C, axis=1)
+      s_BKGQC = _block_scores(q_BQKGH, k_BCKH, _block_visible(segment_ids_BT, i, j, Q, C), scale)
+      m_new = jnp.maximum(m_BKGQ, jnp.max(s_BKGQC, axis=-1))
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no key seen yet: nothing to rescale
+      p_BKGQC = jnp.exp(s_BKGQC - m_safe[..., None])
+      rescale_BKGQ = jnp.exp(m_BKGQ - m_safe)
+      l_BKGQ = l_BKGQ * rescale_BKGQ + jnp.sum(p_BKGQC, axis=-1)
+      pv_BKGQH = jnp.einsum("BKGQC,BCKH->BKGQH", p_BKGQC.astype(v_BCKH.dtype), v_BCKH,
+                            preferred_element_type=jnp.float32)
+      return m_new, l_BKGQ, o_BKGQH * rescale_BKGQ[..., None] + pv_BKGQH
+
+    init = (jnp.full((B, K, G, Q), -jnp.inf), jnp.zeros((B, K, G, Q)), jnp.zeros((B, K, G, Q, H)))
+    m_BKGQ, l_BKGQ, o_BKGQH = jax.lax.fori_loop(0, _last_key_block(i, Q, C) + 1, key_block, init)
+    # Every query sees at least itself, so l > 0.
+    out_BKGQH = o_BKGQH / l_BKGQ[..., None]
+    return None, (out_BKGQH.astype(q_BTNH.dtype), m_BKGQ + jnp.log(l_BKGQ))
+
+  _, (out_iBKGQH, lse_iBKGQ) = jax.lax.scan(query_block, None, jnp.arange(T // Q))
+  out_BTNH = jnp.transpose(out_iBKGQH, (1, 0, 4, 2, 3, 5)).reshape(B, T, N, H)
+  lse_BKGT = jnp.transpose(lse_iBKGQ, (1, 2, 3, 0, 4)).reshape(B, K, G, T)
+  return out_BTNH, lse_BKGT
+
+
+def _blocked_fwd(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, Q, C):
+  out_BTNH, lse_BKGT = _blocked_forward(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, Q, C)
+  return out_BTNH, (q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, out_BTNH, lse_BKGT)
+
+
+def _blocked_bwd(Q, C, residuals, dout_BTNH):
+  """dq, dk, dv in one pass over key blocks j, each visiting the query blocks i that see it; dq
+  is accumulated in place across key blocks."""
+  q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, out_BTNH, lse_BKGT = residuals
+  B, T, N, H = q_BTNH.shape
+  K = k_BTKH.shape[2]
+  G = N // K
+  scale = 1.0 / math.sqrt(H)
+  q_BTKGH = _split_heads(q_BTNH, K)
+  dout_BTKGH = _split_heads(dout_BTNH, K)
+  # delta_t = sum_h dout_th out_th = sum_s p_ts dp_ts: the softmax's backward term per query.
+  delta_BKGT = jnp.einsum("BTKGH,BTKGH->BKGT", dout_BTKGH.astype(jnp.float32),
+                          _split_heads(out_BTNH, K).astype(jnp.float32))
+
+  def key_block(dq_BTKGH, j):
+    k_BCKH = jax.lax.dynamic_slice_in_dim(k_BTKH, j * C, C, axis=1)
+    v_BCKH = jax.lax.dynamic_slice_in_dim(v_BTKH, j * C, C, axis=1)
+
+    def query_block(i, carry):
+      dq_BTKGH, dk_BCKH, dv_BCKH = carry
+      q_BQKGH = jax.lax.dynamic_slice_in_dim(q_BTKGH, i * Q, Q, axis=1)
+      dout_BQKGH = jax.lax.dynamic_slice_in_dim(dout_BTKGH, i * Q, Q, axis=1)
+      lse_BKGQ = jax.lax.dynamic_slice_in_dim(lse_BKGT, i * Q, Q, axis=3)
+      delta_BKGQ = jax.lax.dynamic_slice_in_dim(delta_BKGT, i * Q, Q, axis=3)
+      s_BKGQC = _block_scores(q_BQKGH, k_BCKH, _block_visible(segment_ids_BT, i, j, Q, C), scale)
+      p_BKGQC = jnp.exp(s_BKGQC - lse_BKGQ[..., None])  # 0 where not visible
+      dv_BCKH += jnp.einsum("BKGQC,BQKGH->BCKH", p_BKGQC.astype(dout_BQKGH.dtype), dout_BQKGH,
+                            preferred_element_type=jnp.float32)
+      dp_BKGQC = jnp.einsum("BQKGH,BCKH->BKGQC", dout_BQKGH, v_BCKH, preferred_element_type=jnp.float32)
+      ds_BKGQC = (p_BKGQC * (dp_BKGQC - delta_BKGQ[..., None]) * scale).astype(q_BQKGH.dtype)
+      dk_BCKH += jnp.einsum("BKGQC,BQKGH->BCKH", ds_BKGQC, q_BQKGH, preferred_element_type=jnp.float32)
+      dq_BQKGH = jnp.einsum("BKGQC,BCKH->BQKGH", ds_BKGQC, k_BCKH, preferred_element_type=jnp.float32)
+      dq_BTKGH = jax.lax.dynamic_update_slice_in_dim(
+          dq_BTKGH, jax.lax.dynamic_slice_in_dim(dq_BTKGH, i * Q, Q, axis=1) + dq_BQKGH, i * Q, axis=1)
+      return dq_BTKGH, dk_BCKH, dv_BCKH
+
+    zeros_BCKH = jnp.zeros((B, C, K, H), jnp.float32)
+    first_query_block = (j * C) // Q  # query blocks before it end before key block j starts
+    dq_BTKGH, dk_BCKH, dv_BCKH = jax.lax.fori_loop(first_query_block, T // Q, query_block,
+                                                   (dq_BTKGH, zeros_BCKH, zeros_BCKH))
+    return dq_BTKGH, (dk_BCKH, dv_BCKH)
+
+  dq_BTKGH, (dk_jBCKH, dv_jBCKH) = jax.lax.scan(
+      key_block, jnp.zeros((B, T, K, G, H), jnp.float32), jnp.arange(T // C))
+  unblock = lambda x_jBCKH: jnp.moveaxis(x_jBCKH, 0, 1).reshape(B, T, K, H)
+  return (dq_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype), unblock(dk_jBCKH).astype(k_BTKH.dtype),
+          unblock(dv_jBCKH).astype(v_BTKH.dtype), None)
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+# --- splash: the Pallas TPU kernel (jax.experimental.pallas.ops.tpu.splash_attention) --------------
+
+
+def splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block_q: int, block_kv: int, interpret: bool):
+  """The "splash" kernel on one device's rows and heads: a causal mask object (its fully masked blocks
+  are skipped), segment ids for the documents, K kv heads shared by the N query heads (the kernel's
+  grouped-query mode). interpret=True runs the kernel's Pallas program on a CPU."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+  B, T, N, H = q_BTNH.shape
+  K = k_BTKH.shape[2]
+  blocks = splash.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+                             block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
+                             block_q_dq=block_q, block_kv_dq=block_kv)
+  mask = splash.MultiHeadMask([splash.CausalMask((T, T))] * N)
+  kernel = splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+  # The kernel takes one row: q [N, T, H], k and v [K, T, H]; it does not scale the scores.
+  q_BNTH = jnp.swapaxes(q_BTNH * jnp.asarray(1.0 / math.sqrt(H), q_BTNH.dtype), 1, 2)
+  k_BKTH, v_BKTH = jnp.swapaxes(k_BTKH, 1, 2), jnp.swapaxes(v_BTKH, 1, 2)
+  segments = splash.SegmentIds(q=segment_ids_BT, kv=segment_ids_BT)
+  out_BNTH = jax.vmap(kernel)(q_BNTH, k_BKTH, v_BKTH, segment_ids=segments)
+  return jnp.swapaxes(out_BNTH, 1, 2).astype(q_BTNH.dtype)
+
+
+def _sharded(kernel_fn, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT):
+  """kernel_fn on each device's rows (batch over data x fsdp) and heads (over tensor), through
+  shard_map: a Pallas call is not partitioned by XLA. Outside a mesh, kernel_fn itself."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return kernel_fn(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+  q_spec = sh.logical_to_mesh((sh.BATCH, sh.SEQ, sh.HEADS, sh.HEAD_DIM))
+  kv_spec = sh.logical_to_mesh((sh.BATCH, sh.SEQ, sh.KV_HEADS, sh.HEAD_DIM))
+  seg_spec = sh.logical_to_mesh((sh.BATCH, sh.SEQ))
+  return jax.shard_map(kernel_fn, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
+                       check_vma=False)(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+
