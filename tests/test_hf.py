@@ -200,19 +200,35 @@ def test_config_from_transformers_4_and_5_spellings():
 @pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "unrolled"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_match_transformers(case, scan_layers, tmp_path):
-  config = CASES[case]
+  check_logits_match_transformers(CASES[case], tmp_path, SEQ_LEN, scan_layers=scan_layers)
+
+
+def test_logits_match_transformers_with_the_splash_kernel(tmp_path):
+  """The splash kernel (Pallas interpret mode off TPU) in blocks of 128 on rows of 200 positions,
+  which it pads to 256: two query blocks, two key blocks. Positions from 0 only: from 5000 the
+  float32 RoPE angles alone differ from transformers' by ~1e-4 in the logits at this length, on
+  every kernel."""
+  check_logits_match_transformers(CASES["gqa"], tmp_path, 200, far=False, attention="splash",
+                                  attention_block_q=128, attention_block_kv=128)
+
+
+def check_logits_match_transformers(config, tmp_path, seq_len, far=True, **overrides):
+  """Our logits equal LlamaForCausalLM's at positions from 0 (and, if `far`, from 5000), computed as
+  `overrides` (compute fields of the config) say."""
   hf = hf_model(config)
   hf_dir = save_hf(hf, tmp_path / "hf")
-  model = convert.from_hf_model(hf_dir, scan_layers=scan_layers)
-  assert model.config == dataclasses.replace(config, scan_layers=scan_layers)
-  toks = tokens(config)
+  model = convert.from_hf_model(hf_dir, **overrides)
+  assert model.config == dataclasses.replace(config, **overrides)
+  toks = tokens(config, seq_len=seq_len)
   ours = np.asarray(model(toks))
   theirs = hf_logits(hf, toks)
-  assert ours.shape == theirs.shape == (2, SEQ_LEN, config.vocab_size)
+  assert ours.shape == theirs.shape == (2, seq_len, config.vocab_size)
   assert np.abs(theirs).max() > 1.0  # the comparison is not between near-zero logits
   np.testing.assert_array_less(np.abs(ours - theirs).max(), 1e-4)
+  if not far:
+    return
   # Far positions, where RoPE (and the Llama-3.1 scaling of long wavelengths) matters most.
-  positions = np.broadcast_to(np.arange(SEQ_LEN) + 5000, toks.shape).copy()
+  positions = np.broadcast_to(np.arange(seq_len) + 5000, toks.shape).copy()
   ours = np.asarray(model(toks, positions_BT=positions))
   np.testing.assert_array_less(np.abs(ours - hf_logits(hf, toks, positions)).max(), 1e-4)
 
