@@ -34,10 +34,13 @@ def single_device_run():
   return _train_losses(tiny_test_config(), jax.devices()[:1], 20)
 
 
-@pytest.mark.parametrize("mesh", [dict(data=8, fsdp=1, tensor=1), dict(data=1, fsdp=8, tensor=1),
-                                  dict(data=2, fsdp=2, tensor=2)])
-def test_sharded_training_equals_one_device(single_device_run, mesh):
-  config = tiny_test_config(**{f"mesh.{k}": v for k, v in mesh.items()})
+# The one-device run computes attention with the xla kernel (auto on a CPU); the sharded splash
+# run (Pallas interpret mode, under shard_map: rows over data x fsdp, heads over tensor) must equal it.
+@pytest.mark.parametrize("mesh,attention", [
+    (dict(data=8, fsdp=1, tensor=1), "auto"), (dict(data=1, fsdp=8, tensor=1), "auto"),
+    (dict(data=2, fsdp=2, tensor=2), "auto"), (dict(data=2, fsdp=2, tensor=2), "splash")])
+def test_sharded_training_equals_one_device(single_device_run, mesh, attention):
+  config = tiny_test_config(**{f"mesh.{k}": v for k, v in mesh.items()}, **{"model.attention": attention})
   losses, state = _train_losses(config, jax.devices(), 20)
   expected_losses, expected_state = single_device_run
   np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
