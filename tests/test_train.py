@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -101,6 +102,29 @@ def test_resume_from_a_checkpoint_equals_training_straight(tmp_path, trained, ev
   assert losses(resumed_dir) == losses(straight_dir)
   _, params_a, _, _ = run_setup.load_run(straight_dir, 8, devices=jax.devices()[:1])
   _, params_b, _, _ = run_setup.load_run(resumed_dir, 8, devices=jax.devices()[:1])
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+
+
+def test_resume_with_the_splash_kernel_equals_training_straight(tmp_path, trained):
+  """The splash kernel (Pallas interpret mode on a CPU) resumes exactly too. Two runs, not three: a
+  straight run of 4 steps, and a copy of its workdir without checkpoint 4 (as if that save had never
+  finished), resumed from checkpoint 2."""
+  config = trained[1].copy_and_resolve_references()
+  config.model.attention = "splash"
+  config.train.steps, config.train.checkpoint_every, config.sample.max_new_tokens = 4, 2, 0
+  straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  trainer.train_and_evaluate(config, straight_dir, devices=jax.devices()[:1])
+  shutil.copytree(straight_dir, resumed_dir)
+  assert sorted(os.listdir(os.path.join(resumed_dir, "checkpoints"))) == ["2", "4"]
+  shutil.rmtree(os.path.join(resumed_dir, "checkpoints", "4"))
+  logged = len(_events(resumed_dir))
+  trainer.train_and_evaluate(config, resumed_dir, devices=jax.devices()[:1])
+
+  straight = {e["step"]: e["loss"] for e in _events(straight_dir) if "loss" in e}
+  resumed = {e["step"]: e["loss"] for e in _events(resumed_dir)[logged:] if "loss" in e}  # this run's own
+  assert resumed == {3: straight[3], 4: straight[4]}
+  _, params_a, _, _ = run_setup.load_run(straight_dir, 4, devices=jax.devices()[:1])
+  _, params_b, _, _ = run_setup.load_run(resumed_dir, 4, devices=jax.devices()[:1])
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
 
 
