@@ -15,10 +15,12 @@ model.attention_block_kv), i and j their indices.
 """
 
 import functools
+import inspect
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llama_jax import sharding as sh
 
@@ -44,13 +46,18 @@ def resolve(kernel: str, on: str) -> str:
 # The splash kernel's blocks span whole vector registers of 128 lanes (its BlockSizes checks).
 SPLASH_BLOCK_MULTIPLE = 128
 
+# The platforms cudnn runs on: jax names an NVIDIA GPU's "gpu", and "cuda" when lowering for it by name.
+GPU_PLATFORMS = ("gpu", "cuda")
+# The documents per row cudnn's packed layout holds unless attend is told otherwise (cudnn_attention).
+CUDNN_MAX_SEGMENTS = 64
+
 
 def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
 def attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, kernel: str = "auto", block_q: int = 512,
-           block_kv: int = 512):
+           block_kv: int = 512, max_segments: int = CUDNN_MAX_SEGMENTS):
   """Causal attention within the documents of packed rows (the rule in the module docstring).
 
   Args:
@@ -63,7 +70,8 @@ def attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, kernel: str = "auto", bloc
   Returns:
     out_BTNH in the dtype of q.
   Raises:
-    ValueError for a kernel not in KERNELS or not built for this platform (cudnn off GPU).
+    ValueError for a kernel not in KERNELS or not built for this platform (cudnn off GPU), and for
+    what cudnn cannot take (cudnn_unsupported), in one line naming the config key.
   """
   B, T = segment_ids_BT.shape
   on = platform()
@@ -74,6 +82,15 @@ def attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, kernel: str = "auto", bloc
     unit = SPLASH_BLOCK_MULTIPLE
     fn = lambda q, k, v, seg, bq, bk: _sharded(
         functools.partial(splash_attention, block_q=bq, block_kv=bk, interpret=on != "tpu"), q, k, v, seg)
+  elif kernel == "cudnn":
+    if on not in GPU_PLATFORMS:
+      raise ValueError(f"model.attention='cudnn' runs on GPU only, not on {on!r} (use 'auto' or 'xla')")
+    # cuDNN takes rows of any length: no blocks, no padding.
+    xla = functools.partial(attend, kernel="xla", block_q=block_q, block_kv=block_kv)
+    # Asked here: the probe runs a computation, which jax cannot do inside shard_map.
+    fn = functools.partial(cudnn_attention, max_segments=max_segments, fallback=xla,
+                           repeat_kv=not _kv_offsets_follow_kv_heads())
+    return _sharded(fn, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
   else:
     raise ValueError(f"attention kernel {kernel!r} is not one of {KERNELS}")
   block_q, block_kv = min(block_q, _round_up(T, unit)), min(block_kv, _round_up(T, unit))
@@ -276,3 +293,144 @@ def _sharded(kernel_fn, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT):
   return jax.shard_map(kernel_fn, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
                        check_vma=False)(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
 
+
+# --- cudnn: cuDNN's fused flash attention (GPU), documents in its packed layout ------------------
+#
+# jax's public jax.nn.dot_product_attention(implementation="cudnn") takes documents only as a dense
+# [B, N, T, S] mask or as one length per row. cuDNN's packed ("THD", ragged) layout, in which a row is
+# a list of segments (start and length) each attended within itself, is reached only through jax's
+# private jax._src.cudnn.fused_attention_stablehlo.dot_product_attention (q_seqlen, kv_seqlen,
+# q_offsets, kv_offsets; the same code in jax 0.10.2 and 0.11.0). _cudnn_module finds it, and
+# cudnn_unsupported says in one line where it is missing.
+
+# cuDNN's flash attention takes fp16 or bf16 inputs and a head dim that is a multiple of 8, at most
+# 256 (on Hopper; 128 before it); its packed layout needs Hopper, compute capability 9.0 (jax's
+# check_layout and check_is_flash_attention).
+CUDNN_DTYPES = ("bfloat16", "float16")
+CUDNN_MAX_HEAD_DIM = 256
+CUDNN_MIN_COMPUTE_CAPABILITY = (9, 0)
+_CUDNN_ARGS = ("q_seqlen", "kv_seqlen", "q_offsets", "kv_offsets", "scale", "mask_type")
+
+
+def _cudnn_module():
+  """jax's private cuDNN attention module, or None where it lacks the packed layout's arguments."""
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+  except ImportError:
+    return None
+  sdpa = getattr(fused, "dot_product_attention", None)
+  if sdpa is None or not hasattr(fused, "MaskType"):
+    return None
+  if not set(_CUDNN_ARGS) <= set(inspect.signature(sdpa).parameters):
+    return None
+  return fused
+
+
+def cudnn_unsupported(dtype: str, head_dim: int, compute_capability: str | None = None) -> str | None:
+  """Why the cudnn kernel cannot compute this model, in words naming the config key; None if it can.
+
+  Args:
+    dtype: the compute dtype (model.dtype). head_dim: H (model.dim / model.n_heads).
+    compute_capability: the GPU's, as jax's device reports it ("9.0"); None where unknown.
+  """
+  if _cudnn_module() is None:
+    return (f"jax {jax.__version__} lacks cuDNN's packed attention (jax._src.cudnn.fused_attention_stablehlo."
+            "dot_product_attention with q_offsets and kv_offsets, as in jax 0.10 and 0.11)")
+  if dtype not in CUDNN_DTYPES:
+    return f"model.dtype={dtype!r}: cuDNN's fused attention takes {' or '.join(CUDNN_DTYPES)} only"
+  if head_dim % 8 or head_dim > CUDNN_MAX_HEAD_DIM:
+    return (f"head dim {head_dim} (model.dim / model.n_heads): cuDNN's fused attention needs a multiple of 8, "
+            f"at most {CUDNN_MAX_HEAD_DIM}")
+  if compute_capability is not None:
+    major_minor = tuple(int(x) for x in compute_capability.split(".")[:2])
+    if major_minor < CUDNN_MIN_COMPUTE_CAPABILITY:
+      return (f"the GPU's compute capability is {compute_capability}: cuDNN's packed layout (documents in "
+              "a row) needs 9.0 (Hopper) or newer")
+  return None
+
+
+def segment_runs(segment_ids_BT, max_segments: int):
+  """Each row's runs of equal segment id, in order, as cuDNN's packed layout describes them:
+  (offsets_BM1, seqlens_BM, runs_B), M = max_segments.
+
+  A run is a document (data.py packs each contiguously), a row's end padding (id 0) or attend's own
+  padding (-1): every position lies in exactly one run, so cuDNN computes every output.
+  offsets_BM1[b, m] is where run m of row b starts and seqlens_BM[b, m] its length, for m < runs_B[b];
+  the entries after a row's last run are -1, and column M always is (jax's q_offsets [B, M + 1] and
+  q_seqlen [B, M]). runs_B counts every run; the runs past the M-th of a row are left out.
+  """
+  B, T = segment_ids_BT.shape
+  M = max_segments
+  changes_BT = segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]
+  starts_BT = jnp.concatenate([jnp.ones((B, 1), bool), changes_BT], axis=1)
+  ends_BT = jnp.concatenate([changes_BT, jnp.ones((B, 1), bool)], axis=1)
+  run_BT = jnp.cumsum(starts_BT, axis=1, dtype=jnp.int32) - 1
+  runs_B = run_BT[:, -1] + 1
+  rows_B1 = jnp.arange(B)[:, None]
+  t_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  # A run's first (last) position goes to its run's column; any other position, and the runs past
+  # the M-th, to column M + 1, which is out of bounds and dropped.
+  kept_BT = run_BT < M
+  offsets_BM1 = jnp.full((B, M + 1), -1, jnp.int32).at[
+      rows_B1, jnp.where(starts_BT & kept_BT, run_BT, M + 1)].set(t_BT, mode="drop")
+  ends_BM = jnp.full((B, M), -1, jnp.int32).at[
+      rows_B1, jnp.where(ends_BT & kept_BT, run_BT, M + 1)].set(t_BT + 1, mode="drop")
+  seqlens_BM = jnp.where(jnp.arange(M) < runs_B[:, None], ends_BM - offsets_BM1[:, :M], -1)
+  return offsets_BM1, seqlens_BM, runs_B
+
+
+@functools.cache
+def _kv_offsets_follow_kv_heads() -> bool:
+  """Whether this jax turns kv_offsets (tokens) into element offsets with the keys' own head count K.
+  jax up to 0.11.0 multiplies them by the queries' N (corrected by jax-ml/jax pull request 39521),
+  which moves every segment's keys when K < N; cudnn_attention then hands cuDNN one kv head per
+  query head (repeat_kv). Runs jax's own conversion (_fix_seqlen_offsets) on a two-segment row with
+  K = 1, N = 2, so it is asked outside shard_map."""
+  fix = getattr(_cudnn_module(), "_fix_seqlen_offsets", None)
+  if fix is None:
+    return False
+  seqlens, offsets = np.array([[2, 2]], np.int32), np.array([[0, 2, -1]], np.int32)
+  H = 8
+  q, k = np.zeros((1, 4, 2, H), np.float32), np.zeros((1, 4, 1, H), np.float32)
+  with jax.ensure_compile_time_eval():  # a value even when asked while tracing
+    kv_offsets = jax.jit(lambda *args: fix(*args)[3])(seqlens, seqlens, offsets, offsets, q, k)
+    return int(np.asarray(kv_offsets).reshape(-1)[1]) == 2 * 1 * H
+
+
+def cudnn_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, max_segments: int, fallback, repeat_kv: bool):
+  """The "cudnn" kernel on one device's rows and heads: each run of equal segment ids (segment_runs)
+  is one segment of cuDNN's packed layout, with cuDNN's PADDING_CAUSAL mask, which is causal within
+  each segment (its diagonal starts at the segment's first position). K kv heads serve the N query
+  heads (cuDNN's grouped-query mode), or with repeat_kv each is repeated for its N / K query heads
+  (for a jax that addresses grouped kv heads' segments wrong: _kv_offsets_follow_kv_heads).
+
+  M = max(2, min(max_segments, T)) is static: jax allocates cuDNN's softmax statistics as
+  [B * M, N, T] float32 and keeps them for the backward pass, 4 M bytes per query and head (at
+  M = 64 and H = 128 as much as q itself in bfloat16). When one of the rows has more than M runs,
+  `fallback(q, k, v, segment_ids)` (attend's xla kernel) computes all of them instead, through
+  lax.cond: both are compiled and one runs. With M >= T every row fits and there is no fallback.
+
+  Returns out_BTNH in q's dtype. Raises ValueError, at trace time, with cudnn_unsupported's line.
+  """
+  B, T, N, H = q_BTNH.shape
+  K = k_BTKH.shape[2]
+  reason = cudnn_unsupported(jnp.dtype(q_BTNH.dtype).name, H)
+  if reason:
+    raise ValueError(f"model.attention='cudnn': {reason}")
+  fused = _cudnn_module()
+  M = max(2, min(max_segments, T))  # M = 1 would be read as jax's unpacked layout
+  offsets_BM1, seqlens_BM, runs_B = segment_runs(segment_ids_BT, M)
+
+  def packed(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, offsets_BM1, seqlens_BM):
+    del segment_ids_BT  # described by offsets and seqlens
+    if K != N and repeat_kv:
+      k_BTKH, v_BTKH = (jnp.repeat(x, N // K, axis=2) for x in (k_BTKH, v_BTKH))
+    return fused.dot_product_attention(
+        q_BTNH, k_BTKH, v_BTKH, None, None, seqlens_BM, seqlens_BM, offsets_BM1, offsets_BM1,
+        scale=1.0 / math.sqrt(H), mask_type=fused.MaskType.PADDING_CAUSAL).astype(q_BTNH.dtype)
+
+  operands = (q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, offsets_BM1, seqlens_BM)
+  if M >= T:
+    return packed(*operands)
+  unpacked = lambda q, k, v, segment_ids, *_: fallback(q, k, v, segment_ids).astype(q.dtype)
+  return jax.lax.cond(jnp.max(runs_B) <= M, packed, unpacked, *operands)

@@ -200,7 +200,7 @@ def check_config(config: ml_collections.ConfigDict, tokenizer: bool = True):
   if config.data.batch_size % k:
     raise ConfigError(f"config.data.batch_size={config.data.batch_size} is not divisible by "
                       f"config.train.grad_accum_steps={k}")
-  check_attention_blocks(llama)
+  check_attention(llama)
   chunk = config.train.loss_chunk_size
   if chunk and config.data.seq_len % chunk:
     raise ConfigError(f"config.train.loss_chunk_size={chunk} must be 0 or divide "
@@ -210,6 +210,31 @@ def check_config(config: ml_collections.ConfigDict, tokenizer: bool = True):
   if llama.dtype not in COMPUTE_DTYPES:
     raise ConfigError(f"config.model.dtype={llama.dtype!r} is not one of {list(COMPUTE_DTYPES)}")
   return llama
+
+
+def check_attention(llama: model_lib.LlamaConfig, devices=None):
+  """ConfigError, one line naming the key, for an attention kernel that cannot run this model: the
+  splash kernel's blocks (check_attention_blocks); for the cudnn kernel, what
+  attention.cudnn_unsupported names (model.dtype bf16 or fp16, the head dim, jax's API).
+
+  With `devices` (the run's mesh's) "auto" is checked as the kernel it stands for on their platform
+  (attention.resolve), "cudnn" off GPU is refused, and so is a GPU too old for cuDNN's packed layout.
+  """
+  kernel, platform, capability = llama.attention, None, None
+  if devices is not None:
+    device = next(iter(devices))
+    platform, capability = device.platform, getattr(device, "compute_capability", None)
+    if kernel == "cudnn" and platform not in attention_lib.GPU_PLATFORMS:
+      raise ConfigError(f"config.model.attention='cudnn' runs on GPU only, but the devices are {platform!r} "
+                        "(use 'auto' or 'xla')")
+    kernel = attention_lib.resolve(kernel, platform)
+  check_attention_blocks(dataclasses.replace(llama, attention=kernel))
+  if kernel == "cudnn":
+    reason = attention_lib.cudnn_unsupported(llama.dtype, llama.head_dim, capability)
+    if reason:
+      named = "'cudnn'" if llama.attention == "cudnn" else f"{llama.attention!r} (cudnn on {platform})"
+      advice = "" if llama.attention == "cudnn" else "; set config.model.attention='xla'"
+      raise ConfigError(f"config.model.attention={named}: {reason}{advice}")
 
 
 def check_attention_blocks(llama: model_lib.LlamaConfig):
