@@ -40,6 +40,7 @@ def get_config():
   c.model.attention = "auto"  # kernel: "auto" (splash on TPU, cudnn on GPU, else xla), "xla", "splash", "cudnn"
   c.model.attention_block_q = 512  # queries per block of the xla and splash kernels (all T if T is shorter)
   c.model.attention_block_kv = 512  # keys per block (llama_jax/attention.py)
+  c.model.attention_max_segments = 64  # cudnn: documents per row in cuDNN's packed layout (rows with more run xla)
   c.model.init_std = 0.02  # std of the normal initialisation (output projections / sqrt(2L))
 
   c.data = ml_collections.ConfigDict()

@@ -36,11 +36,18 @@ def platform() -> str:
   return jax.default_backend()
 
 
-def resolve(kernel: str, on: str) -> str:
-  """The kernel "auto" stands for on platform `on`: splash on TPU, cudnn on GPU, xla elsewhere."""
+def resolve(kernel: str, on: str, dtype: str | None = None, head_dim: int | None = None,
+            compute_capability: str | None = None) -> str:
+  """The kernel "auto" stands for on platform `on`: splash on TPU; on GPU cudnn where it can compute
+  the model (cudnn_unsupported of the compute dtype, head dim and, where known, the GPU's compute
+  capability), else xla; xla elsewhere. Any other kernel stands for itself."""
   if kernel != "auto":
     return kernel
-  return {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(on, "xla")
+  if on == "tpu":
+    return "splash"
+  if on in GPU_PLATFORMS and dtype is not None and head_dim is not None:
+    return "xla" if cudnn_unsupported(dtype, head_dim, compute_capability) else "cudnn"
+  return "xla"
 
 
 # The splash kernel's blocks span whole vector registers of 128 lanes (its BlockSizes checks).
@@ -75,7 +82,8 @@ def attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, kernel: str = "auto", bloc
   """
   B, T = segment_ids_BT.shape
   on = platform()
-  kernel = resolve(kernel, on)
+  capability = getattr(jax.devices()[0], "compute_capability", None) if on == jax.default_backend() else None
+  kernel = resolve(kernel, on, jnp.dtype(q_BTNH.dtype).name, q_BTNH.shape[-1], capability)
   if kernel == "xla":
     unit, fn = 1, blocked_attention
   elif kernel == "splash":

@@ -106,6 +106,7 @@ _RANGES = (
     ("model.init_std", _REAL, 0, None, True),
     ("model.attention_block_q", _INT, 1, None, False),
     ("model.attention_block_kv", _INT, 1, None, False),
+    ("model.attention_max_segments", _INT, 1, None, False),
     ("model.rope_scaling.factor", _REAL, 0, None, True),
     ("model.rope_scaling.low_freq_factor", _REAL, 0, None, True),
     ("model.rope_scaling.high_freq_factor", _REAL, 0, None, True),
@@ -227,14 +228,12 @@ def check_attention(llama: model_lib.LlamaConfig, devices=None):
     if kernel == "cudnn" and platform not in attention_lib.GPU_PLATFORMS:
       raise ConfigError(f"config.model.attention='cudnn' runs on GPU only, but the devices are {platform!r} "
                         "(use 'auto' or 'xla')")
-    kernel = attention_lib.resolve(kernel, platform)
+    kernel = attention_lib.resolve(kernel, platform, llama.dtype, llama.head_dim, capability)
   check_attention_blocks(dataclasses.replace(llama, attention=kernel))
   if kernel == "cudnn":
     reason = attention_lib.cudnn_unsupported(llama.dtype, llama.head_dim, capability)
     if reason:
-      named = "'cudnn'" if llama.attention == "cudnn" else f"{llama.attention!r} (cudnn on {platform})"
-      advice = "" if llama.attention == "cudnn" else "; set config.model.attention='xla'"
-      raise ConfigError(f"config.model.attention={named}: {reason}{advice}")
+      raise ConfigError(f"config.model.attention='cudnn': {reason}")
 
 
 def check_attention_blocks(llama: model_lib.LlamaConfig):
@@ -257,7 +256,7 @@ def check_vocab(tokenizer, llama: model_lib.LlamaConfig, source: str):
 # What a resumed run may change freely: how the model is computed (not what it is). The data
 # stream is guarded by what each checkpoint records of it (data.stream_definition).
 _COMPUTE_FIELDS = ("model.dtype", "model.scan_layers", "model.remat", "model.attention",
-                   "model.attention_block_q", "model.attention_block_kv")
+                   "model.attention_block_q", "model.attention_block_kv", "model.attention_max_segments")
 
 
 def _diff(a: dict, b: dict) -> list[str]:
@@ -291,7 +290,7 @@ _ADDED_KEYS = {
     "train.checkpoint_every_minutes": 0.0, "train.keep_every": 0, "train.skip_nonfinite_steps": 0,
     "train.allow_config_change": False,
     "sample.top_k": 0, "sample.top_p": 1.0, "sample.every": 0,
-    "model.attention_block_q": 512, "model.attention_block_kv": 512,
+    "model.attention_block_q": 512, "model.attention_block_kv": 512, "model.attention_max_segments": 64,
 }
 # Values an older checkpoint's config may hold, and what they are called now: its two attention
 # paths computed what the xla kernel computes.

@@ -55,6 +55,7 @@ class LlamaConfig:
   attention: str = "auto"  # kernel, one of attention.KERNELS: auto (splash on TPU, cudnn on GPU, else xla)
   attention_block_q: int = 512  # queries per block of the xla and splash kernels (the whole row if shorter)
   attention_block_kv: int = 512  # keys per block
+  attention_max_segments: int = 64  # cudnn: documents per row its packed layout holds (more: xla runs)
   init_std: float = 0.02
 
   @property
@@ -73,7 +74,7 @@ class LlamaConfig:
       raise ValueError(f"model.remat={self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
     if self.attention not in attention_lib.KERNELS:
       raise ValueError(f"model.attention={self.attention!r} is not one of {', '.join(attention_lib.KERNELS)}")
-    for key in ("attention_block_q", "attention_block_kv"):
+    for key in ("attention_block_q", "attention_block_kv", "attention_max_segments"):
       if getattr(self, key) < 1:
         raise ValueError(f"model.{key}={getattr(self, key)} must be >= 1")
 
@@ -161,7 +162,8 @@ class Attention(nnx.Module):
     k_BSKH = apply_rope(k_BSKH, positions_BT, inv_freq)
     if cache is None:
       out_BTNH = attention_lib.attend(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, kernel=c.attention,
-                                      block_q=c.attention_block_q, block_kv=c.attention_block_kv)
+                                      block_q=c.attention_block_q, block_kv=c.attention_block_kv,
+                                      max_segments=c.attention_max_segments)
     else:
       k_BSKH, v_BSKH = (_write_slots(cache_BSKH, new_BTKH.astype(cache_BSKH.dtype), positions_BT[:, 0])
                         for cache_BSKH, new_BTKH in zip(cache, (k_BSKH, v_BSKH)))

@@ -123,6 +123,7 @@ class Setup:
     self.config = config
     self.llama = config_lib.llama_config(config.model)
     self.mesh = sh.make_mesh(config.mesh, devices)
+    config_lib.check_attention(self.llama, self.mesh.devices.flat)  # "auto" as the devices resolve it
     abstract_model = model_lib.abstract_model(self.llama)
     self.graphdef, _ = nnx.split(abstract_model)
     sh.check_params_divisible(self.mesh, abstract_model)

@@ -275,8 +275,6 @@ REFUSALS = {
     "head-dim-over-256": (dict(dim=2048), None, "config.model.attention='cudnn': head dim 512"),
     "cpu": ({}, jax.devices(), "config.model.attention='cudnn' runs on GPU only, but the devices are 'cpu'"),
     "before-hopper": ({}, [FakeDevice("gpu", "8.0")], "compute capability is 8.0"),
-    "auto-on-gpu-float32": (dict(attention="auto", dtype="float32"), [FakeDevice("gpu", "9.0")],
-                            "config.model.attention='auto' (cudnn on gpu): model.dtype='float32'"),
 }
 
 
@@ -291,6 +289,14 @@ def test_check_config_refuses_cudnn_for_a_float32_model_before_anything_compiles
   with pytest.raises(ConfigError) as e:
     config_lib.check_config(tiny_test_config(**{"model.attention": "cudnn"}), tokenizer=False)  # tiny: float32
   assert first_line_of(e).startswith("config.model.attention='cudnn': model.dtype='float32'")
+
+
+@pytest.mark.parametrize("dtype,dim,capability,expected", [
+    ("bfloat16", 512, "9.0", "cudnn"), ("float16", 512, None, "cudnn"),  # head dim 128
+    ("float32", 512, "9.0", "xla"), ("bfloat16", 40, "9.0", "xla"), ("bfloat16", 512, "8.0", "xla")])
+def test_auto_on_a_gpu_is_cudnn_where_it_can_compute_the_model_else_xla(dtype, dim, capability, expected):
+  assert attention_lib.resolve("auto", "gpu", dtype, dim // 4, capability) == expected
+  config_lib.check_attention(llama(attention="auto", dtype=dtype, dim=dim), [FakeDevice("gpu", capability)])
 
 
 def test_config_check_passes_what_cudnn_runs():
