@@ -15,8 +15,9 @@ HEADS = {"gqa": (8, 2), "mha": (4, 4)}  # (N, K): G = 4 query heads per kv head,
 
 
 def packed_segments(T):
-  """[2, T] int32 segment ids: row 0 packs documents 1, 2, 3 of uneven lengths (their edges fall
-  inside blocks) and ends in a padding run of id 0, as data.py pads; row 1 is one document."""
+  """[2, T] int32 segment ids: row 0 packs documents 1, 2, 3 of uneven lengths (with blocks shorter
+  than the row, one of them spans a block edge) and ends in a padding run of id 0, as data.py pads;
+  row 1 is one document."""
   edges = [0, 3 * T // 10, T // 2 + 1, 17 * T // 20, T]
   row0 = np.zeros(T, np.int32)
   for doc, (start, end) in enumerate(zip(edges[:-2], edges[1:-1]), start=1):
