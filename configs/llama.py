@@ -7,7 +7,8 @@
 
 Presets: see llama_jax.model.PRESETS (llama1-7b ... llama3.1-405b, llama3.2-1b/3b). The model is
 the preset's architecture with bf16 compute, fp32 params and optimizer state, scan over
-layers and remat that keeps only matmul outputs; params and optimizer state are sharded over
+layers, remat that keeps only matmul outputs and the platform's fused attention kernel (splash on
+TPU, cuDNN on GPU); params and optimizer state are sharded over
 all devices (fsdp). Set data.tokenizer_path to the model family's tokenizer (its vocabulary
 must equal the preset's) and point data.train_corpus / data.eval_corpus at your text
 (corpus specs: README, llama_jax/corpus.py).
@@ -27,6 +28,8 @@ def get_config(preset: str = "llama3-8b"):
   c.model.dtype = "bfloat16"  # compute in bf16, params and optimizer state stay fp32
   c.model.scan_layers = True  # one compiled block for all layers
   c.model.remat = "save_dots"  # recompute everything in the backward pass but matmul outputs
+  c.model.attention = "auto"  # splash on TPU, cudnn on GPU (bf16), xla elsewhere (llama_jax/attention.py)
+  c.model.attention_block_q = c.model.attention_block_kv = 512  # splash's blocks (multiples of 128)
 
   c.data.seq_len = 4096  # T
   c.data.batch_size = 256  # 1M tokens per step

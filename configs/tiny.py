@@ -38,8 +38,8 @@ def get_config():
   #   CPU and compile as fast (configs/llama.py scans: one compiled block for 32-126 layers)
   c.model.remat = "none"  # rematerialisation policy: none, full, save_dots, ...
   c.model.attention = "auto"  # kernel: "auto" (splash on TPU, cudnn on GPU, else xla), "xla", "splash", "cudnn"
-  c.model.attention_block_q = 512  # queries per block of the xla and splash kernels (all T if T is shorter)
-  c.model.attention_block_kv = 512  # keys per block (llama_jax/attention.py)
+  c.model.attention_block_q = 256  # queries per block of the xla and splash kernels (all T if T is shorter):
+  c.model.attention_block_kv = 256  #   and keys; 256 ran fastest on a 2-core CPU (benchmarks/attention.py)
   c.model.attention_max_segments = 64  # cudnn: documents per row in cuDNN's packed layout (rows with more run xla)
   c.model.init_std = 0.02  # std of the normal initialisation (output projections / sqrt(2L))
 
