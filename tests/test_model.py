@@ -195,5 +195,9 @@ def test_demo_config_is_the_tiny_preset():
   from configs import tiny
   from llama_jax import config_lib
   demo = config_lib.llama_config(tiny.get_config().model)
-  assert not demo.scan_layers  # the demo unrolls its 4 layers (faster on a CPU); the preset keeps the default
-  assert dataclasses.replace(demo, scan_layers=True) == model_lib.PRESETS["tiny"]
+  # The demo unrolls its 4 layers and takes attention blocks of 256 (each faster on a CPU); the preset
+  # keeps the defaults of these compute fields.
+  assert not demo.scan_layers and demo.attention_block_q == demo.attention_block_kv == 256
+  preset = model_lib.PRESETS["tiny"]
+  assert dataclasses.replace(demo, scan_layers=True, attention_block_q=preset.attention_block_q,
+                             attention_block_kv=preset.attention_block_kv) == preset
