@@ -2,6 +2,12 @@
 
   .venv-test/bin/python benchmarks/attention.py --seq_lens 256,2048 [--rounds 3] [--steps 10]
   .venv-test/bin/python benchmarks/attention.py --seq_lens 1024,2048,4096 --memory_only
+  JAX_PLATFORMS=cpu .venv-test/bin/python benchmarks/attention.py --topology v5p-8 --preset llama3-8b --seq_lens 8192
+
+With --topology (a slice name of llama_jax.aot, libtpu installed, no TPU needed) it compiles the attention
+alone, forward and backward (the gradient of sum(out * dout) with respect to q, k, v), for one chip of
+that topology: one row of the --preset's heads in bf16, variants einsum, xla and splash (blocks of 512),
+and prints XLA's temporaries of each; nothing is timed.
 
 Variants (--variants, comma-separated):
   einsum      the model's attention before llama_jax/attention.py: a [B, T, S] boolean mask built
@@ -18,6 +24,7 @@ Memory is XLA's compiled temporaries of the step (memory_analysis().temp_size_in
 buffers live at once besides the parameters, optimizer state and batch.
 """
 
+import functools
 import math
 import statistics
 import time
@@ -29,6 +36,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from llama_jax import attention as attention_lib
+from llama_jax import model as model_lib
 from llama_jax import run_setup
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Training config file.")
@@ -37,6 +45,8 @@ _VARIANTS = flags.DEFINE_list("variants", ["einsum", "default", "xla:256"], "Att
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per variant and round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds.")
 _MEMORY_ONLY = flags.DEFINE_bool("memory_only", False, "Compile and report memory; time nothing.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "A TPU slice name (llama_jax.aot): the attention alone on one chip.")
+_PRESET = flags.DEFINE_string("preset", "llama3-8b", "With --topology: the model.PRESETS whose heads are used.")
 
 
 def einsum_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, **unused):
@@ -98,8 +108,38 @@ def compile_variant(variant: str, T: int):
   return step, compiled.memory_analysis().temp_size_in_bytes
 
 
+def tpu_attention_memory(T: int):
+  """Prints the per-chip temporaries of attention alone (forward + backward) by variant, compiled for
+  one chip of --topology through libtpu."""
+  from llama_jax import aot
+  from llama_jax import sharding as sh
+  llama = model_lib.PRESETS[_PRESET.value]
+  N, K, H = llama.n_heads, llama.n_kv_heads, llama.head_dim
+  devices = aot.tpu_devices(_TOPOLOGY.value)
+  mesh = jax.make_mesh((1, 1, 1), sh.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices[:1])
+  args = [jax.ShapeDtypeStruct(shape, jnp.bfloat16) for shape in ((1, T, N, H), (1, T, K, H), (1, T, K, H), (1, T, N, H))]
+  segment_ids = jax.ShapeDtypeStruct((1, T), jnp.int32)
+  print(f"{_PRESET.value} attention alone on one {devices[0].device_kind} ({_TOPOLOGY.value}): 1 row of T={T}, "
+        f"N={N}, K={K}, H={H}, bf16, forward + backward")
+  for variant in ("einsum", "xla", "splash"):
+    attend = einsum_attention if variant == "einsum" else functools.partial(
+        attention_lib.attend, kernel=variant, block_q=512, block_kv=512)
+
+    def grads(q, k, v, dout, segment_ids):
+      loss = lambda q, k, v: jnp.sum(attend(q, k, v, segment_ids).astype(jnp.float32) * dout)
+      return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    with jax.set_mesh(mesh):
+      compiled = jax.jit(grads).lower(*args, segment_ids).compile()
+    print(f"  {variant:7s} temporaries {compiled.memory_analysis().temp_size_in_bytes / 2**30:8.3f} GiB", flush=True)
+
+
 def main(argv):
   del argv
+  if _TOPOLOGY.value:
+    for T in map(int, _SEQ_LENS.value):
+      tpu_attention_memory(T)
+    return
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {len(jax.devices())} device(s); "
         f"config {_CONFIG.value.model.dim}d x {_CONFIG.value.model.n_layers} layers, "
         f"batch {_CONFIG.value.data.batch_size} rows")
