@@ -1,12 +1,28 @@
-"""Eight fake CPU devices for the sharding tests (set before jax is imported), and tiny configs."""
+"""Eight fake CPU devices for the sharding tests (set before jax is imported), one compilation cache
+for the session, and tiny configs."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# JAX's persistent compilation cache, for this pytest process only, in a directory of its own that goes
+# at exit: the tiny runs here compile the same init, train and eval programs again and again (XLA's
+# compile is ~3/4 of a tiny run's time on a CPU: ~11 of 14 s); from the second time they load them. An
+# entry's key is the program's HLO with its devices and compile options, so a program that differs
+# in any way compiles afresh. Set through jax.config, not the environment: subprocesses (train.py,
+# eval.py...) do not inherit it, and one process alone writes here, so no reader sees a half-written
+# entry.
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix="llama-jax-tests-xla-cache-")
+atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 from configs import tiny  # noqa: E402
 
