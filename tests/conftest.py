@@ -1,5 +1,5 @@
 """Eight fake CPU devices for the sharding tests (set before jax is imported), one compilation cache
-for the session, and tiny configs."""
+for the session, subprocesses without torch, and tiny configs."""
 
 import atexit
 import os
@@ -11,6 +11,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+from configs import tiny  # noqa: E402
 
 # JAX's persistent compilation cache, for this pytest process only, in a directory of its own that goes
 # at exit: the tiny runs here compile the same init, train and eval programs again and again (XLA's
@@ -24,7 +26,16 @@ atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
-from configs import tiny  # noqa: E402
+# Subprocesses start without torch (tests/no_torch/sitecustomize.py says why); with_torch undoes it.
+NO_TORCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "no_torch")
+os.environ["PYTHONPATH"] = os.pathsep.join([NO_TORCH, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+
+
+def with_torch(env: dict) -> dict:
+  """`env`, a subprocess's environment, with torch importable: NO_TORCH taken off its PYTHONPATH."""
+  kept = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != NO_TORCH]
+  env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+  return {**env, "PYTHONPATH": os.pathsep.join(kept)} if kept else env
 
 
 def tiny_test_config(**overrides):

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from conftest import with_torch
 from test_train import ROOT, subprocess_env
 
 pytest.importorskip("torch")
@@ -19,7 +20,7 @@ TINY = ["--config.model.vocab_size=320", "--config.model.dim=32", "--config.mode
 def test_bench_prints_the_figures_and_the_hf_ratio(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "llama_jax.bench", "--config=configs/tiny.py", *TINY, "--steps=10",
                          "--rounds=1", "--peer=hf", "--data", "--data_batches=20", f"--workdir={tmp_path}"],
-                        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+                        cwd=ROOT, env=with_torch(subprocess_env()), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr
   out = proc.stdout
   for label in ("compile", "step", "tokens/s", "model FLOPs", "achieved", "roof", "of the roof", "peak memory",

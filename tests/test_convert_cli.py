@@ -12,14 +12,14 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from conftest import tiny_test_config  # noqa: E402
+from conftest import tiny_test_config, with_torch  # noqa: E402
 from llama_jax import config_lib, corpus, tokenizer as tok_lib  # noqa: E402
 from test_hf import hf_model, read_safetensors, save_hf  # noqa: E402
 from test_train import ROOT, _flat  # noqa: E402
 
 
-def _run(*args):
-  proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def _run(*args, env=None):
+  proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   return proc.stdout
 
@@ -36,7 +36,7 @@ def test_import_train_eval_export(tmp_path):
   overrides = [f"--config.{k}={v}" for k, v in _flat(config).items()]
 
   out = _run("-m", "llama_jax.convert", "import-hf", f"--hf_dir={hf_dir}", f"--workdir={workdir}",
-             "--config=configs/tiny.py", "--check")
+             "--config=configs/tiny.py", "--check", env=with_torch(os.environ))  # --check runs transformers
   check = float(out.split("transformers = ")[1].split()[0])
   assert check < 1e-4, out
 

@@ -36,7 +36,6 @@ EVAL = "text:" + os.path.join(ROOT, "tests", "data", "heldout_sample.txt")
 #   sends once it has taken the network to the server down (_Proxy; up again half a second later).
 CHILD = r"""
 import asyncio, os, runpy, signal, sys, threading, time, types
-sys.modules["torch"] = None  # tensorboardX imports torch where it is installed (here, for other tests): ~3 s
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.serialization import tensorstore_utils
 from llama_jax import checkpoint as ckpt_lib
