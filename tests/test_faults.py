@@ -70,9 +70,9 @@ def straight_12(tmp_path_factory):
 # ------------------------------------------------------------------ SIGTERM
 
 
-def _run_until_signalled(cmd, at_step, total, send):
+def _run_until_signalled(cmd, at_step, total, send, env):
   """Starts cmd, calls send(proc) when it logs step `at_step`, returns its whole output."""
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   lines = []
   for line in proc.stdout:
     lines.append(line)
@@ -87,7 +87,8 @@ def test_sigterm_twice_then_finishing_on_gs_equals_a_straight_run_on_disk(tmp_pa
   """The interrupted run keeps its workdir and tokenizer on gs:// (a local GCS API server): every step's
   metrics, the final eval and the params equal those of the straight run on a local disk, bit for bit."""
   config = _config(**{"train.steps": 30, "train.checkpoint_every": 2, "train.async_checkpoint": True})
-  straight = subprocess.run(train_cmd(tmp_path / "a", config), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+  env = subprocess_env(compilation_cache=tmp_path / "jax-cache")  # the signals come after the first step
+  straight = subprocess.run(train_cmd(tmp_path / "a", config), cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
   assert straight.returncode == 0, straight.stdout + straight.stderr
   remote = f"{gcs_bucket}/b"
@@ -97,7 +98,7 @@ def test_sigterm_twice_then_finishing_on_gs_equals_a_straight_run_on_disk(tmp_pa
   saved = 0
   for _ in range(2):
     at = saved + int(rng.integers(2, 9))  # saves every 2 steps, asynchronously: one is often in flight
-    code, out = _run_until_signalled(train_cmd(remote, config), at, 30, lambda p: p.send_signal(signal.SIGTERM))
+    code, out = _run_until_signalled(train_cmd(remote, config), at, 30, lambda p: p.send_signal(signal.SIGTERM), env)
     assert code == 0, out
     assert "Traceback" not in out
     last = out.strip().splitlines()[-1]
@@ -105,7 +106,7 @@ def test_sigterm_twice_then_finishing_on_gs_equals_a_straight_run_on_disk(tmp_pa
     saved = int(last.split("saved step ")[1].split()[0])
     assert saved >= at
     assert sorted(int(s) for s in paths.listdir(f"{remote}/checkpoints"))[-1] == saved
-  finish = subprocess.run(train_cmd(remote, config), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+  finish = subprocess.run(train_cmd(remote, config), cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
   assert finish.returncode == 0, finish.stdout + finish.stderr
   assert f"resumed from step {saved}" in finish.stdout
@@ -123,14 +124,15 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(tmp_path):
   import portpicker
   # Enough steps (~80 ms each here) for the notice to cross the coordination service before the end.
   config = _config(**{"train.steps": 60, "train.checkpoint_every": 30})
+  env = subprocess_env(compilation_cache=tmp_path / "jax-cache")  # the notice comes after the first step
 
   def pair(workdir, at_step=None):
     port = portpicker.pick_unused_port()
     cmds = [train_cmd(workdir, config, "--num_cpu_devices=2", f"--coordinator_address=127.0.0.1:{port}",
                  "--num_processes=2", f"--process_id={i}", "--distributed_timeout_s=60") for i in range(2)]
-    other = subprocess.Popen(cmds[1], cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    other = subprocess.Popen(cmds[1], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     send = lambda _: other.send_signal(signal.SIGTERM)  # process 1 only; process 0 logs
-    code, out = _run_until_signalled(cmds[0], at_step, 60, send)
+    code, out = _run_until_signalled(cmds[0], at_step, 60, send, env)
     other_out = other.communicate(timeout=120)[0]
     assert code == 0 and other.returncode == 0, out + other_out
     return out

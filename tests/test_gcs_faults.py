@@ -110,8 +110,8 @@ def _child(server, workdir, config_file, fault, via=None, stdin=None, stderr=sub
   nothing (~8 s less here)."""
   cache = os.path.join(os.path.dirname(config_file), "jax-cache")
   clients = {k: v.replace(server.url, via.url) if via else v for k, v in server.env().items()}
-  env = dict(subprocess_env(), **clients, GCS_FAULT=fault, GCS_SERVER_PID=str(server._process.pid),
-             JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env = dict(subprocess_env(compilation_cache=cache), **clients, GCS_FAULT=fault,
+             GCS_SERVER_PID=str(server._process.pid))
   return subprocess.Popen([sys.executable, "-c", CHILD, f"--config={config_file}", f"--workdir={workdir}"], cwd=ROOT,
                           env=env, stdin=stdin, stdout=subprocess.PIPE, stderr=stderr, text=True)
 

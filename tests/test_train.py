@@ -164,10 +164,20 @@ def train_cmd(workdir, config, *extra):
           *[f"--config.{k}={v}" for k, v in _flat(config).items()], *extra]
 
 
-def subprocess_env():
-  """This session's environment without its 8 fake devices: a subprocess picks its own."""
+def subprocess_env(compilation_cache=None):
+  """This session's environment without its 8 fake devices: a subprocess picks its own.
+
+  compilation_cache: a directory for a JAX compilation cache that the processes of one test share, so
+  that from the second on they load what the first compiled (most of a tiny train.py's time on a CPU).
+  Only where no process is killed: jax writes an entry from process 0 alone, right after its compile,
+  and not atomically (jax/_src/lru_cache.py). A SIGTERM after a run's first step cuts no write short
+  (it sets a flag; preemption.py), and a torn entry would be a warning and a fresh compile in the
+  process that reads it (jax/_src/compiler.py: _cache_read), never a wrong program.
+  """
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
+  if compilation_cache:
+    env.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return env
 
 
