@@ -28,7 +28,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 # Subprocesses start without torch (tests/no_torch/sitecustomize.py says why); with_torch undoes it.
 NO_TORCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "no_torch")
-os.environ["PYTHONPATH"] = os.pathsep.join([NO_TORCH, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+_PYTHONPATH = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+os.environ["PYTHONPATH"] = os.pathsep.join([NO_TORCH, *_PYTHONPATH])
 
 
 def with_torch(env: dict) -> dict:
