@@ -77,7 +77,7 @@ def test_a_missing_peer_fails_both_within_the_timeout(tmp_path):
   config = tiny_test_config(**{"sample.max_new_tokens": 0})
   procs = [subprocess.Popen(train_cmd(tmp_path / f"alone{i}", config, "--num_cpu_devices=2",
                                       f"--coordinator_address=127.0.0.1:{portpicker.pick_unused_port()}",
-                                      "--num_processes=2", f"--process_id={i}", "--distributed_timeout_s=10"),
+                                      "--num_processes=2", f"--process_id={i}", "--distributed_timeout_s=5"),
                             cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]  # each waits for a peer that never comes
   for p in procs:
