@@ -40,7 +40,8 @@ def test_import_train_eval_export(tmp_path):
   check = float(out.split("transformers = ")[1].split()[0])
   assert check < 1e-4, out
 
-  out = _run("eval.py", f"--workdir={workdir}", f"--output={tmp_path / 'eval.json'}", "--dtype=bfloat16")
+  out = _run("eval.py", f"--workdir={workdir}", f"--output={tmp_path / 'eval.json'}", "--dtype=bfloat16",
+             f"--corpus={config.data.eval_corpus}")  # the held-out sample, not configs/tiny.py's held-out plays
   assert json.loads((tmp_path / "eval.json").read_text())["step"] == 0
   assert json.loads((tmp_path / "eval.json").read_text())["dtype"] == "bfloat16"
   assert out.splitlines()[0].endswith("| bfloat16")
