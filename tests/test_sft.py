@@ -120,9 +120,12 @@ def _sft_config(base_dir, eval_spec, **overrides):
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
-  """A base model shaped like _sft_config's, pretrained for a few steps on the plays."""
+  """A base model shaped like _sft_config's, pretrained for a few steps on the plays (scored on the
+  held-out sample, not the held-out plays: ~5 s less)."""
   workdir = str(tmp_path_factory.mktemp("base") / "run")
-  config = tiny_test_config(**{"data.seq_len": 64, "model.max_seq_len": 64, "sample.max_new_tokens": 0})
+  heldout = "text:" + os.path.join(os.path.dirname(__file__), "data", "heldout_sample.txt")
+  config = tiny_test_config(**{"data.seq_len": 64, "model.max_seq_len": 64, "sample.max_new_tokens": 0,
+                               "data.eval_corpus": heldout})
   trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   return workdir
 
@@ -168,8 +171,9 @@ def test_a_refused_fine_tune_leaves_nothing_and_the_corrected_one_runs(base_run,
   with pytest.raises(ConfigError, match="config.sample.prompt has .* no room left"):
     trainer.train_and_evaluate(bad, workdir, devices=jax.devices()[:1])
   assert not os.path.exists(workdir)
-  good = _sft_config(base_run, "speakers:heldout", **{"train.steps": 2, "train.checkpoint_every": 2,
-                                                      "sample.max_new_tokens": 0})
+  pairs = _write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Who's there?", "response": "BERNARDO"}] * 2)
+  good = _sft_config(base_run, pairs, **{"train.steps": 2, "train.checkpoint_every": 2,
+                                         "sample.max_new_tokens": 0})  # scores 2 pairs, not all held-out ones
   trainer.train_and_evaluate(good, workdir, devices=jax.devices()[:1])
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
 
