@@ -26,6 +26,14 @@ atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
+
+def pytest_configure(config):
+  # A program compiled for a TPU topology without a TPU (test_aot, test_plan) is stored in the cache too,
+  # but no TPU client is here to load it back: jax says so in this warning and compiles it again, as it
+  # would with no cache. Any other failure to read an entry is still shown.
+  config.addinivalue_line("filterwarnings", "ignore:Error reading persistent compilation cache entry for "
+                          ".*PjRtCompiler must be constructed with a Client:UserWarning")
+
 # Subprocesses start without torch (tests/no_torch/sitecustomize.py says why); with_torch undoes it.
 NO_TORCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "no_torch")
 _PYTHONPATH = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
