@@ -355,9 +355,9 @@ def plan(config, topology: str, config_arg: str, file_config=None, kernels=None,
   if len(not_searched) == len(kernels):
     raise errors.ConfigError(next(iter(not_searched.values())))
   kernels = tuple(k for k in kernels if k not in not_searched)
-  dims = sh._sharded_dims(model_lib.abstract_model(llama))
-  usable, ruled_out = splits(config, n, lambda fsdp, tensor: sh._indivisible(
-      dims, {sh.DATA: 1, sh.FSDP: fsdp, sh.TENSOR: tensor}))
+  indivisible = sh.indivisible_param(model_lib.abstract_model(llama))
+  usable, ruled_out = splits(config, n, lambda fsdp, tensor: indivisible(
+      {sh.DATA: 1, sh.FSDP: fsdp, sh.TENSOR: tensor}))
   if not usable:
     raise errors.ConfigError(f"no (fsdp, tensor) split of the {n} devices of --topology {topology} takes this "
                              f"config: {' / '.join(f'{f} x {t}: {why}' for (f, t), why in ruled_out.items())}")

@@ -126,6 +126,13 @@ def _mesh_sizes(mesh_config, num_devices: int) -> dict | None:
   return sizes if math.prod(sizes.values()) == num_devices else None
 
 
+def indivisible_param(abstract_model):
+  """A function of mesh axis sizes {axis: size} that says, in words, the first param dim those sizes do
+  not split evenly (None where every one splits): for searching meshes without building them."""
+  dims = _sharded_dims(abstract_model)
+  return lambda sizes: _indivisible(dims, sizes)
+
+
 def check_params_divisible(mesh, abstract_model):
   """Raises one line naming the param, dim and mesh axes where a dim does not split evenly, and the
   device counts (up to the mesh's) over which the mesh's data and tensor sizes, with fsdp filling
