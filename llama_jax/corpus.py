@@ -13,9 +13,13 @@
 Fine-tuning data (data.format = "sft") are (prompt, response) pairs instead of texts:
   jsonl:GLOB                                  one pair per line: its fields data.prompt_field
                                               and data.response_field
-  speakers:train | speakers:heldout           "Who speaks this line in <play>? <line>" ->
-                                              "<SPEAKER>", from the first line of every speech
-                                              of the 34 / 4 embedded plays
+  speakers:train | speakers:heldout | speakers:unseen
+                                              "Who speaks this line in <play>? <line>" ->
+                                              "<SPEAKER>", from the first line of every speech:
+                                              train: the 34 training plays less their held-out
+                                              scenes (every HELDOUT_SCENE_EVERY-th SCENE heading
+                                              of each); heldout: those scenes; unseen: the 4
+                                              held-out plays (speaker_pairs)
 
 GLOB is a glob (`**` recursive) of regular files: a GLOB that is a directory, a FIFO or another
 special file is refused (a directory's files are DIR/*), and directories or special files among
@@ -66,6 +70,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -83,6 +88,9 @@ from llama_jax.errors import ConfigError, DataError
 
 # Fixed for good: changing it changes every reported bits/byte.
 HELDOUT_PLAYS = ("hamlet", "the-tempest", "julius-caesar", "twelfth-night")
+# Fixed for good too: the 5th, 10th, ... scene of each training play gives the "heldout" speaker pairs.
+HELDOUT_SCENE_EVERY = 5
+SPEAKER_SPLITS = ("train", "heldout", "unseen")
 PARQUET_SHUFFLE_WINDOW = 10_000  # rows of a sequential source shuffled together
 
 
@@ -122,19 +130,52 @@ def shakespeare_plays(split: str) -> list[str]:
   return docs
 
 
+def _play_speeches(path: str) -> list[tuple[int, str, str]]:
+  """(scene, prompt, speaker) for every speech of a play file, in file order. A speech is its
+  speaker's name in bold on a line of its own, then its first line of text (not a stage direction,
+  heading or name); `scene` counts the headings whose text starts with SCENE up to the speech (0
+  before the first: a prologue or epilogue belongs to the scene before it)."""
+  raw = paths.read_text(path).splitlines()
+  title = strip_markdown(raw[0]).strip()
+  speeches, scene = [], 0
+  for i, line in enumerate(raw[:-1]):
+    if re.match(r"#+\s*SCENE\b", line, re.IGNORECASE):
+      scene += 1
+    speaker = re.fullmatch(r"\*\*([^*]+)\*\*\s*", line)
+    first = strip_markdown(raw[i + 1]).strip()
+    if speaker and first and not raw[i + 1].startswith(("_", "#", "*")):
+      speeches.append((scene, f"Who speaks this line in {title}? {first}\n", speaker.group(1).strip()))
+  return speeches
+
+
+def heldout_scene(scene: int) -> bool:
+  """Whether a training play's scene (numbered from 1 by its SCENE headings; 0 is what comes before
+  the first) is held out of the "train" speaker pairs: every HELDOUT_SCENE_EVERY-th."""
+  return scene > 0 and scene % HELDOUT_SCENE_EVERY == 0
+
+
 def speaker_pairs(split: str) -> list[tuple[str, str]]:
-  """("Who speaks this line in <title>? <first line of a speech>\n", "<SPEAKER>") for every
-  speech of the plays of a split, in play order."""
+  """("Who speaks this line in <title>? <first line of a speech>\n", "<SPEAKER>") for every speech of
+  a split:
+    "train"    the 34 training plays, less their held-out scenes (heldout_scene);
+    "heldout"  the held-out scenes of the training plays: their speakers and lines are those of the
+               plays the "train" pairs come from (and pretraining's shakespeare:train holds them);
+    "unseen"   the 4 held-out plays (HELDOUT_PLAYS), whose characters "train" never names.
+  Pairs are in the order of the BLAKE2b hash of "prompt + speaker" (then of play order): fixed on any
+  machine and pseudo-random, so that the first N of a split (exact match scores the first ones) are a
+  uniform sample of it, not the start of its first play.
+
+  Raises:
+    ConfigError: an unknown split.
+  """
+  if split not in SPEAKER_SPLITS:
+    raise ConfigError(f"unknown speakers split {split!r}: use 'train', 'heldout' or 'unseen'")
   pairs = []
-  for path in _play_files(split):
-    raw = paths.read_text(path).splitlines()
-    title = strip_markdown(raw[0]).strip()
-    for i, line in enumerate(raw[:-1]):  # a speech: its speaker's name in bold, then its lines
-      speaker = re.fullmatch(r"\*\*([^*]+)\*\*\s*", line)
-      first = strip_markdown(raw[i + 1]).strip()
-      if speaker and first and not raw[i + 1].startswith(("_", "#", "*")):
-        pairs.append((f"Who speaks this line in {title}? {first}\n", speaker.group(1).strip()))
-  return pairs
+  for path in _play_files("heldout" if split == "unseen" else "train"):
+    pairs += [(prompt, speaker) for scene, prompt, speaker in _play_speeches(path)
+              if split == "unseen" or heldout_scene(scene) == (split == "heldout")]
+  order = sorted(range(len(pairs)), key=lambda i: (hashlib.blake2b("".join(pairs[i]).encode()).digest(), i))
+  return [pairs[i] for i in order]
 
 
 # ------------------------------------------------------------------ random-access sources
@@ -682,6 +723,8 @@ def _open(spec, name, tfds_data_dir, skip_bad_documents, pair_fields):
                     pair_fields=pair_fields)
   if pair_fields:
     if kind == "speakers":
+      if rest not in SPEAKER_SPLITS:
+        raise ConfigError(f"{name}={spec!r}: unknown speakers split {rest!r} (train, heldout, unseen)")
       return MapCorpus(spec, speaker_pairs(rest), skips)
     if kind == "jsonl":
       return MapCorpus(spec, JsonlLines(_glob(rest, name), tuple(pair_fields), skips), skips)
