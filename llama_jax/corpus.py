@@ -142,8 +142,7 @@ def _play_speeches(path: str) -> list[tuple[int, str, str]]:
     if re.match(r"#+\s*SCENE\b", line, re.IGNORECASE):
       scene += 1
     speaker = re.fullmatch(r"\*\*([^*]+)\*\*\s*", line)
-    first = strip_markdown(raw[i + 1]).strip()
-    if speaker and first and not raw[i + 1].startswith(("_", "#", "*")):
+    if speaker and not raw[i + 1].startswith(("_", "#", "*")) and (first := strip_markdown(raw[i + 1]).strip()):
       speeches.append((scene, f"Who speaks this line in {title}? {first}\n", speaker.group(1).strip()))
   return speeches
 
