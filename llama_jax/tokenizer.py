@@ -75,6 +75,18 @@ class SentencePieceTokenizer:
     pad = self._sp.pad_id()
     return pad if pad >= 0 else self.eos_id
 
+  @property
+  def special_tokens(self) -> dict[str, int]:
+    """The control and unknown pieces by text ({"<unk>": 0, "<s>": 1, "</s>": 2} for Llama 2): the ids
+    transformers' tokenizer of this file marks special and drops when decoding with skip_special_tokens."""
+    return {self._sp.id_to_piece(i): i for i in range(self.vocab_size)
+            if self._sp.is_control(i) or self._sp.is_unknown(i)}
+
+  @property
+  def byte_pieces(self) -> dict[int, int]:
+    """The byte-fallback pieces <0x00> .. <0xFF>: {id: byte value} (empty without byte fallback)."""
+    return {i: int(self._sp.id_to_piece(i)[3:5], 16) for i in range(self.vocab_size) if self._sp.is_byte(i)}
+
   def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
     """The ids of `text` (valid Unicode, else ConfigError), with BOS / EOS if asked."""
     _check_unicode(text)
