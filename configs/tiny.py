@@ -45,7 +45,11 @@ def get_config():
 
   c.data = ml_collections.ConfigDict()
   c.data.train_corpus = "shakespeare:train"  # corpus spec: text:, jsonl:, parquet:, tfds:, mix: (llama_jax/corpus.py)
-  c.data.eval_corpus = "shakespeare:heldout"  # scored by eval.py and the in-training eval
+  c.data.eval_corpus = "shakespeare:heldout"  # scored by eval.py and the in-training eval ("": none)
+  c.data.eval_corpora = ml_collections.ConfigDict()  # named held-out sets scored beside it, name -> corpus spec
+  #   (names: letters, digits, _; not "mean"), e.g. --config.data.eval_corpora="{'code': 'jsonl:/data/code/*.jsonl'}":
+  #   each reported as eval_<name>_loss, _perplexity, _bits_per_byte, _num_tokens, and their macro mean as
+  #   eval_mean_* (llama_jax/evaluate.py)
   c.data.format = "text"  # documents to pretrain on; "sft": (prompt, response) pairs, loss on the response
   c.data.prompt_field = "prompt"  # sft: the JSONL fields of a pair
   c.data.response_field = "response"
@@ -91,6 +95,15 @@ def get_config():
   c.mesh.data = 1  # data-parallel replicas
   c.mesh.fsdp = -1  # params and optimizer state sharded over this axis (-1: all other devices)
   c.mesh.tensor = 1  # heads / ffw / vocab split over this axis
+
+  c.eval = ml_collections.ConfigDict()  # lm-evaluation-harness tasks on the live params during training
+  c.eval.tasks = ()  # lm-eval task names (the shipped plays_* tasks, or any on disk), run at the end of
+  #   training and every eval.harness_every steps; e.g. --config.eval.tasks=plays_speaker,plays_perplexity; (): none
+  c.eval.harness_every = 0  # steps between task runs during training (0: only at the end)
+  c.eval.harness_limit = 0  # examples per task (lm-eval's limit; 0: all of them)
+  c.eval.num_fewshot = ml_collections.config_dict.placeholder(int)  # few-shot examples (None: each task's own)
+  c.eval.include_path = ""  # a folder of extra lm-eval task YAMLs (the shipped local tasks are always found)
+  c.eval.harness_batch_size = 8  # packed rows of model.max_seq_len tokens per scoring call of the lm-eval backend
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompt = "ROMEO.\n"  # continued at the end of training (and every sample.every steps)

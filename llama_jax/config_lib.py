@@ -6,6 +6,7 @@ naming the culprit (config key, file or sizes).
 
 import dataclasses
 import math
+import re
 
 import ml_collections
 
@@ -143,7 +144,13 @@ _RANGES = (
     ("sample.top_p", _REAL, 0, 1, True),
     ("sample.seed", _INT, 0, None, False),
     ("sample.every", _INT, 0, None, False),
+    ("eval.harness_every", _INT, 0, None, False),
+    ("eval.harness_limit", _INT, 0, None, False),
+    ("eval.num_fewshot", _INT, 0, None, False),
+    ("eval.harness_batch_size", _INT, 1, None, False),
 )
+# Keys that may be None (a default of their own: the task's few-shot count).
+_MAY_BE_NONE = {"eval.num_fewshot"}
 # Upper bounds that are open: b1 and b2 < 1 (Adam's bias correction divides by 1 - b**t).
 _OPEN_ABOVE = {"optim.b1", "optim.b2"}
 
@@ -171,8 +178,8 @@ def check_ranges(config: ml_collections.ConfigDict):
   and the range: non-finite numbers, negative counts, a zero where it divides, b1/b2 >= 1, ..."""
   for key, kind, low, high, low_open in _RANGES:
     value = _lookup(config, key)
-    if value is _MISSING or (value is None and ".rope_scaling." in key):
-      continue  # absent from an older config (with_added_keys), or no rope scaling
+    if value is _MISSING or (value is None and (".rope_scaling." in key or key in _MAY_BE_NONE)):
+      continue  # absent from an older config (with_added_keys), no rope scaling, or the default
     high_open = key in _OPEN_ABOVE
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = is_number and (isinstance(value, int) if kind == _INT else math.isfinite(value))
@@ -210,7 +217,58 @@ def check_config(config: ml_collections.ConfigDict, tokenizer: bool = True):
     check_tokenizer_file(config.data.tokenizer_path, "config.data.tokenizer_path")
   if llama.dtype not in COMPUTE_DTYPES:
     raise ConfigError(f"config.model.dtype={llama.dtype!r} is not one of {list(COMPUTE_DTYPES)}")
+  eval_set_specs(config.data)
+  eval_tasks(config.eval)
   return llama
+
+
+# The name data.eval_corpus goes by among the held-out sets, and the name of their macro mean.
+DEFAULT_SET, MEAN_SET = "", "mean"
+_SET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def eval_set_specs(data_config, corpus_spec: str | None = None) -> dict[str, str]:
+  """The held-out sets of a run, name -> corpus spec: data.eval_corpus under DEFAULT_SET ("") when
+  it is set, then data.eval_corpora's. With `corpus_spec` (eval.py --corpus) that corpus alone.
+
+  Raises ConfigError, one line naming config.data.eval_corpora.<name>, for a name that is not
+  identifier-like (letters, digits and _, not starting with a digit; its metrics are
+  eval_<name>_loss, ...) or is "mean" (the macro mean's name), or a spec that is not a non-empty
+  string; and when there is no set at all."""
+  if corpus_spec:
+    return {DEFAULT_SET: corpus_spec}
+  named = data_config.eval_corpora
+  if not hasattr(named, "items"):
+    raise ConfigError(f"config.data.eval_corpora={named!r}: must be a dict of name -> corpus spec")
+  specs = {DEFAULT_SET: data_config.eval_corpus} if data_config.eval_corpus else {}
+  for name, spec in named.items():
+    key = f"config.data.eval_corpora.{name}"
+    if not _SET_NAME.fullmatch(name):
+      raise ConfigError(f"{key}: the name must be letters, digits and _ (not starting with a digit)")
+    if name == MEAN_SET:
+      raise ConfigError(f"{key}: the name {MEAN_SET!r} is taken by the sets' macro mean (eval_mean_*); "
+                        "choose another")
+    if not isinstance(spec, str) or not spec:
+      raise ConfigError(f"{key}={spec!r}: must be a corpus spec (text:, jsonl:, parquet:, tfds:, mix:, ...)")
+    specs[name] = spec
+  if not specs:
+    raise ConfigError("config.data.eval_corpus is empty and config.data.eval_corpora names no set: "
+                      "nothing to evaluate on")
+  return specs
+
+
+def eval_tasks(eval_config) -> list[str]:
+  """config.eval.tasks as a list of task names; an entry "a,b" counts as two. ConfigError naming the key
+  when it is not a tuple/list of strings, or config.eval.include_path not a string. (Whether the tasks
+  exist is checked by llama_jax.harness.tasks.check_tasks.)"""
+  tasks = eval_config.tasks
+  if isinstance(tasks, str):
+    tasks = (tasks,)
+  if not isinstance(tasks, (tuple, list)) or not all(isinstance(t, str) for t in tasks):
+    raise ConfigError(f"config.eval.tasks={tasks!r}: must be a tuple of task names")
+  if not isinstance(eval_config.include_path, str):
+    raise ConfigError(f"config.eval.include_path={eval_config.include_path!r}: must be a folder path or ''")
+  return [name.strip() for entry in tasks for name in entry.split(",") if name.strip()]
 
 
 def check_attention(llama: model_lib.LlamaConfig, devices=None):
@@ -291,6 +349,9 @@ _ADDED_KEYS = {
     "train.allow_config_change": False,
     "sample.top_k": 0, "sample.top_p": 1.0, "sample.every": 0,
     "model.attention_block_q": 512, "model.attention_block_kv": 512, "model.attention_max_segments": 64,
+    "data.eval_corpora": {},
+    "eval.tasks": (), "eval.harness_every": 0, "eval.harness_limit": 0, "eval.num_fewshot": None,
+    "eval.include_path": "", "eval.harness_batch_size": 8,
 }
 # Values an older checkpoint's config may hold, and what they are called now: its two attention
 # paths computed what the xla kernel computes.
@@ -298,13 +359,16 @@ _RENAMED_VALUES = {"model.attention": {"einsum": "xla", "dot_product": "xla"}}
 
 
 def with_added_keys(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A checkpoint's config with the keys it predates filled in (see _ADDED_KEYS) and the values
-  renamed since under their names of today (_RENAMED_VALUES)."""
+  """A checkpoint's config with the keys it predates filled in (see _ADDED_KEYS; a section it
+  predates, such as config.eval, is added too) and the values renamed since under their names of
+  today (_RENAMED_VALUES)."""
   config = ml_collections.ConfigDict(config.to_dict())
   for key, value in _ADDED_KEYS.items():
     *sections, name = key.split(".")
     node = config
     for section in sections:
+      if section not in node:
+        node[section] = ml_collections.ConfigDict()
       node = node[section]
     if name not in node:
       node[name] = value

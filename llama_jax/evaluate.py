@@ -1,4 +1,5 @@
-"""Held-out loss, perplexity and bits per byte of a checkpoint, on any corpus, streamed.
+"""Held-out loss, perplexity and bits per byte of a checkpoint, on any corpus, streamed; several named
+held-out sets at once (EvalSets); and lm-evaluation-harness tasks on params (TaskEvaluator).
 
 bits/byte = (total NLL of the document tokens, in bits) / (UTF-8 bytes of the documents), which
 compares models across tokenizers. Every token of every document after its BOS is scored once,
@@ -9,6 +10,16 @@ documents' own bytes.
 A loss too large for exp() (a diverged model) gives perplexity inf, not an error; the report
 keeps every field, and eval_<step>.json writes inf and NaN as the strings "inf" and "nan"
 (metrics.dumps), so that strict JSON parsers read it.
+
+Held-out sets: data.eval_corpus (when set) and the named sets of data.eval_corpora, each scored as
+above. Their report (`report`) keeps data.eval_corpus's scores at the top (loss, perplexity,
+bits_per_byte, num_tokens, as before there were named sets), the named sets' under "sets", and,
+when there is a named set, their macro mean under "mean": the mean of the sets' losses, the mean of
+their bits/byte, and perplexity = exp(mean loss), which is the geometric mean of the sets'
+perplexities (every set weighs the same, whatever its size). In metrics.jsonl and TensorBoard
+(`as_eval_metrics`) they are eval_loss, eval_perplexity, eval_bits_per_byte, eval_num_tokens for
+data.eval_corpus, eval_<name>_loss, ..._perplexity, ..._bits_per_byte, ..._num_tokens per named set,
+and eval_mean_loss, eval_mean_perplexity, eval_mean_bits_per_byte for the mean.
 """
 
 import contextlib
@@ -32,7 +43,9 @@ from llama_jax import sharding as sh
 class Evaluator:
   """Scores params on one pass over a corpus: evaluator(params) -> loss, perplexity, bits/byte."""
 
-  def __init__(self, setup, tok, corpus):
+  def __init__(self, setup, tok, corpus, eval_step=None):
+    """eval_step: setup.jit_eval_step() to share with other Evaluators of the same setup (one compile for
+    them all); by default one of its own."""
     config = setup.config
     self._setup, self._tok, self._corpus = setup, tok, corpus
     batch_size = max(config.data.batch_size // config.train.grad_accum_steps, 1)
@@ -44,7 +57,7 @@ class Evaluator:
     # rows only regroup the packed rows (or are padding, weight 0): the scores do not change.
     shards = math.lcm(setup.mesh.shape[sh.DATA] * setup.mesh.shape[sh.FSDP], n)
     self._rows = -(-batch_size // shards) * shards // n  # each process feeds its rows of every batch
-    self._eval_step = setup.jit_eval_step()
+    self._eval_step = eval_step or setup.jit_eval_step()
 
   def _batches(self, process_index: int, process_count: int):
     return data_lib.eval_batches(self._corpus, self._tok, self._setup.config.data, self._rows,
@@ -100,9 +113,132 @@ def scores(nll: float, count: float, num_bytes: int) -> dict:
           "num_tokens": int(count)}
 
 
+def open_eval_sets(data_config, corpus_spec: str | None = None) -> dict:
+  """name -> corpus of every held-out set (config_lib.eval_set_specs: data.eval_corpus under "", then
+  data.eval_corpora; `corpus_spec` alone when given). Opening a corpus checks its spec and finds its
+  files: a bad one is a ConfigError naming config.data.eval_corpus or config.data.eval_corpora.<name>."""
+  corpora = {}
+  for name, spec in config_lib.eval_set_specs(data_config, corpus_spec).items():
+    key = "eval_corpus" if name == config_lib.DEFAULT_SET else f"eval_corpora.{name}"
+    corpora[name] = data_lib.open_corpus(data_config, key, spec=corpus_spec)
+  return corpora
+
+
+class EvalSets:
+  """Scores params on every held-out set of a run (open_eval_sets): evaluator(params) -> report()."""
+
+  def __init__(self, setup, tok, corpora: dict):
+    eval_step = setup.jit_eval_step()  # one program for every set: their rows have the same shape
+    self.evaluators = {name: Evaluator(setup, tok, corpus, eval_step) for name, corpus in corpora.items()}
+
+  def check(self):
+    """Evaluator.check of every set, before training starts."""
+    for evaluator in self.evaluators.values():
+      evaluator.check()
+
+  def __call__(self, params) -> dict:
+    return report({name: evaluator(params) for name, evaluator in self.evaluators.items()})
+
+
+def macro_mean(scores: list[dict]) -> dict:
+  """The macro mean of several sets' `scores`: mean loss, mean bits/byte, and perplexity = exp(mean loss)
+  (the geometric mean of their perplexities; inf where it overflows, NaN for a NaN loss)."""
+  loss = sum(s["loss"] for s in scores) / len(scores)
+  try:
+    perplexity = math.exp(loss)
+  except OverflowError:
+    perplexity = math.inf
+  return {"loss": loss, "perplexity": perplexity,
+          "bits_per_byte": sum(s["bits_per_byte"] for s in scores) / len(scores)}
+
+
+def report(scores: dict[str, dict]) -> dict:
+  """The held-out report of the sets' `scores` (name -> scores(), data.eval_corpus under ""): its
+  scores at the top, the named sets' under "sets" and their macro mean over all sets under "mean"
+  (these two only when there is a named set)."""
+  result = dict(scores.get(config_lib.DEFAULT_SET, {}))
+  named = {name: s for name, s in scores.items() if name != config_lib.DEFAULT_SET}
+  if named:
+    result["sets"] = named
+    result["mean"] = macro_mean(list(scores.values()))
+  return result
+
+
+_FIELDS = ("loss", "perplexity", "bits_per_byte", "num_tokens")
+
+
 def as_eval_metrics(result: dict) -> dict:
-  return {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"],
-          "eval_bits_per_byte": result["bits_per_byte"], "eval_num_tokens": result["num_tokens"]}
+  """The metrics.jsonl / TensorBoard keys of a report (or of one Evaluator's scores): eval_loss, ... of
+  data.eval_corpus, eval_<name>_loss, ... of each named set, eval_mean_loss, ... of the macro mean."""
+  metrics = {f"eval_{k}": result[k] for k in _FIELDS if k in result}
+  for name, scores in result.get("sets", {}).items():
+    metrics.update({f"eval_{name}_{k}": scores[k] for k in _FIELDS})
+  if "mean" in result:
+    metrics.update({f"eval_{config_lib.MEAN_SET}_{k}": v for k, v in result["mean"].items()})
+  return metrics
+
+
+def describe(result: dict) -> str:
+  """A report as text: one line per set, "loss L | perplexity P | B bits/byte over N tokens", the named
+  sets' and the mean's after their name."""
+  line = lambda s: (f"loss {s['loss']:.4f} | perplexity {s['perplexity']:.3f} | {s['bits_per_byte']:.4f} bits/byte"
+                    + (f" over {s['num_tokens']:,} tokens" if "num_tokens" in s else ""))
+  lines = [line(result)] if "loss" in result else []
+  lines += [f"{name}: {line(s)}" for name, s in result.get("sets", {}).items()]
+  if "mean" in result:
+    lines.append(f"{config_lib.MEAN_SET} of {len(result['sets']) + ('loss' in result)} sets: {line(result['mean'])}")
+  return "\n".join(lines)
+
+
+class TaskEvaluator:
+  """lm-evaluation-harness tasks on params (llama_jax.harness): evaluator(params) -> lm-eval's results
+  dict on process 0, None on the others (they serve the same compiled calls). One LlamaLM, built at the
+  first call (its programs compiled then, once), scores every call; only its params change."""
+
+  def __init__(self, setup, tok, tasks: list[str], *, include_path: str | None = None,
+               num_fewshot: int | None = None, limit: int | None = None, batch_size: int = 8,
+               stop_ids=(), seed: int = 0):
+    self._setup, self._tok, self.tasks = setup, tok, list(tasks)
+    self._run_args = dict(include_path=include_path or None, num_fewshot=num_fewshot, limit=limit or None,
+                          seed=seed)
+    self._lm_args = dict(batch_size=batch_size, stop_ids=list(stop_ids), seed=seed)
+    self._lm = None
+
+  @classmethod
+  def from_config(cls, setup, tok, stop_ids=()):
+    """The tasks of config.eval (None when config.eval.tasks is empty)."""
+    e = setup.config.eval
+    tasks = config_lib.eval_tasks(e)
+    if not tasks:
+      return None
+    return cls(setup, tok, tasks, include_path=e.include_path, num_fewshot=e.num_fewshot, limit=e.harness_limit,
+               batch_size=e.harness_batch_size, stop_ids=stop_ids, seed=setup.config.seed)
+
+  def __call__(self, params) -> dict | None:
+    from llama_jax.harness import lm as lm_lib  # noqa: PLC0415  (lm-eval is imported only where tasks run)
+    from llama_jax.harness import tasks as tasks_lib  # noqa: PLC0415
+    if self._lm is None:
+      self._lm = lm_lib.LlamaLM(self._setup, params, self._tok, **self._lm_args)
+    else:
+      self._lm.params = params
+    return tasks_lib.run_tasks(self._lm, self.tasks, **self._run_args)
+
+
+def check_tasks(tasks: list[str], include_path: str | None = None, num_fewshot: int | None = None):
+  """llama_jax.harness.tasks.check_tasks (one line for an unknown task, a dataset not on disk, too many
+  few-shot examples), imported only when there are tasks."""
+  if tasks:
+    from llama_jax.harness import tasks as tasks_lib  # noqa: PLC0415
+    tasks_lib.check_tasks(tasks, include_path or None, num_fewshot)
+
+
+def task_metrics(results: dict | None) -> dict:
+  """The flat {"<task>/<metric>": value} of lm-eval results (harness.tasks.summary); {} for None (the
+  processes other than 0)."""
+  if results is None:
+    return {}
+  from llama_jax.harness import tasks as tasks_lib  # noqa: PLC0415
+  return tasks_lib.summary(results)
 
 
 def exact_match(setup, params, tok, corpus, max_examples: int, batch_size: int = 64,
@@ -142,18 +278,42 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, corpus_spec: str 
                         exact_match_examples: int = 0, data_format: str | None = None,
                         dtype: str | None = None, seq_len: int | None = None,
                         batch_size: int | None = None) -> dict:
-  """Loads WORKDIR's checkpoint (latest by default) and its config, and scores a corpus
-  (default: the run's data.eval_corpus). SFT data (data.format = "sft") is scored on the responses
-  (and EOS) only, plus the exact-match accuracy of greedy answers to its first pairs (stopping at EOS
-  and the run's stop ids, run_setup.stop_ids). `dtype` overrides the checkpoint's compute dtype
-  (run_setup.load_run); the result names the one that ran ("dtype").
+  """Loads WORKDIR's checkpoint (latest by default) and its config, and scores a corpus, `corpus_spec`,
+  or by default the run's held-out sets (data.eval_corpus and data.eval_corpora: `report`). SFT data
+  (data.format = "sft") is scored on the responses (and EOS) only, plus the exact-match accuracy of
+  greedy answers to the first pairs of data.eval_corpus or --corpus (stopping at EOS and the run's stop
+  ids, run_setup.stop_ids). The result: {"step", "dtype", "seq_len", **report}; "dtype" names the
+  compute dtype that ran.
+
+  Arguments and errors as load_for_eval's."""
+  setup, params, tok, step, corpora = load_for_eval(workdir, step, corpus_spec=corpus_spec, data_format=data_format,
+                                                    dtype=dtype, seq_len=seq_len, batch_size=batch_size)
+  d = setup.config.data
+  stops = run_setup.stop_ids(workdir, tok, setup.llama.vocab_size)
+  result = {"step": int(step), "dtype": setup.llama.dtype, "seq_len": d.seq_len,
+            **EvalSets(setup, tok, corpora)(params)}
+  if d.format == "sft" and exact_match_examples > 0 and config_lib.DEFAULT_SET in corpora:
+    result.update(exact_match(setup, params, tok, corpora[config_lib.DEFAULT_SET], exact_match_examples,
+                              stop_ids=stops))
+  return result
+
+
+def load_for_eval(workdir: str, step: int | None = None, *, corpus_spec: str | None = None,
+                  data_format: str | None = None, dtype: str | None = None, seq_len: int | None = None,
+                  batch_size: int | None = None):
+  """(setup, params, tokenizer, step, corpora) of WORKDIR's checkpoint (latest by default;
+  run_setup.load_run) made ready to score: the held-out sets opened (open_eval_sets: `corpus_spec`
+  alone, or the run's data.eval_corpus and data.eval_corpora), read as `data_format` (default: the
+  run's data.format). `dtype` overrides the checkpoint's compute dtype (run_setup.load_run).
 
   seq_len, batch_size: the packed rows scored together (default: the checkpoint's data.seq_len, and
-  data.batch_size / train.grad_accum_steps rows). Raises ConfigError, before anything is scored, for
-  a seq_len over the model's max_seq_len or a size below 1."""
+  data.batch_size / train.grad_accum_steps rows). Raises ConfigError, before the params are read or
+  anything compiles, for a seq_len over the model's max_seq_len, a size below 1, or a bad held-out set
+  (a name or spec: config_lib.eval_set_specs, open_eval_sets)."""
   for flag, value in (("--seq_len", seq_len), ("--batch_size", batch_size)):
     if value is not None and value < 1:
       raise config_lib.ConfigError(f"{flag}={value}: must be >= 1")
+  corpora = {}
 
   def fit(setup):
     config = setup.config
@@ -170,18 +330,12 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, corpus_spec: str 
     chunk = config.train.loss_chunk_size
     if chunk and d.seq_len % chunk:  # the loss in chunks that divide the rows
       config.train.loss_chunk_size = math.gcd(chunk, d.seq_len)
+    if data_format:
+      d.format = data_format
+    corpora.update(open_eval_sets(d, corpus_spec))
 
   setup, params, tok, step = run_setup.load_run(workdir, step, dtype=dtype, check=fit)
-  d = setup.config.data
-  stops = run_setup.stop_ids(workdir, tok, setup.llama.vocab_size)
-  if data_format:
-    d.format = data_format
-  corpus = data_lib.open_corpus(d, "eval_corpus", spec=corpus_spec)
-  result = {"step": int(step), "dtype": setup.llama.dtype, "seq_len": d.seq_len,
-            **Evaluator(setup, tok, corpus)(params)}
-  if d.format == "sft" and exact_match_examples > 0:
-    result.update(exact_match(setup, params, tok, corpus, exact_match_examples, stop_ids=stops))
-  return result
+  return setup, params, tok, step, corpora
 
 
 def check_output(path: str, flag: str = "--output"):

@@ -25,6 +25,7 @@ import json
 import math
 import socket
 import struct
+import sys
 import time
 
 import jax
@@ -49,7 +50,7 @@ class MetricWriter:
     if not self.enabled:
       return
     self._remote = paths.is_remote(workdir)
-    self._jsonl_path = paths.join(workdir, "metrics.jsonl")
+    self._jsonl_path = metrics_path(workdir)
     if self._remote:
       self._lines = []  # events not yet appended to metrics.jsonl
       self._tb = _TensorBoardRecords()
@@ -177,6 +178,41 @@ def json_safe(value):
 def dumps(record, **kwargs) -> str:
   """Strict JSON of a record: non-finite floats as strings (json_safe), never `Infinity` or `NaN`."""
   return json.dumps(json_safe(record), allow_nan=False, **kwargs)
+
+
+def metrics_path(workdir: str) -> str:
+  return paths.join(workdir, "metrics.jsonl")
+
+
+def eval_steps_path(workdir: str) -> str:
+  """WORKDIR/eval_steps.jsonl: one record per checkpoint scored by eval.py --all_steps (eval_steps.py)."""
+  return paths.join(workdir, "eval_steps.jsonl")
+
+
+def read_events(path: str) -> list[dict]:
+  """The JSON objects with a "step" of a JSONL file (metrics.jsonl, eval_steps.jsonl), in order.
+
+  A last line that is not JSON (a process killed mid-write leaves one cut short) is skipped with a
+  warning on stderr; any other line that is not a UTF-8 JSON object with a "step" is ConfigError
+  `PATH:LINE: ...`."""
+  lines = [(n, line) for n, line in enumerate(paths.read_bytes(path).split(b"\n"), 1) if line.strip()]
+  events = []
+  for n, raw in lines:
+    try:
+      event = json.loads(raw.decode("utf-8"))
+      why = None if isinstance(event, dict) and "step" in event else "not a JSON object with a step"
+    except UnicodeDecodeError:
+      why = "not UTF-8"
+    except ValueError:
+      why = "not JSON"
+    if why is None:
+      events.append(event)
+    elif n == lines[-1][0]:
+      print(f"warning: {path}:{n}: {why}; skipped it as a last line cut short (a run stopped mid-write)",
+            file=sys.stderr)
+    else:
+      raise ConfigError(f"{path}:{n}: {why}")
+  return events
 
 
 def number(value):

@@ -4,15 +4,18 @@
   python -m llama_jax.plot gs://bucket/tiny --output gs://bucket/tiny/run.png
 
 Four panels against step: train loss (the mean over each log interval), held-out bits per
-byte, learning rate and tokens/s; each run is one line in every panel, in the same colour,
-named by its workdir in the legend. Workdirs and --output may be local or on object storage
-(llama_jax.paths): metrics.jsonl is read whole, the image is rendered in memory and written in one piece.
+byte (one line per held-out set: data.eval_corpus and each of data.eval_corpora), learning rate and
+tokens/s; then one panel per lm-eval task metric ("<task>/<metric>": config.eval.tasks during
+training, or eval.py --all_steps) where a run has any. Each run is one line in every panel, in the
+same colour, named by its workdir in the legend. The records of WORKDIR/eval_steps.jsonl (eval.py
+--all_steps: every checkpoint's held-out and task scores) join the run's metrics.jsonl. Workdirs and
+--output may be local or on object storage (llama_jax.paths): metrics.jsonl is read whole, the image
+is rendered in memory and written in one piece.
 """
 
 import io
-import json
 import os
-import sys
+import re
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -28,31 +31,22 @@ PANELS = (("loss", "train loss"), ("eval_bits_per_byte", "eval bits/byte"),
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """The events of WORKDIR/metrics.jsonl, in the order they were written.
+  """The events of WORKDIR/metrics.jsonl, in the order they were written, then those of
+  WORKDIR/eval_steps.jsonl (eval.py --all_steps), each record as one event: its step, its held-out
+  scores (eval_* keys) and its task scores ("<task>/<metric>").
 
-  A last line that is not JSON (a run killed mid-write leaves one cut short) is skipped with a
-  warning on stderr; any other line that is not a UTF-8 JSON object is ConfigError `PATH:LINE: ...`.
+  ConfigError when the workdir has neither file. A last line that is not JSON (a run killed mid-write
+  leaves one cut short) is skipped with a warning on stderr; any other line that is not a UTF-8 JSON
+  object is ConfigError `PATH:LINE: ...` (metrics.read_events).
   """
-  path = paths.join(workdir, "metrics.jsonl")
-  if not paths.isfile(path):
+  path, steps_path = metrics_lib.metrics_path(workdir), metrics_lib.eval_steps_path(workdir)
+  has_metrics, has_steps = paths.isfile(path), paths.isfile(steps_path)
+  if not (has_metrics or has_steps):
     raise ConfigError(f"{workdir}: no metrics.jsonl (not a training workdir, or no step logged yet)")
-  lines = [(n, line) for n, line in enumerate(paths.read_bytes(path).split(b"\n"), 1) if line.strip()]
-  events = []
-  for n, raw in lines:
-    try:
-      event = json.loads(raw.decode("utf-8"))
-      why = None if isinstance(event, dict) and "step" in event else "not a JSON object with a step"
-    except UnicodeDecodeError:
-      why = "not UTF-8"
-    except ValueError:
-      why = "not JSON"
-    if why is None:
-      events.append(event)
-    elif n == lines[-1][0]:
-      print(f"warning: {path}:{n}: {why}; skipped it as a last line cut short (a run stopped mid-write)",
-            file=sys.stderr)
-    else:
-      raise ConfigError(f"{path}:{n}: {why}")
+  events = metrics_lib.read_events(path) if has_metrics else []
+  if has_steps:
+    events += [{"step": r["step"], **r.get("scores", {}), **r.get("tasks", {})}
+               for r in metrics_lib.read_events(steps_path)]
   return events
 
 
@@ -65,27 +59,76 @@ def series(events: list[dict], key: str) -> tuple[list[int], list[float]]:
   return steps, [by_step[s] for s in steps]
 
 
+def eval_sets(events: list[dict]) -> list[str]:
+  """The held-out sets whose bits/byte the events hold: "" (data.eval_corpus: eval_bits_per_byte) first,
+  then the named ones (eval_<name>_bits_per_byte; evaluate.as_eval_metrics) in the order first seen;
+  the macro mean (eval_mean_*) is not one."""
+  found = {}
+  for e in events:
+    for key in e:
+      m = _SET_KEY.fullmatch(key)
+      if m and m.group(1) != "mean":
+        found.setdefault(m.group(1) or "", None)
+  return sorted(found, key=lambda name: name != "")
+
+
+def task_metrics(events: list[dict]) -> list[str]:
+  """The "<task>/<metric>" keys with numbers (harness.tasks.summary, in metrics.jsonl or eval_steps.jsonl),
+  sorted; standard errors left out."""
+  keys = {k for e in events for k, v in e.items()
+          if "/" in k and not k.endswith("_stderr") and isinstance(metrics_lib.number(v), (int, float))}
+  return sorted(keys)
+
+
 def plot_runs(workdirs: list[str]) -> Figure:
-  """A 2 x 2 figure (1000 x 700 pixels at its 100 dpi) of PANELS, one line per run in each.
-  Raises ConfigError for a run with nothing to plot (no event with any of the PANELS' keys)."""
+  """PANELS, then one panel per task metric ("<task>/<metric>", task_metrics), two per row (each row 3.5
+  inches high at 100 dpi: 1000 x 700 pixels for PANELS alone), one line per run in each, in the run's
+  colour. The eval panel has one line per run and held-out set (eval_sets: data.eval_corpus and each
+  named set of data.eval_corpora, told apart by line style and marker, labelled "RUN: SET" where a run
+  has named sets). Raises ConfigError for a run with nothing to plot (no event with any of these keys)."""
   runs = [(_label(w, workdirs), read_metrics(w)) for w in workdirs]
+  tasks = task_metrics([e for _, events in runs for e in events])
+  sets = eval_sets([e for _, events in runs for e in events])
   for w, (_, events) in zip(workdirs, runs):
-    if not any(key in e for e in events for key, _ in PANELS):
+    wanted = {key for key, _ in PANELS} | set(tasks) | {_set_key(name) for name in sets}
+    if not any(key in e for e in events for key in wanted):
       raise ConfigError(f"{paths.join(w, 'metrics.jsonl')}: nothing to plot (no logged step)")
-  fig = Figure(figsize=(10, 7), dpi=100, layout="constrained")
+  panels = list(PANELS) + [(key, key) for key in tasks]
+  rows = -(-len(panels) // 2)
+  fig = Figure(figsize=(10, 3.5 * rows), dpi=100, layout="constrained")
   FigureCanvasAgg(fig)
-  axes = fig.subplots(2, 2, sharex=True)  # a lone eval point is placed within the run
-  for ax, (key, title) in zip(axes.flat, PANELS):
+  axes = list(fig.subplots(rows, 2, sharex=True, squeeze=False).flat)  # a lone eval point is placed within the run
+  for ax, (key, title) in zip(axes, panels):
     for i, (label, events) in enumerate(runs):
+      if key == "eval_bits_per_byte" and any(sets):  # named sets: a line per set
+        for j, name in enumerate(sets):
+          steps, values = series(events, _set_key(name))
+          if steps:
+            ax.plot(steps, values, color=f"C{i}", linestyle=_STYLES[j % len(_STYLES)], marker=_MARKERS[j % len(_MARKERS)],
+                    label=f"{label}: {name or 'eval_corpus'}")
+        continue
       steps, values = series(events, key)
-      # Markers: the held-out score is often a single point (the final eval).
-      ax.plot(steps, values, color=f"C{i}", label=label, marker="o" if key.startswith("eval_") else None)
+      # Markers: the held-out score and task scores are often a few points (the final eval).
+      ax.plot(steps, values, color=f"C{i}", label=label, marker=None if key in _CURVES else "o")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-  for ax in axes[1]:
+  for ax in axes[len(panels):]:  # an odd number of panels leaves one empty
+    ax.remove()
+  for ax in fig.axes[-2:]:
     ax.set_xlabel("step")
-  axes[0, 0].legend()
+  fig.axes[0].legend()
+  if any(sets):
+    fig.axes[1].legend(fontsize="small")
   return fig
+
+
+_CURVES = ("loss", "learning_rate", "tokens_per_sec")  # logged at every log line: no markers
+_SET_KEY = re.compile(r"eval_(?:(\w+)_)?bits_per_byte")
+_STYLES, _MARKERS = ("-", "--", ":", "-."), ("o", "s", "^", "D", "v")
+
+
+def _set_key(name: str) -> str:
+  return f"eval_{name}_bits_per_byte" if name else "eval_bits_per_byte"
 
 
 def _label(workdir: str, workdirs: list[str]) -> str:

@@ -32,7 +32,13 @@ from llama_jax.errors import StopRun
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None,
                        stop_after: int | None = None):
   """Trains per `config` in `workdir`, resuming from its latest good checkpoint; returns the final
-  eval (None when the run stops early: `stop_after`, SIGTERM, a preemption notice).
+  eval (None when the run stops early: `stop_after`, SIGTERM, a preemption notice): the step and the
+  held-out report (evaluate.report: data.eval_corpus's scores, and per named set with their mean), and
+  under "tasks" the scores of config.eval.tasks when this call trained and they ran.
+
+  Held-out sets are scored every train.eval_every steps and at the end; config.eval.tasks (lm-eval,
+  checked before anything compiles) every eval.harness_every steps and at the end, on the live params,
+  written to metrics.jsonl and TensorBoard as "<task>/<metric>" at that step.
 
   A new run (no checkpoints in `workdir`) stopped by an error before its first step, e.g. a ConfigError
   about its data, tokenizer or sample prompt, or SIGTERM / Ctrl-C (while a tokenizer is trained, say),
@@ -53,6 +59,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     config_lib.check_workdir(workdir)
     llama = config_lib.check_config(config)
     data_lib.check_data_config(config.data)
+    eval_lib.check_tasks(config_lib.eval_tasks(config.eval), config.eval.include_path, config.eval.num_fewshot)
     setup = run_setup.Setup(config, devices)
     run_setup.check_batch(config, setup.mesh)
     # init_from seeds a new run only: a workdir with checkpoints of its own resumes from them, even
@@ -98,12 +105,13 @@ def _remove_new_entries(workdir: str, before: set[str] | None):
 def _train_and_evaluate(config, workdir, setup, llama, init_from, stop_after, started, watch):
   """train_and_evaluate after its checks, in an existing workdir; appends to `started` at the first step."""
   train_corpus = data_lib.open_corpus(config.data, "train_corpus")
-  eval_corpus = data_lib.open_corpus(config.data, "eval_corpus")
+  eval_corpora = eval_lib.open_eval_sets(config.data)
   tok = run_setup.prepare_tokenizer(config, workdir, train_corpus, llama, init_from and init_from[0])
   watch.check()  # a signal's StopRun may have been lost in a gc callback (preemption.py)
-  evaluator = eval_lib.Evaluator(setup, tok, eval_corpus)
+  evaluator = eval_lib.EvalSets(setup, tok, eval_corpora)
   evaluator.check()
   stop_ids = run_setup.inherit_stop_ids(config, workdir, tok, llama, init_from and init_from[0])
+  tasks = eval_lib.TaskEvaluator.from_config(setup, tok, stop_ids)  # None without config.eval.tasks
   sampler = generate_lib.TextSampler(setup, tok, config.sample, stop_ids)
   stream = data_lib.stream_definition(config.data, jax.process_count())
   overlong = data_lib.Overlong()
@@ -127,8 +135,7 @@ def _train_and_evaluate(config, workdir, setup, llama, init_from, stop_after, st
       metrics_lib.log(f"{model_lib.count_params(llama):,} parameters from step {init_from[1]} of {init_from[0]}")
       result = evaluator(state["params"])  # where fine-tuning starts from, on the held-out data
       writer.write(0, eval_lib.as_eval_metrics(result))
-      metrics_lib.log(f"held-out before training: loss {result['loss']:.4f} | "
-                      f"{result['bits_per_byte']:.4f} bits/byte over {result['num_tokens']:,} tokens")
+      metrics_lib.log(f"held-out before training: {eval_lib.describe(result)}")
     elif resumed is None:
       start, state = 0, setup.init_state()
       metrics_lib.log(f"{model_lib.count_params(llama):,} parameters; training from scratch")
@@ -139,7 +146,7 @@ def _train_and_evaluate(config, workdir, setup, llama, init_from, stop_after, st
     watch.check()
     started.append(start)
     state, stopped_early = _train_loop(config, setup, state, start, end, batches, train_iter, stream,
-                                       checkpointer, writer, watch, evaluator, sampler, train_corpus, overlong)
+                                       checkpointer, writer, watch, evaluator, tasks, sampler, train_corpus, overlong)
     if stopped_early or end < config.train.steps:
       return None
     doing = "held-out eval"
@@ -148,15 +155,19 @@ def _train_and_evaluate(config, workdir, setup, llama, init_from, stop_after, st
         result = evaluator(state["params"])
         if start < config.train.steps:
           writer.write(config.train.steps, eval_lib.as_eval_metrics(result))
-        metrics_lib.log(f"held-out: loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
-                        f"{result['bits_per_byte']:.4f} bits/byte over {result['num_tokens']:,} tokens")
+        metrics_lib.log(f"held-out: {eval_lib.describe(result)}")
+        if tasks is not None and start < config.train.steps:
+          doing = "tasks"
+          result = {**result, "tasks": _run_tasks(tasks, state["params"], config.train.steps, writer)}
         if config.sample.max_new_tokens > 0:
           doing = "final sample"
           _sample(sampler, state["params"], config.train.steps, writer if start < config.train.steps else None)
     except preemption.Interrupted as e:
       checkpointer.wait()
-      again = ("python eval.py --workdir {w} scores it" if doing == "held-out eval" else
-               "python -m llama_jax.generate --workdir {w} --prompt TEXT samples from it").format(w=workdir)
+      again = {"held-out eval": "python eval.py --workdir {w} scores it",
+               "tasks": "python eval.py --workdir {w} --tasks TASKS scores it",
+               "final sample": "python -m llama_jax.generate --workdir {w} --prompt TEXT samples from it"}[doing]
+      again = again.format(w=workdir)
       metrics_lib.log(f"{e}: training finished and step {checkpointer.latest_step()} is saved in "
                       f"{checkpointer.directory}; the {doing} was interrupted ({again})")
       return None
@@ -240,6 +251,16 @@ def _accumulate(totals, metrics, step):
           "first_bad": jnp.where(bad, step, totals["first_bad"])}
 
 
+def _run_tasks(tasks, params, step, writer) -> dict:
+  """config.eval.tasks on `params`: their "<task>/<metric>" scores (harness.tasks.summary) written at
+  `step` and logged, and returned ({} on processes other than 0)."""
+  scores = eval_lib.task_metrics(tasks(params))
+  if scores:
+    writer.write(step, scores)
+    metrics_lib.log(f"tasks at step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+  return scores
+
+
 def _sample(sampler, params, step, writer):
   text = sampler(params)
   if writer is not None:
@@ -248,7 +269,7 @@ def _sample(sampler, params, step, writer):
 
 
 def _train_loop(config, setup, state, start, end, batches, train_iter, stream, checkpointer, writer, watch,
-                evaluator, sampler, train_corpus, overlong):
+                evaluator, tasks, sampler, train_corpus, overlong):
   """Steps start+1 .. end; saves per the policy, at the end, and when preempted. Returns
   (state, whether a preemption stopped it). Nothing non-finite is ever saved."""
   t = config.train
@@ -292,6 +313,8 @@ def _train_loop(config, setup, state, start, end, batches, train_iter, stream, c
         metrics_lib.log(progress.line(done, metrics))
       if t.eval_every and done % t.eval_every == 0 and done != t.steps:
         writer.write(done, eval_lib.as_eval_metrics(evaluator(state["params"])))
+      if tasks is not None and config.eval.harness_every and done % config.eval.harness_every == 0 and done != t.steps:
+        _run_tasks(tasks, state["params"], done, writer)
       if config.sample.every and done % config.sample.every == 0 and done != t.steps and config.sample.max_new_tokens:
         _sample(sampler, state["params"], done, writer)
       if preempted or done == end or checkpointer.should_save(done):

@@ -1,0 +1,127 @@
+"""Named held-out sets (data.eval_corpora) per set with their macro mean, every checkpoint of a run scored
+once (eval.py --all_steps), and lm-eval tasks during training (eval.tasks, eval.harness_every)."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_test_config
+from llama_jax import config_lib, evaluate, plot, trainer
+from llama_jax.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HELDOUT = "text:" + os.path.join(ROOT, "tests", "data", "heldout_sample.txt")
+
+
+def _write_sets(directory):
+  """Two small held-out sets of other kinds of text than the plays: {name: spec}."""
+  code = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(12)]
+  (directory / "code.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in code))
+  (directory / "sonnet.txt").write_text("Shall I compare thee to a summer's day?\nThou art more lovely and more "
+                                        "temperate:\nRough winds do shake the darling buds of May,\n" * 4)
+  return {"code": f"jsonl:{directory / 'code.jsonl'}", "verse": f"text:{directory / 'sonnet.txt'}"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A tiny run of 8 steps on one device with two named held-out sets beside data.eval_corpus, scored
+  every 4 steps; checkpoints at 2, 4, 6 and 8."""
+  directory = tmp_path_factory.mktemp("sets")
+  sets = _write_sets(directory)
+  config = tiny_test_config(**{"data.eval_corpus": HELDOUT, "data.eval_corpora": sets, "train.eval_every": 4,
+                               "train.checkpoint_every": 2, "train.keep_checkpoints": 4})
+  workdir = str(directory / "tiny")
+  result = trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  return workdir, sets, result
+
+
+def _events(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_each_named_set_is_reported_with_the_macro_mean(run):
+  workdir, sets, result = run
+  # The reference: each set scored alone, as eval.py --corpus scores one corpus.
+  alone = {name: evaluate.evaluate_checkpoint(workdir, 8, corpus_spec=spec) for name, spec in
+           {"": HELDOUT, **sets}.items()}
+  evals = {e["step"]: e for e in _events(workdir) if "eval_loss" in e}
+  assert sorted(evals) == [4, 8]
+  final = evals[8]
+  for name, scores in alone.items():
+    prefix = f"eval_{name}_" if name else "eval_"
+    for k in ("loss", "perplexity", "bits_per_byte"):
+      assert final[prefix + k] == pytest.approx(scores[k], rel=1e-5), (name, k)
+    assert final[prefix + "num_tokens"] == scores["num_tokens"] > 0
+  losses = np.array([s["loss"] for s in alone.values()])
+  assert len(set(np.round(losses, 3))) == 3  # three different sets, so the mean is a real mean
+  assert final["eval_mean_loss"] == pytest.approx(losses.mean(), rel=1e-5)
+  assert final["eval_mean_bits_per_byte"] == pytest.approx(np.mean([s["bits_per_byte"] for s in alone.values()]),
+                                                           rel=1e-5)
+  geometric = np.exp(np.mean(np.log([s["perplexity"] for s in alone.values()])))
+  assert final["eval_mean_perplexity"] == pytest.approx(geometric, rel=1e-5)
+  # The trainer's result and eval.py's (evaluate_checkpoint without --corpus) hold the same report.
+  assert result["sets"]["code"]["loss"] == final["eval_code_loss"]
+  assert result["mean"]["loss"] == final["eval_mean_loss"]
+  assert result["loss"] == final["eval_loss"]
+  scored = evaluate.evaluate_checkpoint(workdir, 8)
+  assert set(scored["sets"]) == {"code", "verse"}
+  assert scored["sets"]["verse"]["bits_per_byte"] == pytest.approx(final["eval_verse_bits_per_byte"], rel=1e-5)
+  assert scored["mean"]["perplexity"] == pytest.approx(final["eval_mean_perplexity"], rel=1e-5)
+
+  fig = plot.plot_runs([workdir])
+  eval_panel = fig.axes[1]
+  assert [line.get_label() for line in eval_panel.get_lines()] == ["tiny: eval_corpus", "tiny: code", "tiny: verse"]
+  assert [list(line.get_xdata()) for line in eval_panel.get_lines()] == [[4, 8]] * 3
+  assert eval_panel.get_lines()[1].get_ydata()[1] == final["eval_code_bits_per_byte"]
+
+
+@pytest.mark.parametrize("sets,message", [
+    ({"bad-name": HELDOUT}, "config.data.eval_corpora.bad-name: the name must be letters, digits and _"),
+    ({"2nd": HELDOUT}, "config.data.eval_corpora.2nd: the name must be"),
+    ({"mean": HELDOUT}, "config.data.eval_corpora.mean: the name 'mean' is taken by the sets' macro mean"),
+    ({"code": ""}, "config.data.eval_corpora.code='': must be a corpus spec"),
+    ({"code": 3}, "config.data.eval_corpora.code=3: must be a corpus spec"),
+])
+def test_a_bad_named_set_is_one_line_naming_it(sets, message):
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    config_lib.check_config(tiny_test_config(**{"data.eval_corpora": sets}))
+
+
+def test_a_named_set_that_cannot_be_opened_is_named_before_training(tmp_path):
+  config = tiny_test_config(**{"data.eval_corpora": {"code": f"jsonl:{tmp_path}/none/*.jsonl"}})
+  with pytest.raises(ConfigError, match=re.escape("config.data.eval_corpora.code: no files match")):
+    trainer.train_and_evaluate(config, str(tmp_path / "w"), devices=jax.devices()[:1])
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_no_held_out_set_at_all_is_refused():
+  with pytest.raises(ConfigError, match="config.data.eval_corpus is empty and config.data.eval_corpora names no set"):
+    config_lib.check_config(tiny_test_config(**{"data.eval_corpus": ""}))
+
+
+def test_a_checkpoint_config_from_before_the_sets_and_tasks_still_loads():
+  old = tiny_test_config().to_dict()
+  del old["data"]["eval_corpora"], old["eval"]
+  import ml_collections
+  upgraded = config_lib.with_added_keys(ml_collections.ConfigDict(old))
+  assert dict(upgraded.data.eval_corpora) == {} and tuple(upgraded.eval.tasks) == ()
+  assert upgraded.eval.harness_every == 0 and upgraded.eval.num_fewshot is None
+  config_lib.check_config(upgraded)
+  assert config_lib.eval_set_specs(upgraded.data) == {"": "shakespeare:heldout"}
+
+
+def test_macro_mean_is_the_mean_loss_and_the_geometric_mean_perplexity():
+  scores = [evaluate.scores(2.0 * n, n, 8 * n) for n in (10.0, 30.0)]  # loss 2 (per token) twice
+  scores.append(evaluate.scores(1.0 * 10, 10.0, 40))
+  mean = evaluate.macro_mean(scores)
+  assert mean["loss"] == pytest.approx(5 / 3)
+  assert mean["perplexity"] == pytest.approx(math.exp(5 / 3))
+  assert evaluate.macro_mean([evaluate.scores(1e6, 1.0, 1), scores[0]])["perplexity"] == math.inf
