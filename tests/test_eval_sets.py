@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_test_config
-from llama_jax import config_lib, evaluate, plot, trainer
+from llama_jax import config_lib, eval_steps, evaluate, plot, trainer
 from llama_jax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,3 +125,30 @@ def test_macro_mean_is_the_mean_loss_and_the_geometric_mean_perplexity():
   assert mean["loss"] == pytest.approx(5 / 3)
   assert mean["perplexity"] == pytest.approx(math.exp(5 / 3))
   assert evaluate.macro_mean([evaluate.scores(1e6, 1.0, 1), scores[0]])["perplexity"] == math.inf
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "eval_steps.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_all_steps_scores_every_checkpoint_once_and_plots_them(run, tmp_path):
+  workdir, sets, _ = run
+  out = eval_steps.evaluate_all_steps(workdir)
+  records = _records(workdir)
+  assert [r["step"] for r in records] == [2, 4, 6, 8] == out["steps"]
+  assert all(set(r["request"]) == {"corpora"} for r in records)
+  assert records[0]["request"]["corpora"]["sets"] == {"": HELDOUT, **sets}
+  final = {k: v for k, v in _events(workdir)[-1].items() if k.startswith("eval_")}  # the trainer's at step 8
+  assert records[-1]["scores"].keys() == final.keys()
+  for k, v in final.items():
+    assert records[-1]["scores"][k] == pytest.approx(v, rel=1e-5), k
+  losses = [r["scores"]["eval_mean_loss"] for r in records]
+  assert losses == sorted(losses, reverse=True)  # each checkpoint's own params: the loss falls
+  png = os.path.join(workdir, "eval_steps.png")
+  assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+  fig = plot.plot_runs([workdir])
+  assert [list(line.get_xdata()) for line in fig.axes[1].get_lines()] == [[2, 4, 6, 8]] * 3
+  # Again: nothing is scored, nothing is appended, and the output says so.
+  again = eval_steps.evaluate_all_steps(workdir)
+  assert again["scored"] == [] and _records(workdir) == records
