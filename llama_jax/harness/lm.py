@@ -142,6 +142,16 @@ class LlamaLM(TemplateLM):
   def batch_size(self) -> int:
     return self._batch_size
 
+  @property
+  def params(self):
+    return self._params
+
+  @params.setter
+  def params(self, params):
+    """Scores with other params of the same shapes and shardings (the trainer's live params every
+    eval.harness_every steps, another checkpoint's: llama_jax/eval_steps.py); the compiled calls are reused."""
+    self._params = params
+
   def get_model_info(self) -> dict:
     """What lm-eval records in its results' "config"."""
     llama = self._setup.llama
