@@ -104,8 +104,8 @@ class LlamaLM(TemplateLM):
     self._batch_size = -(-batch_size // shards) * shards
     self._max_length, self._max_gen_toks, self._seed = max_length, max_gen_toks, seed
     self._setup, self._params, self._tok = setup, params, tok
-    self._special = set(tok.special_tokens.values())
-    self._eos_text = next((text for text, i in tok.special_tokens.items() if i == tok.eos_id), None)
+    self._special = {i: text for text, i in tok.special_tokens.items()}  # id -> its text
+    self._eos_text = self._special.get(tok.eos_id)
     # Byte-fallback pieces (sentencepiece): transformers' ByteFallback decoder turns a run of them that
     # is not valid UTF-8 into one U+FFFD per piece, where sentencepiece replaces only the invalid bytes.
     # Llama 3's byte-level decode (tiktoken) already equals transformers'.
@@ -164,10 +164,22 @@ class LlamaLM(TemplateLM):
     return ids[-left_truncate_len:] if left_truncate_len else ids
 
   def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+    """The text of `tokens` (an id or ids) as transformers' decode gives it: special ids dropped, or
+    written as their text ("</s>") without skip_special_tokens."""
     ids = [tokens] if isinstance(tokens, int) else [int(t) for t in tokens]
-    if skip_special_tokens:
+    if skip_special_tokens:  # dropped before the byte runs are formed: a run may span a dropped id
       ids = [t for t in ids if t not in self._special]
-    return self._tok.decode(hf_byte_runs(ids, self._byte_of, self._replacement_ids))
+    parts, run = [], []
+    for t in ids + [None]:
+      if t is not None and t not in self._special:
+        run.append(t)
+        continue
+      if run:
+        parts.append(self._tok.decode(hf_byte_runs(run, self._byte_of, self._replacement_ids)))
+        run = []
+      if t is not None and not skip_special_tokens:
+        parts.append(self._special[t])
+    return "".join(parts)
 
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, kind: str = "loglikelihood"):
     """(sum of continuation log-probs, all greedy) per (key, context_ids, continuation_ids), in order."""
