@@ -17,9 +17,17 @@ few-shot examples or a bad flag is one line before the model loads. With --tasks
 rows per scoring call (default: the checkpoint's eval.harness_batch_size) and --seq_len the context window
 (default: the model's max_seq_len).
 
-The line printed and the JSON written name the compute dtype that ran ("dtype"). Rows are the
-checkpoint's data.seq_len tokens, data.batch_size / train.grad_accum_steps at a time, unless
---seq_len / --batch_size say otherwise; a seq_len over the model's max_seq_len, or an --output that
+Every checkpoint of the run, each scored once (llama_jax/eval_steps.py): the held-out sets, and the
+--tasks when given; one record per step in WORKDIR/eval_steps.jsonl, a plot in WORKDIR/eval_steps.png;
+a step already scored for the same request is skipped (a second call scores nothing and says so):
+
+  python eval.py --workdir runs/tiny --all_steps [--tasks TASK[,TASK...] --limit N] [--corpus SPEC]
+
+Without --corpus the run's held-out sets are scored: data.eval_corpus (the first line) and each of
+data.eval_corpora (a line each, then their macro mean); the JSON has the named sets under "sets" and
+the mean under "mean" (llama_jax/evaluate.py). The line printed and the JSON written name the compute
+dtype that ran ("dtype"). Rows are the checkpoint's data.seq_len tokens, data.batch_size /
+train.grad_accum_steps at a time, unless --seq_len / --batch_size say otherwise; a seq_len over the model's max_seq_len, or an --output that
 cannot be written (a directory, a missing parent directory or bucket), is one line before anything is
 scored. --workdir and --output may be local or on object storage (llama_jax.paths); the JSON is written
 with paths.write_atomic (a reader sees the old file or the whole new one).
@@ -49,6 +57,9 @@ _INCLUDE_PATH = flags.DEFINE_string("include_path", None, "--tasks: a folder of 
 _NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "--tasks: few-shot examples per prompt (default: each "
                                     "task's own).")
 _LIMIT = flags.DEFINE_integer("limit", None, "--tasks: score only the first N documents of each task.")
+_ALL_STEPS = flags.DEFINE_boolean("all_steps", False, "Score every checkpoint not scored before for the same "
+                                  "request (held-out sets, and --tasks when given) into WORKDIR/eval_steps.jsonl "
+                                  "and WORKDIR/eval_steps.png.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -79,14 +90,28 @@ def main(argv):
     result = evaluate.evaluate_checkpoint(_WORKDIR.value, _STEP.value, _CORPUS.value, _EXACT_MATCH.value,
                                           _FORMAT.value, dtype=_DTYPE.value, seq_len=_SEQ_LEN.value,
                                           batch_size=_BATCH_SIZE.value)
-    line = (f"step {result['step']}: loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | "
-            f"bits/byte {result['bits_per_byte']:.4f} | {result['num_tokens']:,} tokens | {result['dtype']}")
+    scores = (f"loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | bits/byte "
+              f"{result['bits_per_byte']:.4f} | {result['num_tokens']:,} tokens | " if "loss" in result else "")
+    line = f"step {result['step']}: {scores}{result['dtype']}"
     if "exact_match" in result:
       line += f" | exact match {result['exact_match']:.1%} of {result['exact_match_examples']:,}"
     print(line)
+    if "sets" in result:  # data.eval_corpora
+      print(evaluate.describe({k: result[k] for k in ("sets", "mean")}))
     evaluate.write_json(result, _OUTPUT.value or paths.join(_WORKDIR.value, f"eval_{result['step']}.json"))
 
-  entry.run(run_tasks if _TASKS.value is not None else run)
+  def run_all_steps():
+    from llama_jax import eval_steps
+    from llama_jax.errors import ConfigError
+    if _STEP.value is not None or _OUTPUT.value:
+      raise ConfigError("--all_steps scores every checkpoint into WORKDIR/eval_steps.jsonl: --step and --output "
+                        "go without it")
+    eval_steps.evaluate_all_steps(_WORKDIR.value, tasks=_TASKS.value.split(",") if _TASKS.value else [],
+                                  include_path=_INCLUDE_PATH.value, num_fewshot=_NUM_FEWSHOT.value,
+                                  limit=_LIMIT.value, corpus_spec=_CORPUS.value, data_format=_FORMAT.value,
+                                  dtype=_DTYPE.value, seq_len=_SEQ_LEN.value, batch_size=_BATCH_SIZE.value)
+
+  entry.run(run_all_steps if _ALL_STEPS.value else run_tasks if _TASKS.value is not None else run)
 
 
 if __name__ == "__main__":
