@@ -8,8 +8,8 @@ Each record: {"step", "request": what was asked, "scores": the held-out report's
 eval_<name>_loss, eval_mean_loss, ...: evaluate.as_eval_metrics), "tasks": {"<task>/<metric>": value}
 (harness.tasks.summary)}. A request has two parts, scored and cached apart: "corpora" (the held-out
 sets, name -> spec, "" for data.eval_corpus or --corpus; the data format, compute dtype and seq_len)
-is always scored, "tasks" (the task names, num_fewshot, limit, include_path, compute dtype) only with
---tasks. A step whose part was scored before with the same part of the request (a record of
+is always scored, "tasks" (the task names, num_fewshot, limit, include_path, compute dtype and
+context window, --seq_len) only with --tasks. A step whose part was scored before with the same part of the request (a record of
 eval_steps.jsonl says so) is not scored again, so a second call with the same flags scores nothing
 and says so; the row batch sizes are no part of a request (they do not change a score). A record is
 appended (paths.append) as soon as its step is scored: a call that stops keeps the steps done.
@@ -48,15 +48,14 @@ def evaluate_all_steps(workdir: str, *, tasks: list[str] = (), include_path: str
 
   Args: as eval.py's flags; corpus_spec, data_format, dtype, seq_len and batch_size as in
     evaluate.load_for_eval; tasks, include_path, num_fewshot and limit as harness.tasks.run_tasks;
-    batch_size also sets the lm-eval backend's rows per call (default: the run's eval.harness_batch_size).
+    batch_size also sets the lm-eval backend's rows per call (default: the run's eval.harness_batch_size)
+    and seq_len its context window (default: the model's max_seq_len), as for eval.py --tasks.
   Returns {"steps": every checkpoint step, "scored": the records written, "path": eval_steps.jsonl}.
   Raises ConfigError before any model loads for a workdir without checkpoints, a bad --limit, an
   unknown task (harness.tasks.check_tasks) or a bad held-out set; during the work for a damaged step.
   """
-  if limit is not None and limit < 1:
-    raise ConfigError(f"--limit={limit}: must be >= 1")
   tasks = list(tasks)
-  eval_lib.check_tasks(tasks, include_path, num_fewshot)
+  eval_lib.check_tasks(tasks, include_path, num_fewshot, limit)
   if not ckpt_lib.has_checkpoints(workdir):
     raise ConfigError(f"--workdir {workdir}: no checkpoints (not a llama_jax workdir, or nothing saved yet)")
   checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
@@ -95,7 +94,7 @@ def _request(config, tasks, include_path, num_fewshot, limit, corpus_spec, data_
                          "seq_len": seq_len or config.data.seq_len}}
   if tasks:
     request["tasks"] = {"tasks": tasks, "num_fewshot": num_fewshot, "limit": limit,
-                        "include_path": include_path or None, "dtype": dtype}
+                        "include_path": include_path or None, "dtype": dtype, "max_length": seq_len}
   return json.loads(json.dumps(request))
 
 
@@ -117,7 +116,7 @@ def _score(workdir, checkpointer, latest, todo, request, tasks, include_path, nu
   if tasks:
     task_eval = eval_lib.TaskEvaluator(
         setup, tok, tasks, include_path=include_path, num_fewshot=num_fewshot, limit=limit,
-        batch_size=batch_size or setup.config.eval.harness_batch_size,
+        batch_size=batch_size or setup.config.eval.harness_batch_size, max_length=seq_len,
         stop_ids=run_setup.stop_ids(workdir, tok, setup.llama.vocab_size))
   path = metrics_lib.eval_steps_path(workdir)
   records = []

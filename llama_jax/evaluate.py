@@ -197,11 +197,13 @@ class TaskEvaluator:
 
   def __init__(self, setup, tok, tasks: list[str], *, include_path: str | None = None,
                num_fewshot: int | None = None, limit: int | None = None, batch_size: int = 8,
-               stop_ids=(), seed: int = 0):
+               max_length: int | None = None, stop_ids=(), seed: int = 0):
+    """Arguments as harness.tasks.run_tasks's (limit 0 or None: every document) and harness.lm.LlamaLM's
+    (max_length None: the model's max_seq_len)."""
     self._setup, self._tok, self.tasks = setup, tok, list(tasks)
     self._run_args = dict(include_path=include_path or None, num_fewshot=num_fewshot, limit=limit or None,
                           seed=seed)
-    self._lm_args = dict(batch_size=batch_size, stop_ids=list(stop_ids), seed=seed)
+    self._lm_args = dict(batch_size=batch_size, max_length=max_length, stop_ids=list(stop_ids), seed=seed)
     self._lm = None
 
   @classmethod
@@ -220,16 +222,17 @@ class TaskEvaluator:
     if self._lm is None:
       self._lm = lm_lib.LlamaLM(self._setup, params, self._tok, **self._lm_args)
     else:
-      self._lm.params = params
+      self._lm.params = params  # the same shapes and shardings: the compiled calls are reused
     return tasks_lib.run_tasks(self._lm, self.tasks, **self._run_args)
 
 
-def check_tasks(tasks: list[str], include_path: str | None = None, num_fewshot: int | None = None):
+def check_tasks(tasks: list[str], include_path: str | None = None, num_fewshot: int | None = None,
+                limit: int | None = None):
   """llama_jax.harness.tasks.check_tasks (one line for an unknown task, a dataset not on disk, too many
-  few-shot examples), imported only when there are tasks."""
+  few-shot examples, a limit < 1), imported only when there are tasks."""
   if tasks:
     from llama_jax.harness import tasks as tasks_lib  # noqa: PLC0415
-    tasks_lib.check_tasks(tasks, include_path or None, num_fewshot)
+    tasks_lib.check_tasks(tasks, include_path or None, num_fewshot, limit)
 
 
 def task_metrics(results: dict | None) -> dict:

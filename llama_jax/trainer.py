@@ -59,7 +59,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     config_lib.check_workdir(workdir)
     llama = config_lib.check_config(config)
     data_lib.check_data_config(config.data)
-    eval_lib.check_tasks(config_lib.eval_tasks(config.eval), config.eval.include_path, config.eval.num_fewshot)
+    eval_lib.check_tasks(config_lib.eval_tasks(config.eval), config.eval.include_path, config.eval.num_fewshot,
+                         config.eval.harness_limit or None)  # 0: every document
     setup = run_setup.Setup(config, devices)
     run_setup.check_batch(config, setup.mesh)
     # init_from seeds a new run only: a workdir with checkpoints of its own resumes from them, even

@@ -12,8 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_test_config
-from llama_jax import config_lib, eval_steps, evaluate, plot, trainer
+from conftest import tiny_test_config, with_torch
+from llama_jax import config_lib, eval_steps, evaluate, plot, run_setup, trainer
+from llama_jax import corpus as corpus_lib
 from llama_jax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,14 +30,25 @@ def _write_sets(directory):
   return {"code": f"jsonl:{directory / 'code.jsonl'}", "verse": f"text:{directory / 'sonnet.txt'}"}
 
 
+# A shipped lm-eval task with a continuous score (a rolling perplexity: scores from other params differ),
+# on its first document only.
+TASK, LIMIT = "plays_perplexity", 1
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   """A tiny run of 8 steps on one device with two named held-out sets beside data.eval_corpus, scored
-  every 4 steps; checkpoints at 2, 4, 6 and 8."""
+  every 4 steps, and TASK every 4 steps; checkpoints at 2, 4, 6 and 8."""
+  os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+  from llama_jax import corpus, tokenizer as tok_lib
   directory = tmp_path_factory.mktemp("sets")
   sets = _write_sets(directory)
-  config = tiny_test_config(**{"data.eval_corpus": HELDOUT, "data.eval_corpora": sets, "train.eval_every": 4,
-                               "train.checkpoint_every": 2, "train.keep_checkpoints": 4})
+  # A tokenizer trained on two plays: seconds less than on the run's whole corpus.
+  tokenizer = tok_lib.train_sentencepiece(tok_lib.training_lines(corpus.shakespeare_plays("train")[:2]), 320,
+                                          str(directory / "tok.model")).path
+  config = tiny_test_config(**{"data.eval_corpus": HELDOUT, "data.tokenizer_path": tokenizer, "data.eval_corpora": sets, "train.eval_every": 4,
+                               "train.checkpoint_every": 2, "train.keep_checkpoints": 4,
+                               "eval.tasks": (TASK,), "eval.harness_every": 4, "eval.harness_limit": LIMIT})
   workdir = str(directory / "tiny")
   result = trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   return workdir, sets, result
@@ -49,9 +61,10 @@ def _events(workdir):
 
 def test_each_named_set_is_reported_with_the_macro_mean(run):
   workdir, sets, result = run
-  # The reference: each set scored alone, as eval.py --corpus scores one corpus.
-  alone = {name: evaluate.evaluate_checkpoint(workdir, 8, corpus_spec=spec) for name, spec in
-           {"": HELDOUT, **sets}.items()}
+  # The reference: each set scored alone by an Evaluator of its own, as eval.py --corpus scores one corpus.
+  setup, params, tok, _ = run_setup.load_run(workdir, 8, devices=jax.devices()[:1])
+  alone = {name: evaluate.Evaluator(setup, tok, corpus_lib.open_corpus(spec))(params)
+           for name, spec in {"": HELDOUT, **sets}.items()}
   evals = {e["step"]: e for e in _events(workdir) if "eval_loss" in e}
   assert sorted(evals) == [4, 8]
   final = evals[8]
@@ -139,7 +152,8 @@ def test_all_steps_scores_every_checkpoint_once_and_plots_them(run, tmp_path):
   assert [r["step"] for r in records] == [2, 4, 6, 8] == out["steps"]
   assert all(set(r["request"]) == {"corpora"} for r in records)
   assert records[0]["request"]["corpora"]["sets"] == {"": HELDOUT, **sets}
-  final = {k: v for k, v in _events(workdir)[-1].items() if k.startswith("eval_")}  # the trainer's at step 8
+  final = [e for e in _events(workdir) if "eval_loss" in e][-1]  # the trainer's at step 8
+  final = {k: v for k, v in final.items() if k.startswith("eval_")}
   assert records[-1]["scores"].keys() == final.keys()
   for k, v in final.items():
     assert records[-1]["scores"][k] == pytest.approx(v, rel=1e-5), k
@@ -152,3 +166,55 @@ def test_all_steps_scores_every_checkpoint_once_and_plots_them(run, tmp_path):
   # Again: nothing is scored, nothing is appended, and the output says so.
   again = eval_steps.evaluate_all_steps(workdir)
   assert again["scored"] == [] and _records(workdir) == records
+
+
+def test_tasks_run_during_training_at_the_expected_steps(run):
+  workdir, _, result = run
+  events = [e for e in _events(workdir) if any("/" in k for k in e)]
+  assert [e["step"] for e in events] == [4, 8]  # eval.harness_every, and the end
+  metrics = {f"{TASK}/word_perplexity", f"{TASK}/byte_perplexity", f"{TASK}/bits_per_byte"}
+  assert all(set(e) == {"step"} | metrics for e in events)
+  assert events[1][f"{TASK}/bits_per_byte"] < events[0][f"{TASK}/bits_per_byte"]  # the live params: trained more
+  assert result["tasks"] == {k: v for k, v in events[1].items() if k != "step"}
+
+
+def _eval_py(*args):
+  # with_torch: the tests' stand-in for an install without torch (sys.modules["torch"] = None) makes the
+  # datasets library, which lm-eval's tasks load through, try to import it (datasets/utils/_dill.py).
+  env = with_torch(dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+
+
+def test_all_steps_with_tasks_scores_each_checkpoint_once(run):
+  """eval.py --all_steps --tasks: the task of every checkpoint (the held-out sets were scored by the test
+  above, or are scored now), equal at steps 4 and 8 to what the trainer scored on its live params; a
+  second call scores nothing."""
+  workdir, _, _ = run
+  eval_steps.evaluate_all_steps(workdir, tasks=[TASK], limit=LIMIT)
+  records = [r for r in _records(workdir) if "tasks" in r["request"]]
+  assert [r["step"] for r in records] == [2, 4, 6, 8]
+  assert records[0]["request"]["tasks"] == {"tasks": [TASK], "num_fewshot": None, "limit": LIMIT,
+                                            "include_path": None, "dtype": "float32", "max_length": None}
+  trained = {e["step"]: e for e in _events(workdir) if any("/" in k for k in e)}
+  for r in records[1::2]:
+    for k, v in r["tasks"].items():
+      assert v == pytest.approx(trained[r["step"]][k], rel=1e-4), (r["step"], k)
+  bits = [r["tasks"][f"{TASK}/bits_per_byte"] for r in records]
+  assert len(set(bits)) == 4  # each step's own params
+  fig = plot.plot_runs([workdir])
+  panel = next(ax for ax in fig.axes if ax.get_title() == f"{TASK}/bits_per_byte")
+  assert list(panel.get_lines()[0].get_xdata()) == [2, 4, 6, 8]
+  assert list(panel.get_lines()[0].get_ydata()) == pytest.approx(bits)
+
+  before = open(os.path.join(workdir, "eval_steps.jsonl")).read()
+  again = _eval_py(f"--workdir={workdir}", "--all_steps", f"--tasks={TASK}", f"--limit={LIMIT}")
+  assert again.returncode == 0, again.stderr
+  assert "nothing scored: all 4 checkpoints (steps 2, 4, 6, 8) were scored before" in again.stdout
+  assert open(os.path.join(workdir, "eval_steps.jsonl")).read() == before
+
+
+def test_all_steps_refuses_bad_task_flags_before_loading(run):
+  with pytest.raises(ConfigError, match="num_fewshot 40: task plays_speaker has 32 few-shot examples"):
+    eval_steps.evaluate_all_steps(run[0], tasks=["plays_speaker"], num_fewshot=40)
