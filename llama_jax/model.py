@@ -292,8 +292,11 @@ def init_model(config: LlamaConfig, seed: int) -> Llama:
 
 
 def abstract_model(config: LlamaConfig) -> Llama:
-  """The model with ShapeDtypeStructs for parameters: nothing is allocated."""
-  return nnx.eval_shape(lambda: init_model(config, 0))
+  """The model with ShapeDtypeStructs for parameters: nothing is allocated. A mesh set around the call
+  (jax.set_mesh: the trainer's loop) is hidden from it: nnx would shard the variables' logical axis names
+  over it as if they were its mesh axes, and fail."""
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+    return nnx.eval_shape(lambda: init_model(config, 0))
 
 
 def init_cache(config: LlamaConfig, batch_size: int, length: int):
