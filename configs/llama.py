@@ -11,7 +11,11 @@ layers, remat that keeps only matmul outputs and the platform's fused attention 
 TPU, cuDNN on GPU); params and optimizer state are sharded over
 all devices (fsdp). Set data.tokenizer_path to the model family's tokenizer (its vocabulary
 must equal the preset's) and point data.train_corpus / data.eval_corpus at your text
-(corpus specs: README, llama_jax/corpus.py).
+(corpus specs: README, llama_jax/corpus.py). More held-out sets, each reported with their macro mean,
+and lm-eval tasks on the live params (configs/tiny.py documents the eval section):
+  --config.data.eval_corpora="{'code': 'jsonl:/data/heldout_code/*.jsonl'}" \
+      --config.eval.tasks=hellaswag,arc_easy --config.eval.harness_every=5000 --config.eval.harness_limit=1000
+(a task's dataset must be on disk: nothing reaches a hub at run time).
 Everything else is configs/tiny.py's, with the schedule of a real run.
 """
 
