@@ -74,15 +74,16 @@ def main(argv):
       raise ConfigError("--tasks runs lm-eval tasks instead of a corpus: --corpus and --format go without it")
     if _OUTPUT.value:
       evaluate.check_output(_OUTPUT.value)
-    record = tasks.evaluate_checkpoint(_WORKDIR.value, _TASKS.value.split(","), step=_STEP.value,
-                                       include_path=_INCLUDE_PATH.value, num_fewshot=_NUM_FEWSHOT.value,
-                                       limit=_LIMIT.value, batch_size=_BATCH_SIZE.value, max_length=_SEQ_LEN.value,
-                                       dtype=_DTYPE.value)
-    if record is not None:  # process 0
-      print(f"step {record['step']}:\n{tasks.table(record)}")
-      if note := tasks.truncation_note(record):
+    results = tasks.evaluate_checkpoint(_WORKDIR.value, _TASKS.value.split(","), step=_STEP.value,
+                                        include_path=_INCLUDE_PATH.value, num_fewshot=_NUM_FEWSHOT.value,
+                                        limit=_LIMIT.value, batch_size=_BATCH_SIZE.value, max_length=_SEQ_LEN.value,
+                                        dtype=_DTYPE.value)
+    if results is not None:  # process 0
+      print(f"step {results['step']}:\n{tasks.table(results)}")
+      if note := tasks.truncation_note(results):
         print(note)
-      evaluate.write_json(record, _OUTPUT.value or paths.join(_WORKDIR.value, f"tasks_{record['step']}.json"))
+      evaluate.write_json(tasks.record(results), _OUTPUT.value or paths.join(_WORKDIR.value,
+                                                                              f"tasks_{results['step']}.json"))
 
   def run():
     if _OUTPUT.value:

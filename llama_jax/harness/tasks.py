@@ -22,7 +22,7 @@ one ConfigError saying what to fetch (once, online) into the HF cache.
 
 The shipped tasks' YAML names its JSONL relative to the YAML file; lm-eval 0.4.13 hands data_files to
 `datasets.load_dataset` as they are, which reads relative paths from the working directory, so
-_task_manager gives lm-eval these tasks' configs with the absolute paths (their entries of lm-eval's task
+_manager gives lm-eval these tasks' configs with the absolute paths (their entries of lm-eval's task
 index take the config in place of the YAML file). Tasks of `include_path` keep lm-eval's behaviour.
 
 Truncation: a request longer than the model's window is cut from the left as lm-eval's `hf` backend
@@ -70,7 +70,7 @@ _PACKAGED_BUILDERS = ("json", "csv", "text", "parquet", "arrow")  # datasets' bu
 
 
 @functools.lru_cache(maxsize=4)
-def _task_manager(include_path: str | None, defaults: bool) -> TaskManager:
+def _manager(include_path: str | None, defaults: bool) -> TaskManager:
   """lm-eval's TaskManager over the shipped tasks, `include_path` and (with `defaults`) lm-eval's
   own; the shipped tasks' entries carry their config with absolute data_files (module docstring)."""
   manager = TaskManager(include_path=[LOCAL_TASKS_DIR] + ([include_path] if include_path else []),
@@ -90,8 +90,9 @@ def _shipped_config(yaml_path: str) -> dict:
   return config
 
 
-def _manager_for(tasks: list[str], include_path: str | None) -> TaskManager:
-  """The TaskManager that knows every name of `tasks` (lm-eval's own tasks indexed only when needed).
+def task_manager(tasks: list[str], include_path: str | None = None) -> TaskManager:
+  """The lm-eval TaskManager that knows every name of `tasks` (lm-eval's own tasks indexed only when
+  needed), with the shipped tasks' absolute data_files: what run_tasks hands simple_evaluate.
 
   Raises ConfigError: an empty list, an include_path that is not a local directory, or a name no task,
   group or tag has (with the closest names)."""
@@ -100,10 +101,10 @@ def _manager_for(tasks: list[str], include_path: str | None) -> TaskManager:
   if include_path is not None and (paths.is_remote(include_path) or not paths.isdir(include_path)):
     raise ConfigError(f"include_path {include_path}: not a local directory (lm-eval reads task YAML from "
                       "a folder on this machine)")
-  manager = _task_manager(include_path, False)
+  manager = _manager(include_path, False)
   if all(manager.match_tasks([t]) for t in tasks):
     return manager
-  manager = _task_manager(include_path, True)
+  manager = _manager(include_path, True)
   for task in tasks:
     if not manager.match_tasks([task]):
       close = difflib.get_close_matches(task, manager.all_tasks, n=3, cutoff=0.6)
@@ -177,7 +178,7 @@ def check_tasks(tasks: list[str], include_path: str | None = None, num_fewshot: 
     raise ConfigError(f"num_fewshot {num_fewshot}: must be >= 0")
   if limit is not None and limit < 1:
     raise ConfigError(f"limit {limit}: must be >= 1 (documents per task)")
-  manager = _manager_for(tasks, include_path)
+  manager = task_manager(tasks, include_path)
   for name in tasks:
     for match in manager.match_tasks([name]):
       for task_name, task in _load(manager, match)["tasks"].items():
@@ -194,14 +195,16 @@ def check_tasks(tasks: list[str], include_path: str | None = None, num_fewshot: 
 
 
 def run_tasks(lm, tasks: list[str], *, include_path: str | None = None, num_fewshot: int | None = None,
-              limit: int | None = None, seed: int = 0, log_samples: bool = False) -> dict | None:
+              limit: int | None = None, seed: int = 0, log_samples: bool = False,
+              samples: dict[str, list[int]] | None = None) -> dict | None:
   """Runs lm-eval's simple_evaluate with `lm` (a LlamaLM) on `tasks` and returns lm-eval's results dict
   with "truncated" added (lm.truncated: requests cut from the left, per request type).
 
   Multi-host: process 0 drives lm-eval and returns the results; every other process serves the
-  compiled calls (lm.serve()) and returns None. `limit` is documents per task (lm-eval's --limit);
-  `seed` seeds lm-eval's Python, NumPy and few-shot samplers; `log_samples` keeps lm-eval's per-document
-  records under "samples". Call check_tasks first for one-line errors: here lm-eval raises its own.
+  compiled calls (lm.serve()) and returns None. `limit` is the first documents per task (lm-eval's
+  --limit), `samples` {task: document indices} instead (its --samples); `seed` seeds lm-eval's Python,
+  NumPy and few-shot samplers; `log_samples` keeps lm-eval's per-document records under "samples".
+  Call check_tasks first for one-line errors: here lm-eval raises its own.
   """
   if jax.process_index() != 0:
     lm.serve()
@@ -209,9 +212,9 @@ def run_tasks(lm, tasks: list[str], *, include_path: str | None = None, num_fews
   before = dict(lm.truncated)  # an LlamaLM may have scored before (the trainer's, every harness_every)
   try:
     results = evaluator.simple_evaluate(
-        model=lm, tasks=list(tasks), task_manager=_manager_for(tasks, include_path), num_fewshot=num_fewshot,
+        model=lm, tasks=list(tasks), task_manager=task_manager(tasks, include_path), num_fewshot=num_fewshot,
         limit=limit, random_seed=seed, numpy_random_seed=seed, torch_random_seed=None,
-        fewshot_random_seed=seed, log_samples=log_samples)
+        fewshot_random_seed=seed, log_samples=log_samples, samples=samples)
   finally:
     lm.finish()
   results["truncated"] = {kind: n - before.get(kind, 0) for kind, n in lm.truncated.items()}
@@ -221,10 +224,10 @@ def run_tasks(lm, tasks: list[str], *, include_path: str | None = None, num_fews
 def evaluate_checkpoint(workdir: str, tasks: list[str], *, step: int | None = None, include_path: str | None = None,
                         num_fewshot: int | None = None, limit: int | None = None, batch_size: int | None = None,
                         max_length: int | None = None, dtype: str | None = None, seed: int = 0,
-                        devices=None) -> dict | None:
+                        log_samples: bool = False, devices=None) -> dict | None:
   """eval.py --tasks: check_tasks, then the checkpoint (run_setup.load_run: the latest without `step`),
-  an LlamaLM on it and run_tasks. Returns record(): lm-eval's results + "truncated", "max_length",
-  "step", "workdir" (process 0; None on the others).
+  an LlamaLM on it and run_tasks. Returns run_tasks' results with "step", "workdir" and "max_length"
+  added (process 0; None on the others); record() makes them JSON.
 
   batch_size: packed rows per scoring call (default the checkpoint's config.eval.harness_batch_size);
   max_length: the context window in tokens (default and at most the model's max_seq_len); generation
@@ -248,10 +251,11 @@ def evaluate_checkpoint(workdir: str, tasks: list[str], *, step: int | None = No
   lm = lm_lib.LlamaLM(setup, params, tok, batch_size=batch_size or setup.config.eval.harness_batch_size,
                       max_length=max_length, stop_ids=run_setup.stop_ids(workdir, tok, setup.llama.vocab_size),
                       seed=seed)
-  results = run_tasks(lm, tasks, include_path=include_path, num_fewshot=num_fewshot, limit=limit, seed=seed)
+  results = run_tasks(lm, tasks, include_path=include_path, num_fewshot=num_fewshot, limit=limit, seed=seed,
+                      log_samples=log_samples)
   if results is None:
     return None
-  return {**record(results, step, workdir), "max_length": lm.max_length}
+  return {**results, "step": step, "workdir": workdir, "max_length": lm.max_length}
 
 
 # ------------------------------------------------------------------ reporting
@@ -278,21 +282,19 @@ def table(results: dict) -> str:
   return text
 
 
-def truncation_note(record: dict) -> str | None:
-  """The line that says how many requests of an evaluate_checkpoint record were cut from the left to
-  its max_length, or None when none was."""
-  cut = {kind: n for kind, n in record["truncated"].items() if n}
+def truncation_note(results: dict) -> str | None:
+  """The line that says how many requests of evaluate_checkpoint's results were cut from the left to
+  their max_length, or None when none was."""
+  cut = {kind: n for kind, n in results["truncated"].items() if n}
   if not cut:
     return None
   counts = ", ".join(f"{n} {kind}" for kind, n in sorted(cut.items()))
-  return (f"note: requests cut from the left to the {record['max_length']}-token window, as lm-eval's hf backend "
+  return (f"note: requests cut from the left to the {results['max_length']}-token window, as lm-eval's hf backend "
           f"cuts them: {counts}")
 
 
-def record(results: dict, step: int, workdir: str) -> dict:
-  """The JSON record of a run: lm-eval's results as its CLI writes them (values it cannot write as
-  JSON through lm_eval.utils.handle_non_serializable; without the per-document "samples"), plus the
-  checkpoint's step and workdir."""
+def record(results: dict) -> dict:
+  """lm-eval's results as JSON, as its CLI writes them (values JSON cannot hold through
+  lm_eval.utils.handle_non_serializable), without the per-document "samples"."""
   kept = {k: v for k, v in results.items() if k != "samples"}
-  return {**json.loads(json.dumps(kept, default=lm_utils.handle_non_serializable)), "step": step,
-          "workdir": workdir}
+  return json.loads(json.dumps(kept, default=lm_utils.handle_non_serializable))
