@@ -29,8 +29,9 @@ the mean under "mean" (llama_jax/evaluate.py). The line printed and the JSON wri
 dtype that ran ("dtype"). Rows are the checkpoint's data.seq_len tokens, data.batch_size /
 train.grad_accum_steps at a time, unless --seq_len / --batch_size say otherwise; a seq_len over the
 model's max_seq_len, or an --output that cannot be written (a directory, a missing parent directory or
-bucket), is one line before anything is scored. --workdir and --output may be local or on object storage (llama_jax.paths); the JSON is written
-with paths.write_atomic (a reader sees the old file or the whole new one).
+bucket), is one line before anything is scored. --workdir and --output may be local or on object
+storage (llama_jax.paths); the JSON is written with paths.write_atomic (a reader sees the old file or
+the whole new one).
 """
 
 from absl import flags
