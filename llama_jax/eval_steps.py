@@ -9,10 +9,11 @@ eval_<name>_loss, eval_mean_loss, ...: evaluate.as_eval_metrics), "tasks": {"<ta
 (harness.tasks.summary)}. A request has two parts, scored and cached apart: "corpora" (the held-out
 sets, name -> spec, "" for data.eval_corpus or --corpus; the data format, compute dtype and seq_len)
 is always scored, "tasks" (the task names, num_fewshot, limit, include_path, compute dtype and
-context window, --seq_len) only with --tasks. A step whose part was scored before with the same part of the request (a record of
-eval_steps.jsonl says so) is not scored again, so a second call with the same flags scores nothing
-and says so; the row batch sizes are no part of a request (they do not change a score). A record is
-appended (paths.append) as soon as its step is scored: a call that stops keeps the steps done.
+context window, --seq_len) only with --tasks. A step whose part was scored before with the same part
+of the request (a record of eval_steps.jsonl says so) is not scored again, so a second call with the
+same flags scores nothing and says so; the row batch sizes are no part of a request (they do not
+change a score). A record is appended (paths.append) as soon as its step is scored: a call that stops
+keeps the steps done. SFT data's exact match (eval.py --exact_match) is not scored here.
 
 The model is set up and compiled once: from the latest checkpoint's config (the held-out sets are
 that config's), and every step's params are restored in turn onto the same shardings, so the

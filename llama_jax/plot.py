@@ -104,8 +104,8 @@ def plot_runs(workdirs: list[str]) -> Figure:
         for j, name in enumerate(sets):
           steps, values = series(events, _set_key(name))
           if steps:
-            ax.plot(steps, values, color=f"C{i}", linestyle=_STYLES[j % len(_STYLES)], marker=_MARKERS[j % len(_MARKERS)],
-                    label=f"{label}: {name or 'eval_corpus'}")
+            ax.plot(steps, values, color=f"C{i}", linestyle=_STYLES[j % len(_STYLES)],
+                    marker=_MARKERS[j % len(_MARKERS)], label=f"{label}: {name or 'eval_corpus'}")
         continue
       steps, values = series(events, key)
       # Markers: the held-out score and task scores are often a few points (the final eval).

@@ -15,6 +15,7 @@ import pytest
 from conftest import tiny_test_config, with_torch
 from llama_jax import config_lib, eval_steps, evaluate, plot, run_setup, trainer
 from llama_jax import corpus as corpus_lib
+from llama_jax import tokenizer as tok_lib
 from llama_jax.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,20 +39,21 @@ TASK, LIMIT = "plays_perplexity", 1
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   """A tiny run of 8 steps on one device with two named held-out sets beside data.eval_corpus, scored
-  every 4 steps, and TASK every 4 steps; checkpoints at 2, 4, 6 and 8."""
-  os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-  from llama_jax import corpus, tokenizer as tok_lib
+  every 4 steps, and TASK every 4 steps; checkpoints at 2, 4, 6 and 8. Nothing reaches a hub meanwhile."""
   directory = tmp_path_factory.mktemp("sets")
   sets = _write_sets(directory)
-  # A tokenizer trained on two plays: seconds less than on the run's whole corpus.
-  tokenizer = tok_lib.train_sentencepiece(tok_lib.training_lines(corpus.shakespeare_plays("train")[:2]), 320,
+  # A tokenizer trained on two plays: seconds less than on the run's whole training corpus.
+  tokenizer = tok_lib.train_sentencepiece(tok_lib.training_lines(corpus_lib.shakespeare_plays("train")[:2]), 320,
                                           str(directory / "tok.model")).path
-  config = tiny_test_config(**{"data.eval_corpus": HELDOUT, "data.tokenizer_path": tokenizer, "data.eval_corpora": sets, "train.eval_every": 4,
-                               "train.checkpoint_every": 2, "train.keep_checkpoints": 4,
+  config = tiny_test_config(**{"data.eval_corpus": HELDOUT, "data.eval_corpora": sets, "data.tokenizer_path": tokenizer,
+                               "train.eval_every": 4, "train.checkpoint_every": 2, "train.keep_checkpoints": 4,
                                "eval.tasks": (TASK,), "eval.harness_every": 4, "eval.harness_limit": LIMIT})
   workdir = str(directory / "tiny")
-  result = trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
-  return workdir, sets, result
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("HF_HUB_OFFLINE", "1")
+    patch.setenv("HF_DATASETS_OFFLINE", "1")
+    result = trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    yield workdir, sets, result
 
 
 def _events(workdir):
