@@ -1,5 +1,5 @@
 # make demo: train the tiny model on the embedded Shakespeare corpus, evaluate it, print a sample,
-# plot the run ($(WORKDIR)/run.png).
+# plot the run ($(WORKDIR)/run.png), and score it on the shipped lm-eval tasks ($(WORKDIR)/tasks.json).
 # make test: the test suite.
 # Each makes its own virtualenv and installs the pinned requirements on first use: .venv for the
 # demo, .venv-test for the tests (which add torch, transformers and libtpu for the TPU compile test).
@@ -26,6 +26,7 @@ demo: .venv/.deps
 	.venv/bin/python train.py --config configs/tiny.py --workdir $(WORKDIR)
 	.venv/bin/python eval.py --workdir $(WORKDIR) --output $(WORKDIR)/eval.json
 	.venv/bin/python -m llama_jax.plot $(WORKDIR) --output $(WORKDIR)/run.png  # loss, bits/byte, lr, tokens/s
+	.venv/bin/python eval.py --workdir $(WORKDIR) --tasks plays --output $(WORKDIR)/tasks.json  # lm-eval, offline
 
 test: .venv-test/.test-deps
 	PYTHON=.venv-test/bin/python bash tests/fetch_tokenizers.sh  # the real Llama tokenizers; no silent skips
