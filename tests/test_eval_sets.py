@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_test_config, with_torch
+from conftest import tiny_test_config
 from llama_jax import config_lib, eval_steps, evaluate, plot, run_setup, trainer
 from llama_jax import corpus as corpus_lib
 from llama_jax import tokenizer as tok_lib
@@ -181,9 +181,7 @@ def test_tasks_run_during_training_at_the_expected_steps(run):
 
 
 def _eval_py(*args):
-  # with_torch: the tests' stand-in for an install without torch (sys.modules["torch"] = None) makes the
-  # datasets library, which lm-eval's tasks load through, try to import it (datasets/utils/_dill.py).
-  env = with_torch(dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
   env.pop("XLA_FLAGS", None)
   return subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=300)
