@@ -38,12 +38,11 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
 
 
 def _offline_if_asked():
-  """The switches of `datasets` and `huggingface_hub` set to offline where the environment asks it
-  and one of them was imported before this module set the environment (they read it once)."""
-  if os.environ["HF_HUB_OFFLINE"].upper() in ("1", "ON", "YES", "TRUE") and "huggingface_hub" in sys.modules:
-    sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
-  if os.environ["HF_DATASETS_OFFLINE"].upper() in ("1", "ON", "YES", "TRUE") and "datasets" in sys.modules:
-    sys.modules["datasets"].config.HF_HUB_OFFLINE = True
+  """The offline switches of `huggingface_hub` and `datasets` set where the environment asks for them
+  and those modules were imported before this one set it (they read it at their import)."""
+  for var, module in (("HF_HUB_OFFLINE", "huggingface_hub.constants"), ("HF_DATASETS_OFFLINE", "datasets.config")):
+    if os.environ[var].upper() in ("1", "ON", "YES", "TRUE") and module in sys.modules:
+      sys.modules[module].HF_HUB_OFFLINE = True
 
 
 _offline_if_asked()
