@@ -229,16 +229,15 @@ def test_generate_until_samples_with_its_seed(harness):
   _, setup, params, tok = harness
   sampled = lm_lib.LlamaLM(setup, params, tok, batch_size=ROWS, max_gen_toks=12, seed=7)
   assert np.all(np.diff([len(tok.encode(c)) for c in SAMPLED_CONTEXTS]) < 0)
-  ours = sampled.generate_until([Instance("generate_until", {}, (c, SAMPLED), i) for i, c in enumerate(SAMPLED_CONTEXTS)],
-                                disable_tqdm=True)
+  requests = [Instance("generate_until", {}, (c, SAMPLED), i) for i, c in enumerate(SAMPLED_CONTEXTS)]
+  ours = sampled.generate_until(requests, disable_tqdm=True)
   # The n-th Generator call of a LlamaLM uses seed + n; this is its first.
   generator = gen_lib.Generator(setup.graphdef, setup.llama, setup.mesh)
   ref = generator(params, [tok.encode(c, bos=True) for c in SAMPLED_CONTEXTS], 10, [tok.eos_id],
                   gen_lib.Sampling(0.9, 20, 1.0), seed=7).ids
   assert ours == [sampled.tok_decode(ids) for ids in ref]
   other_seed = lm_lib.LlamaLM(setup, params, tok, batch_size=ROWS, max_gen_toks=12, seed=8)
-  assert other_seed.generate_until([Instance("generate_until", {}, (c, SAMPLED), i)
-                                    for i, c in enumerate(SAMPLED_CONTEXTS)], disable_tqdm=True) != ours
+  assert other_seed.generate_until(requests, disable_tqdm=True) != ours
   with pytest.raises(ConfigError, match="gen_kwargs 'num_beams' is not supported"):
     sampled.generate_until([Instance("generate_until", {}, ("A", {"until": [], "num_beams": 2}), 0)])
 

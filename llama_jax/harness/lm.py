@@ -6,8 +6,10 @@ token-level rules below are that backend's.
 
 Tokens (TemplateLM.loglikelihood and _encode_pair, inherited, turn text into token ids through these):
   tok_encode(s) = [BOS] + ids(s), and ids(s) alone with add_special_tokens=False: what transformers'
-  tokenizer of our exported checkpoint gives with add_bos_token=True (the hub's Llama tokenizers add
-  BOS by default). prefix_token_id = BOS (the context of an empty-context request), eot_token_id = EOS.
+  tokenizer of our exported checkpoint (AutoTokenizer on export-hf's tokenizer.model) gives with
+  add_bos_token=True, so hf matches us with model_args add_bos_token=True; without it that tokenizer
+  adds no BOS (the hub's Llama tokenizers add it by default). prefix_token_id = BOS (the context of an
+  empty-context request), eot_token_id = EOS.
   tok_decode drops the tokenizer's special ids (Tokenizer.special_tokens: control and unknown pieces,
   Llama 3's 256 specials), as transformers' decode with skip_special_tokens=True. Text that spells a
   special token ("<s>") is encoded as plain text, where transformers would map it to the token.
@@ -36,11 +38,12 @@ generate_until: requests grouped by gen_kwargs and sorted longest first (lm_eval
   Collator, as hf), batch_size prompts per llama_jax.generate.Generator call (the KV-cache decoder).
   gen_kwargs are read by lm-eval's normalize_gen_kwargs: max_gen_toks (default the constructor's),
   do_sample / temperature / top_k / top_p (generate.Sampling; temperature 0 or do_sample false is
-  greedy); any other key raises ConfigError. The prompt tok_encode(context) is cut from the left to
-  max_length - max_gen_toks tokens (hf's tok_batch_encode left_truncate_len; counted in
-  truncated["generate_until"]). A row ends at EOS or one of stop_ids, or after max_gen_toks tokens;
-  its text is tok_decode of the new tokens, cut before the first occurrence of each `until` string,
-  the EOS text ("</s>") added to them as hf does (handle_stop_sequences, postprocess_generated_text).
+  greedy; the n-th Generator call of an LlamaLM draws with seed + n); any other key raises
+  ConfigError. The prompt tok_encode(context) is cut from the left to max_length - max_gen_toks
+  tokens (hf's tok_batch_encode left_truncate_len; counted in truncated["generate_until"]). A row
+  ends at EOS or one of stop_ids, or after max_gen_toks tokens; its text is tok_decode of the new
+  tokens, cut before the first occurrence of each `until` string, the EOS text ("</s>") added to them
+  as hf does (handle_stop_sequences, postprocess_generated_text).
 
 Mesh: rows are sharded over the (data, fsdp) axes (sharding.batch_sharding), so batch_size is rounded
 up to a multiple of data x fsdp; params are used as given (sharded as Setup.params_sharding).
