@@ -75,7 +75,8 @@ def main(argv):
       raise ConfigError("--tasks runs lm-eval tasks instead of a corpus: --corpus and --format go without it")
     if _OUTPUT.value:
       evaluate.check_output(_OUTPUT.value)
-    results = tasks.evaluate_checkpoint(_WORKDIR.value, _TASKS.value.split(","), step=_STEP.value,
+    names = [t.strip() for t in _TASKS.value.split(",")]
+    results = tasks.evaluate_checkpoint(_WORKDIR.value, names, step=_STEP.value,
                                         include_path=_INCLUDE_PATH.value, num_fewshot=_NUM_FEWSHOT.value,
                                         limit=_LIMIT.value, batch_size=_BATCH_SIZE.value, max_length=_SEQ_LEN.value,
                                         dtype=_DTYPE.value)

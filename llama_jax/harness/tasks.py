@@ -107,7 +107,7 @@ def task_manager(tasks: list[str], include_path: str | None = None) -> TaskManag
   for task in tasks:
     if not manager.match_tasks([task]):
       close = difflib.get_close_matches(task, manager.all_tasks, n=3, cutoff=0.6)
-      hint = f" (did you mean {', '.join(close)}?)" if close else " (lm-eval ls tasks lists them)"
+      hint = f" (did you mean {', '.join(close)}?)" if close else " (lm-eval list tasks names them)"
       where = f"lm-eval's tasks, {include_path} and" if include_path else "lm-eval's tasks and"
       raise ConfigError(f"unknown task {task!r}: not in {where} the shipped ones ({SHIPPED_TAG}: "
                         f"{', '.join(shipped_tasks())}){hint}")
