@@ -25,6 +25,7 @@ tasks.py runs them.
   plays_continue_fewshot.jsonl FEWSHOT_DOCS such docs from the training plays: the few-shot examples.
 """
 
+import functools
 import hashlib
 import json
 import re
@@ -50,20 +51,35 @@ def _order(text: str) -> bytes:
   return hashlib.blake2b(text.encode()).digest()
 
 
-def _titles(split: str) -> list[str]:
-  """Titles of the plays of a corpus.shakespeare_plays split, in its order."""
-  return [play.split("\n", 1)[0] for play in corpus.shakespeare_plays(split)]
+_plays = functools.cache(corpus.shakespeare_plays)  # a build reads each split more than once
+_pairs = functools.cache(corpus.speaker_pairs)
 
 
-def _play_of(prompt: str, titles: list[str]) -> str:
-  """The title a speaker_pairs prompt names ("Who speaks this line in <title>? ...")."""
-  return next(t for t in titles if prompt.startswith(f"Who speaks this line in {t}? "))
+def _speaker_names() -> set[str]:
+  """Every speaker corpus.speaker_pairs finds in the plays (all its splits)."""
+  return {speaker for split in corpus.SPEAKER_SPLITS for _, speaker in _pairs(split)}
+
+
+def _first_lines(split: str) -> set[tuple[str, str]]:
+  """(speaker, first line of the speech) of every pair of corpus.speaker_pairs(split): the line is what
+  follows the question's first "? " ("Who speaks this line in <play>...? <line>\n")."""
+  return {(speaker, prompt.split("? ", 1)[1].removesuffix("\n")) for prompt, speaker in _pairs(split)}
 
 
 def _blocks(play: str) -> list[str]:
   """The blocks of a play's text between blank lines: a heading, a stage direction, a speech (its
   speaker's name, then its lines)."""
   return [b.strip("\n") for b in re.split(r"\n{2,}", play) if b.strip()]
+
+
+def _speeches(play: str, names: set[str]):
+  """(block before, speaker, lines) of each speech of a play's text: a block whose first line is one of
+  `names`, its lines up to the first bracketed direction ("[Aside]")."""
+  blocks = _blocks(play)
+  for before, block in zip([""] + blocks, blocks):
+    name, *lines = block.split("\n")
+    if name in names:
+      yield before, name, lines[:next((i for i, line in enumerate(lines) if line.startswith("[")), len(lines))]
 
 
 def _shortened(block: str) -> str:
@@ -77,27 +93,22 @@ def speaker_docs(split: str, n: int) -> list[dict]:
   training plays whose speaker and first line make a pair of corpus.speaker_pairs(split) ("heldout":
   the held-out scenes, "train": the other scenes). Each doc: "context", the block before the speech
   (the previous speech, _shortened; a stage direction; a heading) and a blank line; "choices",
-  "<SPEAKER>\n<first line>" for the speaker and the CHOICES - 1 other speakers of the play (in that
-  split) whose hash with the line is lowest; "label", the speaker's place, from the line's hash."""
-  titles = _titles("train")
-  pairs = set(corpus.speaker_pairs(split))
-  speakers = {}
-  for prompt, speaker in pairs:
-    speakers.setdefault(_play_of(prompt, titles), set()).add(speaker)
+  "<SPEAKER>\n<first line>" for the speaker and the CHOICES - 1 other speakers of the play's speeches
+  of that split whose hash with the line is lowest; "label", the speaker's place, from the line's hash."""
+  pairs, names = _first_lines(split), _speaker_names()
   candidates = []
-  for title, play in zip(titles, corpus.shakespeare_plays("train")):
-    blocks = _blocks(play)
-    for before, block in zip(blocks, blocks[1:]):
-      name, _, rest = block.partition("\n")
-      line = rest.split("\n", 1)[0]
-      if (f"Who speaks this line in {title}? {line}\n", name) not in pairs:
-        continue
-      others = sorted(speakers[title] - {name}, key=lambda s, k=line: _order(k + s))[:CHOICES - 1]
+  for play in _plays("train"):
+    title = play.split("\n", 1)[0]
+    speeches = [(before, name, lines[0]) for before, name, lines in _speeches(play, names)
+                if lines and (name, lines[0]) in pairs]
+    speakers = {name for _, name, _ in speeches}
+    for before, name, line in speeches:
+      others = sorted(speakers - {name}, key=lambda s, k=line: _order(k + s))[:CHOICES - 1]
       if len(others) == CHOICES - 1:
         label = _order(line)[0] % CHOICES
-        names = others[:label] + [name] + others[label:]
+        choices = others[:label] + [name] + others[label:]
         candidates.append({"play": title, "context": _shortened(before) + "\n\n",
-                           "choices": [f"{s}\n{line}" for s in names], "label": label})
+                           "choices": [f"{s}\n{line}" for s in choices], "label": label})
   candidates.sort(key=lambda d: _order(d["context"] + d["choices"][d["label"]]))
   return candidates[:n]
 
@@ -118,32 +129,19 @@ def _scenes(play: str) -> list[tuple[str, str, str]]:
 
 def perplexity_docs(title: str) -> list[dict]:
   """One doc per scene of the held-out play `title`, in play order."""
-  play = next(p for p in corpus.shakespeare_plays("heldout") if p.split("\n", 1)[0] == title)
+  play = next(p for p in _plays("heldout") if p.split("\n", 1)[0] == title)
   return [{"scene": f"{act}.{scene.lower()}", "text": text} for act, scene, text in _scenes(play)]
 
 
-def _speeches(play: str, speakers: set[str]):
-  """(speaker, lines) of each speech of a play's text: a block (between blank lines) whose first line
-  is one of `speakers` (the names speaker_pairs finds), lines its other lines up to the first that is
-  a bracketed direction ("[Aside]")."""
-  for block in play.split("\n\n"):
-    name, *lines = block.strip("\n").split("\n")
-    if name in speakers:
-      cut = next((i for i, line in enumerate(lines) if line.startswith("[")), len(lines))
-      yield name, lines[:cut]
-
-
-def continue_docs(pairs_split: str, plays_split: str, n: int) -> list[dict]:
-  """The first `n` (in hash order) "complete this line" docs of the plays of a split: every speech line
-  of CONTINUE_MIN_WORDS words or more is a candidate; its context is the speaker's name, up to
-  CONTINUE_LINES lines of the speech before it, and the line up to its last space."""
-  titles = _titles(plays_split)
-  speakers = {}
-  for prompt, speaker in corpus.speaker_pairs(pairs_split):
-    speakers.setdefault(_play_of(prompt, titles), set()).add(speaker)
+def continue_docs(split: str, n: int) -> list[dict]:
+  """The first `n` (in hash order) "complete this line" docs of the plays of a corpus.shakespeare_plays
+  split: every speech line of CONTINUE_MIN_WORDS words or more is a candidate; its context is the
+  speaker's name, up to CONTINUE_LINES lines of the speech before it, and the line up to its last space."""
+  names = _speaker_names()
   candidates = []
-  for title, play in zip(titles, corpus.shakespeare_plays(plays_split)):
-    for speaker, lines in _speeches(play, speakers.get(title, set())):
+  for play in _plays(split):
+    title = play.split("\n", 1)[0]
+    for _, speaker, lines in _speeches(play, names):
       for i, line in enumerate(lines):
         head, _, last = line.rpartition(" ")
         if len(line.split()) >= CONTINUE_MIN_WORDS and re.search(r"\w", last):
@@ -159,8 +157,8 @@ def task_files() -> dict[str, str]:
       "plays_speaker.jsonl": speaker_docs("heldout", SPEAKER_DOCS),
       "plays_speaker_fewshot.jsonl": speaker_docs("train", FEWSHOT_DOCS),
       "plays_perplexity.jsonl": perplexity_docs(PERPLEXITY_PLAY),
-      "plays_continue.jsonl": continue_docs("unseen", "heldout", CONTINUE_DOCS),
-      "plays_continue_fewshot.jsonl": continue_docs("train", "train", FEWSHOT_DOCS),
+      "plays_continue.jsonl": continue_docs("heldout", CONTINUE_DOCS),
+      "plays_continue_fewshot.jsonl": continue_docs("train", FEWSHOT_DOCS),
   }
   return {name: "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs) for name, docs in files.items()}
 
