@@ -14,8 +14,9 @@ Fine-tuning data (data.format = "sft") are (prompt, response) pairs instead of t
   jsonl:GLOB                                  one pair per line: its fields data.prompt_field
                                               and data.response_field
   speakers:train | speakers:heldout | speakers:unseen
-                                              "Who speaks this line in <play>? <line>" ->
-                                              "<SPEAKER>", from the first line of every speech:
+                                              "Who speaks this line in <play>, after <A> and
+                                              <B>? <line>" -> "<SPEAKER>", from the first line of
+                                              every speech, A and B the two speakers before it:
                                               train: the 34 training plays less their held-out
                                               scenes (every HELDOUT_SCENE_EVERY-th SCENE heading
                                               of each); heldout: those scenes; unseen: the 4
@@ -131,19 +132,28 @@ def shakespeare_plays(split: str) -> list[str]:
 
 
 def _play_speeches(path: str) -> list[tuple[int, str, str]]:
-  """(scene, prompt, speaker) for every speech of a play file, in file order. A speech is its
-  speaker's name in bold on a line of its own, then its first line of text (not a stage direction,
-  heading or name); `scene` counts the headings whose text starts with SCENE up to the speech (0
-  before the first: a prologue or epilogue belongs to the scene before it)."""
+  """(scene, prompt, speaker) for every speech of a play file, in file order.
+
+  A speech is its speaker's name in bold on a line of its own, then its first line of text (not a
+  stage direction, heading or name); the prompt asks for it after the speakers of the two speeches
+  before it (any speech, since the last heading: the first speeches of a scene have fewer).
+  `scene` counts the headings whose text starts with SCENE up to the speech (0 before the first:
+  a prologue or epilogue belongs to the scene before it)."""
   raw = paths.read_text(path).splitlines()
   title = strip_markdown(raw[0]).strip()
-  speeches, scene = [], 0
+  speeches, scene, before = [], 0, []
   for i, line in enumerate(raw[:-1]):
-    if re.match(r"#+\s*SCENE\b", line, re.IGNORECASE):
-      scene += 1
+    if line.startswith("#"):
+      scene += bool(re.match(r"#+\s*SCENE\b", line, re.IGNORECASE))
+      before = []
     speaker = re.fullmatch(r"\*\*([^*]+)\*\*\s*", line)
-    if speaker and not raw[i + 1].startswith(("_", "#", "*")) and (first := strip_markdown(raw[i + 1]).strip()):
-      speeches.append((scene, f"Who speaks this line in {title}? {first}\n", speaker.group(1).strip()))
+    if not speaker:
+      continue
+    name = speaker.group(1).strip()
+    if not raw[i + 1].startswith(("_", "#", "*")) and (first := strip_markdown(raw[i + 1]).strip()):
+      after = f", after {' and '.join(before[-2:])}" if before else ""
+      speeches.append((scene, f"Who speaks this line in {title}{after}? {first}\n", name))
+    before.append(name)
   return speeches
 
 
@@ -154,13 +164,14 @@ def heldout_scene(scene: int) -> bool:
 
 
 def speaker_pairs(split: str) -> list[tuple[str, str]]:
-  """("Who speaks this line in <title>? <first line of a speech>\n", "<SPEAKER>") for every speech of
-  a split:
+  """("Who speaks this line in <title>, after <A> and <B>? <first line of a speech>\n", "<SPEAKER>")
+  for every speech of a split, A and B the speakers of the two speeches before it ("after <A>" for the
+  second speech after a heading, no "after" for the first):
     "train"    the 34 training plays, less their held-out scenes (heldout_scene);
     "heldout"  the held-out scenes of the training plays: their speakers and lines are those of the
                plays the "train" pairs come from (and pretraining's shakespeare:train holds them);
-    "unseen"   the 4 held-out plays (HELDOUT_PLAYS), whose characters "train" never names.
-  Pairs are in the order of the BLAKE2b hash of "prompt + speaker" (then of play order): fixed on any
+    "unseen"   the 4 held-out plays (HELDOUT_PLAYS), of which "train" holds nothing.
+  Pairs are in the order of the BLAKE2b hash of "prompt + speaker" (ties: play and file order): fixed on any
   machine and pseudo-random, so that the first N of a split (exact match scores the first ones) are a
   uniform sample of it, not the start of its first play.
 

