@@ -200,7 +200,7 @@ def test_sft_tiny_runs_end_to_end_and_its_heldout_response_loss_falls(base_run, 
     events = [json.loads(line) for line in f]
   evals = {e["step"]: e["eval_loss"] for e in events if "eval_loss" in e}
   assert sorted(evals) == [0, 40]  # before the first step (the base model) and at the end
-  assert evals[40] < evals[0] - 0.5  # measured: 5.36 -> 4.42
+  assert evals[40] < evals[0] - 0.5  # measured: 5.35 -> 3.83
   assert result["loss"] == evals[40]
   losses = [e["loss"] for e in events if "loss" in e]
   assert losses[-1] < losses[0]
