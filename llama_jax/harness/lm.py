@@ -20,13 +20,21 @@ loglikelihood, per (context_ids, continuation_ids) request, in request order:
   does (_loglikelihood_tokens): input = (ctx + cont)[-(max_length + 1):][:-1], the targets the same
   window shifted by one, the continuation its last len(cont) targets; counted in truncated
   ["loglikelihood"]. A continuation longer than max_length raises ConfigError (hf asserts).
-  Requests are packed, many per row, into rows of max_length tokens (first fit, longest first; at
-  most model.attention_max_segments - 1 per row so that cuDNN's packed layout holds a row with its
+  Requests are packed, many per row (first fit, longest first; at most
+  model.attention_max_segments - 1 per row so that cuDNN's packed layout holds a row with its
   padding): request k of a row has segment id k (1, 2, ...; 0 is padding) and positions 0 .. n-1,
   so attention (model.py, attention.py) keeps it to itself and it is scored as if alone in its row.
-  One compiled call scores [batch_size, max_length] rows: the log-prob of each position's target and
-  whether the argmax equals it, the logits formed train.loss_chunk_size positions at a time where
-  that divides max_length (else all at once); the host sums each request's continuation positions.
+  Score calls (plan_calls): every call has batch_size * max_length tokens, in rows of T = the
+  shortest of max_length, max_length / 2, ... (while whole and >= MIN_ROW = 32; row_buckets) that
+  holds the longest request not yet scored, batch_size * max_length / T rows of them; the requests
+  not yet scored fill them first fit, longest first. Attention then spans about the requests'
+  lengths rather than max_length (here a call in rows of 256 tokens took configs/tiny.py's model
+  1.3-2.4x as long as one in rows of 128). A call runs two compiled functions: make_hidden_fn, the model's hidden states
+  of the [rows, T] rows (one compiled shape per T used), and make_head_fn, the LM head and fp32
+  log-softmax at the S scored (continuation) positions only, gathered from them (S: a multiple of
+  slot_quantum, an eighth of the call's tokens, one compiled shape per S used; logits formed
+  train.loss_chunk_size slots at a time where that is > 0); the host sums each request's slots.
+  Each call is dispatched before the previous one's results are read.
 
 loglikelihood_rolling, per document: the sum over lm_eval.utils.get_rolling_token_windows(
   tok_encode(doc), prefix BOS, max_length, context_len=1), each made disjoint (make_disjoint_window)
@@ -46,13 +54,14 @@ generate_until: requests grouped by gen_kwargs and sorted longest first (lm_eval
   as hf does (handle_stop_sequences, postprocess_generated_text).
 
 Mesh: rows are sharded over the (data, fsdp) axes (sharding.batch_sharding), so batch_size is rounded
-up to a multiple of data x fsdp; params are used as given (sharded as Setup.params_sharding).
+up to a multiple of data x fsdp (and with it every score call's rows); params are used as given (sharded as Setup.params_sharding).
 
 Multi-host: lm-eval runs on process 0 only and sees rank 0 / world_size 1. Each compiled call needs
 every process, so process 0 sends each call's inputs with jax.experimental.multihost_utils.
-broadcast_one_to_all, first a fixed int32 header (operation, array shape, generation settings), then
-one int32 array (score: [4, batch_size, max_length] tokens, targets, positions, segment ids; generate:
-[1, batch_size, max_length + 1] prompt lengths and ids); every other process calls serve(), which
+broadcast_one_to_all, first a fixed int32 header (operation, array shape, then the score call's rows,
+T and S or the generation settings), then one int32 array (score: [1, 1, 3 * rows * T + 2 * S], the
+rows' tokens, positions and segment ids, then the slots' flat positions (row * T + t) and targets;
+generate: [1, batch_size, max_length + 1] prompt lengths and ids); every other process calls serve(), which
 receives them and runs the same call, until process 0 calls finish(). Process 0 must call finish()
 (in a `finally`) or the others wait until jax's distributed timeout. With one process nothing is
 broadcast and serve()/finish() return at once.
@@ -75,9 +84,11 @@ from llama_jax import model as model_lib
 from llama_jax import sharding as sh
 from llama_jax.errors import ConfigError
 
+MIN_ROW = 32  # the shortest rows of a score call (plan_calls)
+
 # Operations of the multi-host protocol (header[0]).
 _FINISH, _SCORE, _GENERATE = 1, 2, 3
-_HEADER = 16  # int32s: op, 3 array dims, then the generation settings (_GENERATE)
+_HEADER = 16  # int32s: op, 3 array dims, then the call's shape (_SCORE) or generation settings (_GENERATE)
 _SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p")
 
 
@@ -118,7 +129,13 @@ class LlamaLM(TemplateLM):
     self._stop = tuple(dict.fromkeys([tok.eos_id, *(int(t) for t in stop_ids)]))
     self._max_per_row = max(1, llama.attention_max_segments - 1)
     self._generator = gen_lib.Generator(setup.graphdef, llama, setup.mesh)
-    self._score_fn = None  # compiled on first use
+    # Score calls (compiled per shape on first use): the hidden states of packed rows, flattened to
+    # [batch_size * max_length, D], then the LM head at the scored positions only.
+    self._hidden_fn = jax.jit(make_hidden_fn(setup.graphdef))
+    chunk = setup.config.train.loss_chunk_size
+    self._replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
+    self._head_fn = jax.jit(make_head_fn(setup.graphdef, chunk), out_shardings=self._replicated)
+    self._slot_quantum = slot_quantum(self._batch_size * max_length, chunk)
     self._generate_calls = 0
     self._multi = jax.process_count() > 1
     self.truncated = {"loglikelihood": 0, "loglikelihood_rolling": 0, "generate_until": 0}
@@ -187,7 +204,7 @@ class LlamaLM(TemplateLM):
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, kind: str = "loglikelihood"):
     """(sum of continuation log-probs, all greedy) per (key, context_ids, continuation_ids), in order."""
     L = self._max_length
-    inputs, targets, cont_lens = [], [], []
+    inputs, targets, cont_lens = [], [], []  # cont_lens: the scored (last) positions of each input
     for key, ctx, cont in requests:
       if not ctx or not cont:
         raise ConfigError(f"request {key!r}: empty {'context' if not ctx else 'continuation'} tokens")
@@ -201,10 +218,10 @@ class LlamaLM(TemplateLM):
       inputs.append(window[:-1])
       targets.append(window[1:])
       cont_lens.append(len(cont))
-    scored = self._score_sequences(inputs, targets, disable_tqdm)
+    scored = self._score_sequences(inputs, targets, cont_lens, disable_tqdm)
     results = []
-    for (key, _, _), (logprob_N, greedy_N), n in zip(requests, scored, cont_lens):
-      answer = (float(np.sum(logprob_N[-n:], dtype=np.float64)), bool(np.all(greedy_N[-n:])))
+    for (key, _, _), (logprob_N, greedy_N) in zip(requests, scored):
+      answer = (float(np.sum(logprob_N, dtype=np.float64)), bool(np.all(greedy_N)))
       results.append(answer)
       if key is not None:
         self.cache_hook.add_partial("loglikelihood", key, answer)
@@ -271,7 +288,7 @@ class LlamaLM(TemplateLM):
         return
       array = multihost_utils.broadcast_one_to_all(np.zeros(tuple(header[1:4]), np.int32))
       if op == _SCORE:
-        self._run_score(array)
+        jax.block_until_ready(self._run_score(header, array))
       elif op == _GENERATE:
         self._run_generate(header, array)
       else:
@@ -294,43 +311,61 @@ class LlamaLM(TemplateLM):
 
   # -------------------------------------------------------------------------- scoring
 
-  def _score_sequences(self, inputs, targets, disable_tqdm=False):
-    """(log-probs, greedy flags) of each sequence's targets, [len] arrays, with the sequences packed
-    into rows of max_length tokens."""
-    L, B = self._max_length, self._batch_size
-    row_of, offset_of, n_rows = pack(np.array([len(x) for x in inputs], np.int64), L, self._max_per_row)
-    members = [[] for _ in range(n_rows)]
-    for i, r in enumerate(row_of):
-      members[r].append(i)
+  def _score_sequences(self, inputs, targets, scored, disable_tqdm=False):
+    """(log-probs, greedy flags) of the targets of the last scored[i] positions of each sequence i,
+    [scored[i]] arrays, with the sequences packed by plan_calls. Each call is dispatched before the
+    previous one's results are read, so that the host prepares a call while the last one runs."""
+    calls = plan_calls(np.array([len(x) for x in inputs], np.int64), self._max_length, self._batch_size,
+                       self._max_per_row)
     out = [None] * len(inputs)
-    for first in tqdm(range(0, n_rows, B), disable=disable_tqdm or n_rows <= B, desc="llama_jax scoring rows"):
-      rows_4BT = np.zeros((4, B, L), np.int32)  # tokens, targets, positions, segment ids
-      for b, r in enumerate(range(first, min(first + B, n_rows))):
-        for segment, i in enumerate(members[r], 1):
-          o, n = offset_of[i], len(inputs[i])
-          rows_4BT[0, b, o:o + n] = inputs[i]
-          rows_4BT[1, b, o:o + n] = targets[i]
-          rows_4BT[2, b, o:o + n] = np.arange(n)
-          rows_4BT[3, b, o:o + n] = segment
-      _, rows_4BT = self._send(_SCORE, rows_4BT)
-      logprob_BT, greedy_BT = self._run_score(rows_4BT)
-      for b, r in enumerate(range(first, min(first + B, n_rows))):
-        for i in members[r]:
-          o, n = offset_of[i], len(inputs[i])
-          out[i] = (logprob_BT[b, o:o + n], greedy_BT[b, o:o + n])
+
+    def collect(index_M, result):
+      logprob_S, greedy_S = sh.replicated_to_host(result)
+      ends = np.cumsum([scored[i] for i in index_M])
+      for i, end in zip(index_M, ends):
+        out[i] = (logprob_S[end - scored[i]:end], greedy_S[end - scored[i]:end])
+
+    pending = None
+    for T, rows, index_M, row_M, offset_M in tqdm(calls, disable=disable_tqdm or len(calls) < 2,
+                                                  desc="llama_jax scoring calls"):
+      rows_3BT = np.zeros((3, rows, T), np.int32)  # tokens, positions, segment ids (0: padding)
+      S = -(-sum(scored[i] for i in index_M) // self._slot_quantum) * self._slot_quantum
+      slots_2S = np.zeros((2, S), np.int32)  # flat position (row * T + t) and target of each scored token
+      filled = 0
+      segment_R = np.zeros(rows, np.int64)
+      for i, r, o in zip(index_M, row_M, offset_M):
+        n, m = len(inputs[i]), scored[i]
+        segment_R[r] += 1
+        rows_3BT[0, r, o:o + n] = inputs[i]
+        rows_3BT[1, r, o:o + n] = np.arange(n)
+        rows_3BT[2, r, o:o + n] = segment_R[r]
+        slots_2S[0, filled:filled + m] = r * T + o + np.arange(n - m, n)
+        slots_2S[1, filled:filled + m] = targets[i][n - m:]
+        filled += m
+      array = np.concatenate([rows_3BT.ravel(), slots_2S.ravel()])[None, None]
+      result = self._run_score(*self._send(_SCORE, array, (rows, T, S)))
+      if pending is not None:
+        collect(*pending)
+      pending = (index_M, result)
+    if pending is not None:
+      collect(*pending)
     return out
 
-  def _run_score(self, rows_4BT):
+  def _run_score(self, header, array):
+    """Dispatches one score call (header[4:7]: rows, T, S; array: the rows' tokens, positions and
+    segment ids, then the S slots' flat positions and targets): the hidden states of the packed rows,
+    then the LM head at the slots. Returns the (logprob_S, greedy_S) device arrays, replicated."""
     setup = self._setup
-    if self._score_fn is None:
-      replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
-      self._score_fn = jax.jit(make_score_fn(setup.graphdef, setup.config.train.loss_chunk_size),
-                               out_shardings=replicated)
-    arrays = [jax.make_array_from_callback(a.shape, setup.batch_sharding, lambda idx, a=a: a[idx])
-              for a in rows_4BT]
+    rows, T, S = (int(x) for x in header[4:7])
+    flat = array.reshape(-1)
+    rows_3BT, slots_2S = flat[:3 * rows * T].reshape(3, rows, T), flat[3 * rows * T:].reshape(2, S)
+    row_arrays = [jax.make_array_from_callback(a.shape, setup.batch_sharding, lambda idx, a=a: a[idx])
+                  for a in rows_3BT]
+    slot_arrays = [jax.make_array_from_callback(a.shape, self._replicated, lambda idx, a=a: a[idx])
+                   for a in slots_2S]
     with jax.set_mesh(setup.mesh):
-      out = self._score_fn(self._params, *arrays)
-    return sh.replicated_to_host(out)
+      x_ND = self._hidden_fn(self._params, *row_arrays)
+      return self._head_fn(self._params, x_ND, *slot_arrays)
 
   # -------------------------------------------------------------------------- generation
 
@@ -392,48 +427,102 @@ def _sampling(kwargs) -> gen_lib.Sampling:
   return sampling
 
 
-def pack(lengths_N, row_len: int, max_per_row: int):
+def row_buckets(max_length: int, min_row: int = MIN_ROW) -> list[int]:
+  """The row lengths of score calls, longest first: max_length, then its halves while they are whole
+  and >= min_row (max_length alone if it is odd or shorter than 2 * min_row)."""
+  out = [max_length]
+  while out[-1] % 2 == 0 and out[-1] // 2 >= min_row:
+    out.append(out[-1] // 2)
+  return out
+
+
+def slot_quantum(tokens: int, chunk_size: int = 0) -> int:
+  """Scored slots per score call come in multiples of this: an eighth of the call's tokens, rounded up
+  to a multiple of chunk_size (when > 0) so that the LM head can run chunk_size slots at a time."""
+  q = max(1, tokens // 8)
+  return -(-q // chunk_size) * chunk_size if chunk_size > 0 else q
+
+
+def plan_calls(lengths_N, max_length: int, batch_size: int, max_per_row: int, min_row: int = MIN_ROW):
+  """The score calls for sequences of lengths_N (each <= max_length), longest first.
+
+  Each call has rows of T = the shortest of row_buckets(max_length, min_row) that holds the longest
+  sequence not yet placed, and batch_size * max_length / T of them (the same tokens in every call);
+  the sequences not yet placed fill them first fit, longest first (pack with max_rows).
+  Returns [(T, rows, index_M, row_M, offset_M)]: each call's sequences, their rows and offsets.
+  """
+  buckets = row_buckets(max_length, min_row)
+  remaining = np.argsort(-lengths_N, kind="stable")
+  calls = []
+  while remaining.size:
+    T = min(b for b in buckets if b >= lengths_N[remaining[0]])
+    rows = batch_size * (max_length // T)
+    row_M, offset_M, _ = pack(lengths_N[remaining], T, max_per_row, max_rows=rows)
+    placed = row_M >= 0
+    calls.append((T, rows, remaining[placed], row_M[placed], offset_M[placed]))
+    remaining = remaining[~placed]
+  return calls
+
+
+def pack(lengths_N, row_len: int, max_per_row: int, max_rows: int | None = None):
   """First-fit packing, longest first, of sequences of lengths_N (each <= row_len) into rows of
-  row_len with at most max_per_row per row: (row_N, offset_N, number of rows)."""
+  row_len with at most max_per_row per row: (row_N, offset_N, number of rows). With max_rows, at most
+  that many rows: the sequences that fit in none have row -1."""
   N = len(lengths_N)
-  row_N, offset_N = np.zeros(N, np.int64), np.zeros(N, np.int64)
-  free_R, count_R = np.full(N, row_len, np.int64), np.zeros(N, np.int64)
+  max_rows = N if max_rows is None else max_rows
+  row_N, offset_N = np.full(N, -1, np.int64), np.zeros(N, np.int64)
+  free_R, count_R = np.full(max_rows, row_len, np.int64), np.zeros(max_rows, np.int64)
   rows = 0
-  for i in np.argsort(-lengths_N, kind="stable"):
+  order = np.argsort(-lengths_N, kind="stable")
+  shortest = lengths_N[order[-1]] if N else 0
+  room = row_len  # the most free tokens of an open row that takes more sequences (row_len: a row can open)
+  for i in order:
     n = lengths_N[i]
+    if n > room:
+      if room < shortest:
+        break  # no sequence left fits anywhere
+      continue
     fits = (free_R[:rows] >= n) & (count_R[:rows] < max_per_row)
     r = int(np.argmax(fits)) if fits.any() else rows
     rows = max(rows, r + 1)
     row_N[i], offset_N[i] = r, row_len - free_R[r]
     free_R[r] -= n
     count_R[r] += 1
+    open_R = count_R[:rows] < max_per_row
+    room = row_len if rows < max_rows else int(np.max(free_R[:rows], where=open_R, initial=0))
   return row_N, offset_N, rows
 
 
-def make_score_fn(graphdef, chunk_size: int = 0):
-  """(params, tokens_BT, targets_BT, positions_BT, segment_ids_BT) -> (logprob_BT, greedy_BT): the fp32
-  log-softmax of each position's target and whether the argmax equals it. Logits are formed chunk_size
-  positions at a time where 0 < chunk_size < T divides T, else for all T at once."""
+def make_hidden_fn(graphdef):
+  """(params, tokens_BT, positions_BT, segment_ids_BT) -> x_ND: the model's final-normed hidden states
+  of packed rows, flattened to N = B * T positions (row b's position t at b * T + t)."""
 
-  def score_chunk(x_BCD, lm_head_DV, targets_BC):
-    logits_BCV = model_lib.head_logits(x_BCD, lm_head_DV).astype(jnp.float32)
-    target_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
-    logprob_BC = target_BC - jax.nn.logsumexp(logits_BCV, axis=-1)
-    return logprob_BC, jnp.argmax(logits_BCV, axis=-1) == targets_BC
+  def hidden(params, tokens_BT, positions_BT, segment_ids_BT):
+    x_BTD = nnx.merge(graphdef, params).hidden_states(tokens_BT, positions_BT, segment_ids_BT)
+    return x_BTD.reshape(-1, x_BTD.shape[-1])
 
-  def score(params, tokens_BT, targets_BT, positions_BT, segment_ids_BT):
-    model = nnx.merge(graphdef, params)
-    x_BTD = model.hidden_states(tokens_BT, positions_BT, segment_ids_BT)
-    lm_head_DV = model.lm_head().astype(x_BTD.dtype)
-    B, T = tokens_BT.shape
-    if not (0 < chunk_size < T and T % chunk_size == 0):
-      return score_chunk(x_BTD, lm_head_DV, targets_BT)
+  return hidden
 
-    def chunks(a_BT):  # [B, T, ...] -> [T/C, B, C, ...]
-      return jnp.moveaxis(a_BT.reshape(B, T // chunk_size, chunk_size, *a_BT.shape[2:]), 1, 0)
 
-    logprob_KBC, greedy_KBC = jax.lax.map(lambda a: score_chunk(a[0], lm_head_DV, a[1]),
-                                          (chunks(x_BTD), chunks(targets_BT)))
-    return (jnp.moveaxis(logprob_KBC, 0, 1).reshape(B, T), jnp.moveaxis(greedy_KBC, 0, 1).reshape(B, T))
+def make_head_fn(graphdef, chunk_size: int = 0):
+  """(params, x_ND, index_S, targets_S) -> (logprob_S, greedy_S): at the S positions index_S of x_ND, the
+  fp32 log-softmax of the LM head's logits at targets_S and whether their argmax equals it. Logits are
+  formed chunk_size slots at a time where 0 < chunk_size < S divides S, else for all S at once."""
 
-  return score
+  def score_chunk(x_CD, lm_head_DV, targets_C):
+    logits_CV = jnp.einsum("CD,DV->CV", x_CD, lm_head_DV).astype(jnp.float32)
+    target_C = jnp.take_along_axis(logits_CV, targets_C[:, None], axis=-1)[:, 0]
+    return target_C - jax.nn.logsumexp(logits_CV, axis=-1), jnp.argmax(logits_CV, axis=-1) == targets_C
+
+  def head(params, x_ND, index_S, targets_S):
+    x_SD = x_ND[index_S]
+    lm_head_DV = nnx.merge(graphdef, params).lm_head().astype(x_SD.dtype)
+    S = index_S.shape[0]
+    if not (0 < chunk_size < S and S % chunk_size == 0):
+      return score_chunk(x_SD, lm_head_DV, targets_S)
+    logprob_KC, greedy_KC = jax.lax.map(lambda a: score_chunk(a[0], lm_head_DV, a[1]),
+                                        (x_SD.reshape(S // chunk_size, chunk_size, -1),
+                                         targets_S.reshape(S // chunk_size, chunk_size)))
+    return logprob_KC.reshape(S), greedy_KC.reshape(S)
+
+  return head
