@@ -10,19 +10,22 @@ The random model is configs/tiny.py's (1024-piece tokenizer trained on the plays
 its HF copy is written with convert.to_hf, as export-hf writes one. Both backends score the same
 Instances, which lm-eval builds from the task (zero-shot), with the context window of the model; hf
 loads the copy with add_bos_token=True (the BOS our backend prepends). Each round times ours once and hf
-once per batch size, after one untimed warm-up of each (compiles; torch's first calls); the median and
-the best round are printed, with the largest relative difference of the log-likelihoods. Needs
+once per batch size, after one untimed warm-up of each (ours: the whole task, so that every call shape
+it uses is compiled; hf: 64 requests); the median and the best round are printed, with the largest
+relative difference of the log-likelihoods, and the shapes of our score calls. Needs
 requirements-test.txt (torch, transformers) and accelerate (lm-eval's hf backend imports it).
 """
 
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ and llama_jax/
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -35,7 +38,7 @@ from llama_jax.harness import tasks as tasks_lib  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run (default: configs/tiny.py's model, random weights).")
 _TASK = flags.DEFINE_string("task", "plays_speaker", "A multiple-choice (loglikelihood) task.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Ours: packed rows of max_seq_len tokens per call.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Ours: batch_size * max_seq_len tokens per score call.")
 _HF_BATCH_SIZES = flags.DEFINE_list("hf_batch_sizes", ["1", "8", "32", "64"], "hf: requests per forward pass.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds (each: ours, then hf at every batch size).")
 
@@ -97,12 +100,13 @@ def main(argv):
     n = len(requests)
     print(f"{_TASK.value}: {n} loglikelihood requests | {what} | {setup.llama.dtype} | max_length {L} | "
           f"{len(jax.devices())} JAX device(s), torch {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
-    ours.loglikelihood(requests[:64], disable_tqdm=True)  # compiles
+    ours.loglikelihood(requests, disable_tqdm=True)  # compiles every call shape the task uses
     for hf in hfs.values():
       hf.loglikelihood(requests[:64], disable_tqdm=True)
     times = {"ours": [], **{b: [] for b in hfs}}
     results = {}
     for _ in range(_ROUNDS.value):
+      ours.score_calls.clear()
       results["ours"], t = _timed(lambda: ours.loglikelihood(requests, disable_tqdm=True))
       times["ours"].append(t)
       for b, hf in hfs.items():
@@ -110,9 +114,11 @@ def main(argv):
         times[b].append(t)
     # On a shared machine torch's threads can stall for seconds behind other jobs' (its rounds vary 10x
     # there): each line gives the median and the best round.
+    shapes = ", ".join(f"{k} x [{rows}, {T}]" for (rows, T), k in ours.score_calls.items())
     ours_s, ours_best = statistics.median(times["ours"]), min(times["ours"])
-    print(f"  ours (batch_size {ours.batch_size} packed rows of {L}): median {n / ours_s:7.1f} requests/s, best "
-          f"{n / ours_best:7.1f} (rounds {', '.join(f'{t:.2f}' for t in times['ours'])} s)")
+    print(f"  ours (batch_size {ours.batch_size}: calls of {ours.batch_size * L} tokens, {shapes} "
+          f"[rows, T]): median {n / ours_s:7.1f} requests/s, best {n / ours_best:7.1f} (rounds "
+          f"{', '.join(f'{t:.2f}' for t in times['ours'])} s)")
     for b in hfs:
       s, best = statistics.median(times[b]), min(times[b])
       ref = np.array([lp for lp, _ in results[b]])

@@ -149,6 +149,46 @@ def test_a_request_sees_only_itself(harness, direct):
   assert [a for j, a in enumerate(after) if j != i] == [b for j, b in enumerate(before) if j != i]
 
 
+def test_score_calls_hold_every_request_once_in_the_shortest_rows():
+  """plan_calls: each call's rows are the shortest bucket that holds its longest request, every call
+  has batch_size * max_length tokens, and the requests it holds do not overlap (numpy alone)."""
+  rng = np.random.default_rng(3)
+  lengths = np.concatenate([rng.integers(1, 257, 40), rng.integers(1, 30, 300)])
+  assert lm_lib.row_buckets(256) == [256, 128, 64, 32] and lm_lib.row_buckets(100) == [100, 50]
+  assert lm_lib.row_buckets(48) == [48]
+  calls = lm_lib.plan_calls(lengths, 256, 4, max_per_row=5)
+  seen = np.concatenate([index_M for _, _, index_M, _, _ in calls])
+  assert sorted(seen.tolist()) == list(range(len(lengths)))
+  for T, rows, index_M, row_M, offset_M in calls:
+    assert rows * T == 4 * 256
+    assert T == min(t for t in (32, 64, 128, 256) if t >= lengths[index_M].max())
+    for r in range(rows):
+      mine = row_M == r
+      assert mine.sum() <= 5
+      used = np.zeros(T, int)
+      for o, n in zip(offset_M[mine], lengths[index_M][mine]):
+        used[o:o + n] += 1
+      assert used.max(initial=0) <= 1  # no overlap, nothing past the row's end (slicing would drop it)
+      assert used.sum() == lengths[index_M][mine].sum()
+  assert {T for T, *_ in calls} >= {32, 128, 256}  # long rows first, then shorter ones
+  assert sum(lengths) / (len(calls) * 4 * 256) > 0.9  # short requests fill the gaps of long ones
+
+
+def test_head_at_slots_equals_numpy(harness):
+  """make_head_fn, all slots at once and in chunks, against numpy's log-softmax of x @ lm_head."""
+  _, setup, params, _ = harness
+  rng = np.random.default_rng(4)
+  x_ND = rng.standard_normal((40, setup.llama.dim)).astype(np.float32)
+  index_S, targets_S = rng.integers(0, 40, 16).astype(np.int32), rng.integers(0, 320, 16).astype(np.int32)
+  logits_SV = x_ND[index_S].astype(np.float64) @ np.asarray(params["embed_VD"]).T.astype(np.float64)  # tied head
+  logsm_SV = logits_SV - np.log(np.exp(logits_SV - logits_SV.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits_SV.max(-1, keepdims=True)
+  for chunk in (0, 4):
+    logprob_S, greedy_S = jax.jit(lm_lib.make_head_fn(setup.graphdef, chunk))(params, x_ND, index_S, targets_S)
+    np.testing.assert_allclose(logprob_S, logsm_SV[np.arange(16), targets_S], rtol=1e-5)
+    assert (np.asarray(greedy_S) == (logits_SV.argmax(-1) == targets_S)).all()
+
+
 def test_truncation_from_the_left_as_lm_eval(harness, direct):
   lm = harness[0]
   rng = np.random.default_rng(2)

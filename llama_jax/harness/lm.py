@@ -54,7 +54,8 @@ generate_until: requests grouped by gen_kwargs and sorted longest first (lm_eval
   as hf does (handle_stop_sequences, postprocess_generated_text).
 
 Mesh: rows are sharded over the (data, fsdp) axes (sharding.batch_sharding), so batch_size is rounded
-up to a multiple of data x fsdp (and with it every score call's rows); params are used as given (sharded as Setup.params_sharding).
+up to a multiple of data x fsdp (and with it every score call's rows); params are used as given
+(sharded as Setup.params_sharding).
 
 Multi-host: lm-eval runs on process 0 only and sees rank 0 / world_size 1. Each compiled call needs
 every process, so process 0 sends each call's inputs with jax.experimental.multihost_utils.
@@ -67,6 +68,7 @@ receives them and runs the same call, until process 0 calls finish(). Process 0 
 broadcast and serve()/finish() return at once.
 """
 
+import collections
 from collections.abc import Sequence
 
 import jax
@@ -136,6 +138,7 @@ class LlamaLM(TemplateLM):
     self._replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
     self._head_fn = jax.jit(make_head_fn(setup.graphdef, chunk), out_shardings=self._replicated)
     self._slot_quantum = slot_quantum(self._batch_size * max_length, chunk)
+    self.score_calls = collections.Counter()  # (rows, T) -> score calls made (benchmarks/harness.py)
     self._generate_calls = 0
     self._multi = jax.process_count() > 1
     self.truncated = {"loglikelihood": 0, "loglikelihood_rolling": 0, "generate_until": 0}
@@ -344,6 +347,7 @@ class LlamaLM(TemplateLM):
         filled += m
       array = np.concatenate([rows_3BT.ravel(), slots_2S.ravel()])[None, None]
       result = self._run_score(*self._send(_SCORE, array, (rows, T, S)))
+      self.score_calls[rows, T] += 1
       if pending is not None:
         collect(*pending)
       pending = (index_M, result)
