@@ -100,7 +100,7 @@ def main(argv):
       line += f" | exact match {result['exact_match']:.1%} of {result['exact_match_examples']:,}"
     print(line)
     if "sets" in result:  # data.eval_corpora
-      print(evaluate.describe({k: result[k] for k in ("sets", "mean")}))
+      print(evaluate.describe(result, main_line=False))
     evaluate.write_json(result, _OUTPUT.value or paths.join(_WORKDIR.value, f"eval_{result['step']}.json"))
 
   def run_all_steps():

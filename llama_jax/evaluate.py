@@ -178,12 +178,13 @@ def as_eval_metrics(result: dict) -> dict:
   return metrics
 
 
-def describe(result: dict) -> str:
+def describe(result: dict, main_line: bool = True) -> str:
   """A report as text: one line per set, "loss L | perplexity P | B bits/byte over N tokens", the named
-  sets' and the mean's after their name."""
+  sets' and the mean's after their name; without `main_line`, data.eval_corpus's line is left out (it
+  still counts in the mean's number of sets)."""
   line = lambda s: (f"loss {s['loss']:.4f} | perplexity {s['perplexity']:.3f} | {s['bits_per_byte']:.4f} bits/byte"
                     + (f" over {s['num_tokens']:,} tokens" if "num_tokens" in s else ""))
-  lines = [line(result)] if "loss" in result else []
+  lines = [line(result)] if "loss" in result and main_line else []
   lines += [f"{name}: {line(s)}" for name, s in result.get("sets", {}).items()]
   if "mean" in result:
     lines.append(f"{config_lib.MEAN_SET} of {len(result['sets']) + ('loss' in result)} sets: {line(result['mean'])}")

@@ -193,3 +193,12 @@ def test_same_numbers_as_lm_evals_hf_backend(hf_and_ours):
   record = tasks_lib.record(mine)
   assert "samples" not in record and record["truncated"] == mine["truncated"]
   json.dumps(record, allow_nan=False)
+
+
+def test_a_glob_of_tasks_runs_the_tasks_it_matches(hf_and_ours):
+  """lm-eval's simple_evaluate takes names only: run_tasks expands a glob as check_tasks does (before the
+  fix, 'plays_perp*' passed the check and raised KeyError inside lm-eval)."""
+  _, ours = hf_and_ours
+  tasks_lib.check_tasks(["plays_perp*"])
+  results = tasks_lib.run_tasks(ours, ["plays_perp*"], limit=1)
+  assert set(results["results"]) == {"plays_perplexity"}

@@ -210,8 +210,11 @@ def run_tasks(lm, tasks: list[str], *, include_path: str | None = None, num_fews
     return None
   before = dict(lm.truncated)  # an LlamaLM may have scored before (the trainer's, every harness_every)
   try:
+    manager = task_manager(tasks, include_path)
+    # lm-eval's simple_evaluate takes names, not globs: expand them as check_tasks does.
+    names = list(dict.fromkeys(match for task in tasks for match in manager.match_tasks([task])))
     results = evaluator.simple_evaluate(
-        model=lm, tasks=list(tasks), task_manager=task_manager(tasks, include_path), num_fewshot=num_fewshot,
+        model=lm, tasks=names, task_manager=manager, num_fewshot=num_fewshot,
         limit=limit, random_seed=seed, numpy_random_seed=seed, torch_random_seed=None,
         fewshot_random_seed=seed, log_samples=log_samples, samples=samples)
   finally:
