@@ -1,11 +1,15 @@
 """Multi-host start-up: `jax.distributed.initialize` from flags, or from what the cluster provides.
 
-Every process runs the same command. On a TPU pod slice (`gcloud ... ssh --worker=all`) and
-under SLURM (`srun`), `--distributed` is enough: jax reads the coordinator, process count and
-id from the environment. Elsewhere give them explicitly:
+Every process runs the same command. On a TPU pod slice (`gcloud ... ssh --worker=all`, or
+`python -m llama_jax.launch`) and under SLURM (`srun`), `--distributed` is enough: jax reads the
+coordinator, process count and id from the environment. So it does on any machine that sets
+JAX_COORDINATOR_ADDRESS (host:port of process 0, read by jax itself), JAX_NUM_PROCESSES and
+JAX_PROCESS_ID (read here), as the simulated pod of the tests does. Elsewhere give them explicitly:
 
   python train.py ... --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0
 """
+
+import os
 
 from absl import flags
 
@@ -36,4 +40,6 @@ def initialize_from_flags():
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                initialization_timeout=_TIMEOUT.value)
   elif _DISTRIBUTED.value:
-    jax.distributed.initialize(initialization_timeout=_TIMEOUT.value)
+    count, index = (os.environ.get(k) for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))
+    jax.distributed.initialize(num_processes=int(count) if count else None, process_id=int(index) if index else None,
+                               initialization_timeout=_TIMEOUT.value)
