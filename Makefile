@@ -17,7 +17,7 @@ PIP_FLAGS := --quiet --disable-pip-version-check
 	$*/bin/python -m pip install $(PIP_FLAGS) --no-deps -e .
 	touch $@
 
-.venv-test/.test-deps: .venv-test/.deps requirements-test.txt
+.venv-test/.test-deps: .venv-test/.deps requirements-test.txt requirements-tpu.txt
 	.venv-test/bin/python -m pip install $(PIP_FLAGS) -r requirements-test.txt
 	touch $@
 
