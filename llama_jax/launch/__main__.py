@@ -1,0 +1,54 @@
+"""Runs a llama_jax command on every worker of a Cloud TPU slice, creating the slice first if needed, and
+relaunches it (it resumes from its last checkpoint) after a preemption or a dead worker:
+
+  python -m llama_jax.launch --tpu NAME --zone ZONE --accelerator_type v5p-64 [--project P] [--spot]
+      [--queued_resources] [--version RUNTIME] [--max_restarts 10] [--poll_s 60] [--ship_working_tree]
+      [--python python3] [--dry_run] -- python train.py --config configs/llama.py:llama3-8b --workdir gs://B/run
+
+--dry_run prints every command it would run and runs none (no gcloud needed). Bad input (an unknown
+accelerator type, a command that is not a llama_jax entry point, train.py without --workdir, no gcloud)
+is one line on stderr and exit status 1. llama_jax/launch/supervisor.py describes what it does.
+"""
+
+import sys
+
+from absl import app, flags
+
+from llama_jax.errors import ConfigError
+from llama_jax.launch import supervisor
+
+_TPU = flags.DEFINE_string("tpu", None, "Name of the TPU slice (its queued resource has the same name).")
+_ZONE = flags.DEFINE_string("zone", None, "Zone of the slice, e.g. us-central2-b.")
+_ACCELERATOR_TYPE = flags.DEFINE_string("accelerator_type", None, "Accelerator type, e.g. v5p-64, v5litepod-16, v6e-8.")
+_PROJECT = flags.DEFINE_string("project", None, "Google Cloud project (default: gcloud's configured project).")
+_SPOT = flags.DEFINE_bool("spot", False, "Create the slice as Spot capacity (preemptible at any time).")
+_QUEUED = flags.DEFINE_bool("queued_resources", False, "Create the slice through a queued resource (waits for "
+                            "capacity) instead of `tpu-vm create`.")
+_VERSION = flags.DEFINE_string("version", None, "TPU runtime version (default: the generation's: v2-alpha-tpuv5 "
+                               "for v5p, v2-alpha-tpuv5-lite for v5e, v2-alpha-tpuv6e for v6e, "
+                               "tpu-ubuntu2204-base for v2-v4).")
+_MAX_RESTARTS = flags.DEFINE_integer("max_restarts", 10, "Relaunches after a preemption or a failed worker before "
+                                     "giving up.")
+_POLL_S = flags.DEFINE_float("poll_s", 60.0, "Seconds between looks at the slice's state while the workers run.")
+_SHIP_WORKING_TREE = flags.DEFINE_bool("ship_working_tree", False, "Ship the working copy's files (tracked and "
+                                       "untracked, not ignored) instead of the committed tree.")
+_PYTHON = flags.DEFINE_string("python", "python3", "Python on the workers: runs pip and the command in place of "
+                              "its leading python.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print every command it would run; run nothing.")
+flags.mark_flags_as_required(["tpu", "zone", "accelerator_type"])
+
+
+def main(argv):
+  options = supervisor.Options(
+      tpu=_TPU.value, zone=_ZONE.value, accelerator_type=_ACCELERATOR_TYPE.value, project=_PROJECT.value,
+      spot=_SPOT.value, queued_resources=_QUEUED.value, version=_VERSION.value, max_restarts=_MAX_RESTARTS.value,
+      poll_s=_POLL_S.value, ship_working_tree=_SHIP_WORKING_TREE.value, python=_PYTHON.value, dry_run=_DRY_RUN.value)
+  try:
+    return supervisor.launch(options, argv[1:])
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 1
+
+
+if __name__ == "__main__":
+  app.run(main)
