@@ -34,6 +34,9 @@ class FakePod:
     python: the workers' `python` (default this interpreter, the test venv's: the "image" has every package).
     cpu_devices: jax CPU devices per worker (JAX_NUM_CPU_DEVICES).
     create_s, queue_s: seconds a slice stays CREATING; seconds a queued resource waits before provisioning.
+
+  `env` is a plain dict: a test may change FAKE_GCLOUD_CPU_DEVICES (or the other FAKE_GCLOUD_* values) in
+  it before a slice is made; the fake reads them at create.
   """
 
   def __init__(self, tmp_path, python=sys.executable, cpu_devices=1, create_s=0.2, queue_s=0.5):

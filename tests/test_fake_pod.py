@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 
+import numpy as np
 import pytest
 
 from fake_pod import fake_pod  # noqa: F401  (the fixture)
@@ -128,7 +129,7 @@ def test_scp_and_ssh_on_every_worker(fake_pod, tmp_path):  # noqa: F811
     assert (fake_pod.home("pod-f", w) / "again.txt").read_text() == "shipped\n"
 
   show = ('echo "$JAX_PROCESS_ID $JAX_NUM_PROCESSES $JAX_COORDINATOR_ADDRESS $JAX_PLATFORMS $PIP_NO_INDEX '
-          '$(cat code.txt) $HOME $PWD"; python -c "import sys; print(sys.executable)"')
+          '$(cat code.txt) $HOME $PWD"; python -c "import sys; print(sys.prefix)"')
   out = fake_pod.gcloud(*TPU_VM, "ssh", "pod-f", ZONE, "--worker=all", f"--command={show}",
                         "--strict-host-key-checking=no")
   assert out.returncode == 0, out.stderr
@@ -138,7 +139,16 @@ def test_scp_and_ssh_on_every_worker(fake_pod, tmp_path):  # noqa: F811
   for line in lines:
     home = str(fake_pod.home("pod-f", int(line[0])))
     assert line[1:] == ["4", lines[0][2], "cpu", "1", "shipped", home, home]
-  assert out.stdout.count(fake_pod.env["FAKE_GCLOUD_PYTHON"] + "\n") == 4
+  # each worker's python: the image's packages, in a prefix of the worker's own
+  assert sorted(line for line in out.stdout.splitlines() if " " not in line) == [
+      str(fake_pod.home("pod-f", w).parent) for w in range(4)]
+  assert "Attempting to SSH into 1 nodes with a total of 4 workers." in out.stderr
+
+  # the install step of a launcher: what the image has is there, offline; an install stays on the worker
+  (tmp_path / "req.txt").write_text(f"numpy=={np.__version__}\n")
+  assert fake_pod.gcloud(*TPU_VM, "scp", str(tmp_path / "req.txt"), "pod-f:req.txt", ZONE).returncode == 0
+  pip = fake_pod.gcloud(*TPU_VM, "ssh", "pod-f", ZONE, "--command=pip install -r req.txt && echo $PIP_NO_INDEX")
+  assert pip.returncode == 0 and "Requirement already satisfied: numpy" in pip.stdout and pip.stdout.endswith("1\n")
 
   one = fake_pod.gcloud(*TPU_VM, "ssh", "pod-f", ZONE, "--worker=2", "--command=exit 7")
   assert one.returncode == 7

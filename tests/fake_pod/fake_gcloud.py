@@ -7,11 +7,12 @@ flag or subcommand exits 2 with "ERROR: (gcloud.<command>) unrecognized argument
 a missing slice exits 1 with NOT_FOUND, an existing one with ALREADY_EXISTS, an accelerator type outside the
 table below with INVALID_ARGUMENT.
 
-Environment: FAKE_GCLOUD_STATE (the state folder; required), FAKE_GCLOUD_PYTHON (the workers' `python`;
-default this interpreter), FAKE_GCLOUD_CPU_DEVICES (jax CPU devices per worker; default 1),
-FAKE_GCLOUD_CREATE_S (seconds a slice stays CREATING; default 0.2), FAKE_GCLOUD_QUEUE_S (seconds a queued
-resource waits, then provisions; default 0.5), CLOUDSDK_CORE_PROJECT (the project when --project is not
-given; default "fake-project").
+Environment: FAKE_GCLOUD_STATE (the state folder; required), FAKE_GCLOUD_PYTHON (the "image's" interpreter:
+the gcloud wrapper runs this script with it, and the workers' `python` is it, with its packages),
+FAKE_GCLOUD_CPU_DEVICES (jax CPU devices per worker; default 1), FAKE_GCLOUD_CREATE_S (seconds a slice stays
+CREATING; default 0.2), FAKE_GCLOUD_QUEUE_S (seconds a queued resource waits, then provisions; default 0.5),
+CLOUDSDK_CORE_PROJECT (the project when --project is not given; default "fake-project"). The last four are
+read when a slice is made.
 
 State folder:
   calls.jsonl                one line per call, {"argv": [...], "exit": code} (code -N: killed by signal N;
@@ -21,7 +22,8 @@ State folder:
                              jax coordinator, 127.0.0.1), incarnation (a new number per create), workers,
                              cpu_devices, python, queuedResource, ready_at
   <name>/worker-<i>/home/    the worker's HOME, fresh on each create, removed on delete
-  <name>/worker-<i>/bin/     python, python3, pip, pip3 wrappers exec'ing FAKE_GCLOUD_PYTHON
+  <name>/worker-<i>/         a virtual environment over the image's packages (make_worker_python):
+                             bin/python, python3, pip, pip3; a pip install stays in it
   <name>/worker-<i>/pgids/   one empty file per ssh session's process group
   _queued/<name>.json        a queued resource
 Times are lazy: each call first moves CREATING slices past their ready time to READY and queued resources
@@ -169,25 +171,46 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def make_worker_python(worker):
+  """Makes the folder `worker` a virtual environment layered over this interpreter's packages (the image's):
+  bin/python and bin/python3 run this interpreter with the image's site-packages (their .pth files too)
+  after the worker's own; bin/pip and bin/pip3 run `python -m pip`. So a `pip install` on a worker goes into
+  the worker's folder (pip leaves the image's packages alone: "outside environment") and a no-op for what
+  the image has; PIP_NO_INDEX=1 in the worker's environment keeps pip off the network."""
+  version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+  base = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+  site_packages = os.path.join(worker, "lib", version, "site-packages")
+  os.makedirs(site_packages)
+  os.makedirs(os.path.join(worker, "bin"))
+  with open(os.path.join(worker, "pyvenv.cfg"), "w") as f:
+    f.write(f"home = {os.path.dirname(base)}\ninclude-system-site-packages = false\n"
+            f"version = {'.'.join(map(str, sys.version_info[:3]))}\n")
+  import site
+  with open(os.path.join(site_packages, "_fake_pod_image.pth"), "w") as f:
+    f.write(f"import site; list(map(site.addsitedir, {site.getsitepackages()!r}))\n")
+  for tool in ("python", "python3", version):
+    os.symlink(base, os.path.join(worker, "bin", tool))
+  for tool in ("pip", "pip3"):
+    script = os.path.join(worker, "bin", tool)
+    with open(script, "w") as f:
+      f.write(f'#!/bin/sh\nexec "{os.path.join(worker, "bin", "python")}" -m pip "$@"\n')
+    os.chmod(script, 0o755)
+
+
 def make_node(root, name, zone, project, accelerator_type, version, spot, queued_resource=None):
   """A CREATING slice with fresh worker folders; READY after FAKE_GCLOUD_CREATE_S. Call under the lock."""
   path = node_dir(root, name)
   shutil.rmtree(path, ignore_errors=True)
   workers = workers_of(accelerator_type)
-  python = os.environ.get("FAKE_GCLOUD_PYTHON") or sys.executable
   for i in range(workers):
     worker = os.path.join(path, f"worker-{i}")
-    for sub in ("home", "bin", "pgids"):
-      os.makedirs(os.path.join(worker, sub))
-    for tool, tail in (("python", ""), ("python3", ""), ("pip", " -m pip"), ("pip3", " -m pip")):
-      script = os.path.join(worker, "bin", tool)
-      with open(script, "w") as f:
-        f.write(f'#!/bin/sh\nexec "{python}"{tail} "$@"\n')
-      os.chmod(script, 0o755)
+    os.makedirs(os.path.join(worker, "home"))
+    os.makedirs(os.path.join(worker, "pgids"))
+    make_worker_python(worker)
   node = {"name": name, "zone": zone, "project": project, "state": "CREATING",
           "acceleratorType": accelerator_type, "runtimeVersion": version, "spot": bool(spot),
           "port": _free_port(), "incarnation": _next_incarnation(root), "workers": workers,
-          "cpu_devices": int(os.environ.get("FAKE_GCLOUD_CPU_DEVICES") or 1), "python": python,
+          "cpu_devices": int(os.environ.get("FAKE_GCLOUD_CPU_DEVICES") or 1), "python": sys.executable,
           "queuedResource": queued_resource,
           "ready_at": time.time() + float(os.environ.get("FAKE_GCLOUD_CREATE_S") or 0.2)}
   save_node(root, node)
@@ -554,6 +577,16 @@ def _connection_refused(node, workers):
   raise Exit(255)
 
 
+def _announce(tool, label, workers):
+  """gcloud's progress lines on stderr before it connects."""
+  sep = " " if tool == "ssh" else ""  # sic: gcloud's scp line has no space after the first period
+  print(f"Using {tool} batch size of 1.{sep}Attempting to {label} into 1 nodes with a total of {len(workers)} "
+        "workers.", file=sys.stderr)
+  for w in workers:
+    print(f"{label}: Attempting to connect to worker {w}...", file=sys.stderr)
+  sys.stderr.flush()
+
+
 def tpu_vm_ssh(command, args):
   v = _flags(command, {"NAME": "NAME", "--zone": "value", "--worker": "value", "--command": "value",
                        "--strict-host-key-checking": "value"}, args)
@@ -572,6 +605,7 @@ def tpu_vm_ssh(command, args):
     workers = _workers(command, v.worker or "0", node["workers"])
     if node["state"] != "READY":
       _connection_refused(node, workers)
+    _announce("ssh", "SSH", workers)
     for w in workers:  # started under the lock, so a preemption either comes first or finds them
       home, env = _worker_env(root, node, w)
       procs[w] = subprocess.Popen(["bash", "-c", v.command], cwd=home, env=env, start_new_session=True)
@@ -629,6 +663,7 @@ def tpu_vm_scp(command, args):
     workers = _workers(command, v.worker or "0", node["workers"])
     if node["state"] != "READY":
       _connection_refused(node, workers)
+    _announce("scp", "SCP", workers)
     for w in workers:
       home = os.path.join(node_dir(root, name), f"worker-{w}", "home")
       target = os.path.join(home, remote) if remote else home
