@@ -64,7 +64,9 @@ def get_config():
   c.data.shuffle_window = 7504  # chunks shuffled together before packing: one epoch of the plays' chunks
   #   (with this tokenizer), so each epoch is one global shuffle and windows never straddle epochs
   c.data.pack_bins = 64  # rows open at once for first-fit packing (more: less padding)
-  c.data.read_threads = 2  # threads reading and tokenizing documents
+  c.data.read_threads = 2  # threads reading and tokenizing documents (per data shard)
+  c.data.shards = 0  # the stream's shards, each packing its own rows; a resume may run on any process count
+  #   that divides it. 0: the process count at the run's start, or on resume the checkpoint's (llama_jax/data.py)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 4e-3  # peak learning rate

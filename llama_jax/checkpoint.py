@@ -2,9 +2,9 @@
 
 Each step holds four items: `state` ({"step", "params", "opt_state"}), `config` (the full
 training config as JSON, so eval.py and resumption need nothing but the workdir), `data` (the
-grain iterator state of the training stream, one file per process) and `stream` (what defines
-that stream, data.stream_definition, compared when resuming). An HF import holds only the
-first two.
+training stream's position: one grain iterator state per data shard, written by the process that
+reads the shard, DataShardsHandler) and `stream` (what defines that stream, the shard count
+included, data.stream_definition, compared when resuming). An HF import holds only the first two.
 
 When to save and what to keep is orbax's policy: every `train.checkpoint_every` steps (and, if
 set, every `train.checkpoint_every_minutes`), keeping the newest `train.keep_checkpoints` plus
@@ -33,9 +33,11 @@ complete step. gcsfs listings are not cached (`_fresh_listings`), so every listi
 other clients and processes wrote.
 """
 
+import dataclasses
+import json
 import time
+from typing import Any
 
-import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -68,6 +70,67 @@ class CheckpointError(ConfigError):
   """A checkpoint that cannot be written or read, named in one line."""
 
 
+def shard_file(shard: int, shard_count: int) -> str:
+  """The file of one data shard's iterator state in a step's `data` item."""
+  return f"shard-{shard:05d}-of-{shard_count:05d}.json"
+
+
+def _grain_file(shard: int, shard_count: int) -> str:
+  """grain's CheckpointHandler's file (process_<i>-of-<P>.json), which steps saved before data.shards
+  hold: process i of P read what shard i of P reads now."""
+  return f"process_{shard}-of-{shard_count}.json"
+
+
+class DataShardsHandler(ocp.CheckpointHandler):
+  """The training stream's position in a step's `data` item: one JSON file per data shard
+  (shard_file), each written by the process that reads the shard and read by whichever process reads
+  it on resume, so a run on any process count that divides the shard count continues the stream.
+
+  Modelled on grain.checkpoint.CheckpointHandler (one JSON file per process), whose files a step
+  saved before data.shards holds: such a file stands for the shard of the same index.
+  The item is a data.ShardedBatches; each state is read when the save is asked for (DataSave), so
+  reading on while orbax finishes the save does not move the saved position.
+  """
+
+  def save(self, directory, args: "DataSave"):
+    for shard, state in args.states.items():
+      with paths.open(paths.join(str(directory), shard_file(shard, args.shard_count)), "w") as f:
+        f.write(json.dumps(state, indent=2))
+
+  def restore(self, directory, args: "DataRestore"):
+    """Moves args.item (a fresh data.ShardedBatches of the same stream) to the saved position.
+    Raises ValueError naming the file of a shard the step does not hold."""
+    batches, states = args.item, {}
+    for shard in batches.shards:
+      path = paths.join(str(directory), shard_file(shard, batches.shard_count))
+      if not paths.exists(path):
+        old = paths.join(str(directory), _grain_file(shard, batches.shard_count))
+        if not paths.exists(old):
+          raise ValueError(f"{path} does not exist")
+        path = old
+      states[shard] = json.loads(paths.read_text(path))
+    batches.set_shard_states(states)
+    batches.start_prefetch()
+    return batches
+
+  def metadata(self, directory):
+    return None
+
+
+@ocp.args.register_with_handler(DataShardsHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+  """The states to save, {shard index: grain iterator state}, of the shards this process reads."""
+  states: dict
+  shard_count: int
+
+
+@ocp.args.register_with_handler(DataShardsHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+  item: Any  # a data.ShardedBatches
+
+
 # train.storage_retries where a training config predates the key.
 STORAGE_RETRIES = 6
 
@@ -92,6 +155,22 @@ def checkpoint_dir(workdir: str) -> str:
 def has_checkpoints(workdir: str) -> bool:
   """Whether the workdir holds any checkpoint directory yet (finished or not)."""
   return bool(paths.listdir(checkpoint_dir(workdir)))
+
+
+def newest_stream(workdir: str) -> tuple[int, dict] | None:
+  """(step, stream definition) of the newest step in `workdir` that holds a data position and whose
+  `stream` item reads; None when there is none (no checkpoints, or an HF import's only)."""
+  checkpointer = Checkpointer(workdir, read_only=True)
+  try:
+    for step in reversed(checkpointer.all_steps()):
+      if checkpointer.has_data(step):
+        try:
+          return step, checkpointer.restore_stream(step)
+        except CheckpointError:  # restore_latest will move it aside and fall back
+          continue
+    return None
+  finally:
+    checkpointer.close()
 
 
 def broken_dir(workdir: str) -> str:
@@ -139,7 +218,7 @@ class Checkpointer:
     if train_config is not None:
       set_storage_retries(train_config.get("storage_retries", STORAGE_RETRIES))
     handlers = {"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
-                "data": grain.checkpoint.CheckpointHandler(), "stream": ocp.JsonCheckpointHandler()}
+                "data": DataShardsHandler(), "stream": ocp.JsonCheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=_options(train_config, read_only),
                                          item_handlers=handlers)
 
@@ -157,7 +236,7 @@ class Checkpointer:
     """Saves the state, the config and, when given, the data position (the iterator's state, read now)."""
     items = dict(state=ocp.args.PyTreeSave(state), config=ocp.args.JsonSave(config.to_dict()))
     if data_iter is not None:
-      items.update(data=grain.checkpoint.CheckpointSave(data_iter), stream=ocp.args.JsonSave(stream))
+      items.update(data=DataSave(data_iter.shard_states(), data_iter.shard_count), stream=ocp.args.JsonSave(stream))
     self.wait()  # the save in flight first (orbax would wait for it too): its failure is named as its step's
     try:
       paths.makedirs(self.directory)
@@ -223,8 +302,8 @@ class Checkpointer:
     return self._restore(step, state=args)["state"]
 
   def restore_data(self, step: int, data_iter):
-    """Moves `data_iter` (a fresh grain iterator of the same stream) to where step `step` left it."""
-    self._restore(step, data=grain.checkpoint.CheckpointRestore(data_iter))
+    """Moves `data_iter` (a fresh data.ShardedBatches of the same stream) to where step `step` left it."""
+    self._restore(step, data=DataRestore(data_iter))
     return data_iter
 
   def restore_stream(self, step: int) -> dict:

@@ -3,7 +3,11 @@
 The pipeline is grain's, end to end, so its position is an iterator state saved in every
 checkpoint (checkpoint.py) and a resumed run reads exactly the batches it would have read.
 
-- Documents come from a corpus spec (corpus.py), this process's share of one global order.
+- Documents come from a corpus spec (corpus.py), in `data.shards` shards S of one global order:
+  shard s reads documents s, s + S, ... (Parquet: whole files) through a pipeline of its own (all
+  that follows) and gives B / S rows of each batch. Process p of P reads shards p*S/P .. (p+1)*S/P - 1
+  (process_batches), so a global batch is every shard's rows in shard order whatever P is, and a
+  checkpoint's one iterator state per shard lets any P that divides S continue it (data_shards).
 - Each is tokenized on the fly as [BOS] doc [EOS], in `data.read_threads` threads
   (sentencepiece and tiktoken release the GIL). A document longer than a row is cut into
   chunks of T + 1 tokens that overlap by one token, so every token is predicted exactly once.
@@ -35,6 +39,7 @@ the same layout; evaluation reads each document once, in order, and pads the las
   python -m llama_jax.data --config configs/tiny.py --stats      # documents/s, tokens/s, padding
 """
 
+import copy
 import functools
 import threading
 import time
@@ -231,28 +236,143 @@ def _sft_overlong(data_config):
   return data_config.sft_overlong if data_config.format == "sft" else None
 
 
-def train_batches(corpus, tok, data_config, process_index: int = 0, process_count: int = 1,
-                  overlong: Overlong | None = None):
-  """The endless stream of this process's training batches (a grain IterDataset).
-
-  Raises:
-    ConfigError: SFT pairs of which none fits a row (data.sft_overlong), found by reading in
-      corpus order up to the first that fits; such a stream would never yield a batch.
-  """
+def _check_pairs_fit(corpus, tok, data_config):
+  """ConfigError for SFT pairs of which none fits a row (data.sft_overlong), found by reading in
+  corpus order up to the first that fits: a stream of them would never yield a batch."""
   c = data_config
-  if _sft_overlong(c):  # with every pair skipped as too long, the endless stream would never yield
-    row_len = c.seq_len + 1
-    corpus.check_usable("config.data.train_corpus",
-                        lambda pair: fit_pair(*encode_pair(tok, *pair), row_len, c.sft_overlong)[0] is not None,
-                        f"longer than a row of {row_len} tokens (data.sft_overlong={c.sft_overlong!r})",
-                        "pairs that fit a row")
-  docs = corpus.documents(c.shuffle_seed, process_index, process_count)
+  row_len = c.seq_len + 1
+  corpus.check_usable("config.data.train_corpus",
+                      lambda pair: fit_pair(*encode_pair(tok, *pair), row_len, c.sft_overlong)[0] is not None,
+                      f"longer than a row of {row_len} tokens (data.sft_overlong={c.sft_overlong!r})",
+                      "pairs that fit a row")
+
+
+def _shard_batches(corpus, tok, data_config, shard_index: int, shard_count: int, overlong: Overlong | None):
+  """Shard `shard_index` of `shard_count`: documents shard_index, shard_index + shard_count, ... of the
+  global order, packed into rows of its own, batch_size / shard_count rows a batch (a grain IterDataset)."""
+  c = data_config
+  docs = corpus.documents(c.shuffle_seed, shard_index, shard_count)
   rows = packed_rows(docs, tok, c.seq_len, read_threads=c.read_threads, pack_bins=c.pack_bins,
                      seed=c.shuffle_seed, shuffle_window=c.shuffle_window, sft_overlong=_sft_overlong(c),
                      overlong=overlong)
-  batches = rows.batch(local_batch_size(c.batch_size, process_count), drop_remainder=True).map(rows_to_batch)
+  batches = rows.batch(local_batch_size(c.batch_size, shard_count), drop_remainder=True).map(rows_to_batch)
   # Batches are made in a background thread while the step runs.
   return grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=2)
+
+
+def train_batches(corpus, tok, data_config, process_index: int = 0, process_count: int = 1,
+                  overlong: Overlong | None = None):
+  """The endless stream of shard `process_index` of `process_count` (a grain IterDataset): what a
+  process reads when every process owns one shard (process_batches with data.shards = process count).
+
+  Raises:
+    ConfigError: SFT pairs of which none fits a row (data.sft_overlong).
+  """
+  if _sft_overlong(data_config):
+    _check_pairs_fit(corpus, tok, data_config)
+  return _shard_batches(corpus, tok, data_config, process_index, process_count, overlong)
+
+
+def owned_shards(shard_count: int, process_index: int, process_count: int) -> range:
+  """The shards process `process_index` of `process_count` reads: a contiguous block of
+  shard_count / process_count, so the global batch takes its rows from shard 0, 1, ... in order."""
+  per_process = shard_count // process_count
+  return range(process_index * per_process, (process_index + 1) * per_process)
+
+
+class ShardedBatches:
+  """One process's training batches: its shards' batches concatenated row-wise in shard order.
+
+  Iterating gives dicts of int32 arrays [B / process_count, T]. `shard_states()` is the position
+  (each shard's grain iterator state, by shard index) and `set_shard_states` moves there; a
+  checkpoint keeps one state per shard (checkpoint.DataShardsHandler), so any process count that
+  divides `shard_count` can continue it.
+  """
+
+  def __init__(self, iterators: dict[int, "grain.DatasetIterator"], shard_count: int):
+    self.iterators, self.shard_count = iterators, shard_count
+
+  @property
+  def shards(self) -> list[int]:
+    return list(self.iterators)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    local = [next(it) for it in self.iterators.values()]
+    if len(local) == 1:
+      return local[0]
+    return {k: np.concatenate([b[k] for b in local]) for k in local[0]}
+
+  def shard_states(self) -> dict[int, dict]:
+    """{shard index: its iterator state}, copied, so reading on does not move it."""
+    return {s: copy.deepcopy(it.get_state()) for s, it in self.iterators.items()}
+
+  def set_shard_states(self, states: dict[int, dict]):
+    for s, it in self.iterators.items():
+      it.set_state(states[s])
+
+  def start_prefetch(self):
+    for it in self.iterators.values():
+      it.start_prefetch()
+
+  def close(self):
+    for it in self.iterators.values():
+      it.close()
+
+
+def process_batches(corpus, tok, data_config, shard_count: int, process_index: int = 0, process_count: int = 1,
+                    overlong: Overlong | None = None) -> ShardedBatches:
+  """The endless training stream of process `process_index` of `process_count` over `shard_count`
+  shards (data_shards): the batches of its shards (owned_shards), each shard's own pipeline as in
+  train_batches, concatenated in shard order. The global batch is every shard's rows in shard order,
+  whatever the process count.
+
+  Raises:
+    ConfigError: SFT pairs of which none fits a row (data.sft_overlong).
+  """
+  if _sft_overlong(data_config):
+    _check_pairs_fit(corpus, tok, data_config)
+  iterators = {s: iter(_shard_batches(corpus, tok, data_config, s, shard_count, overlong))
+               for s in owned_shards(shard_count, process_index, process_count)}
+  return ShardedBatches(iterators, shard_count)
+
+
+def _divisors(n: int) -> str:
+  """'1, 2 or 4' for 4."""
+  ds = [str(d) for d in range(1, n + 1) if n % d == 0]
+  return ds[0] if len(ds) == 1 else f"{', '.join(ds[:-1])} or {ds[-1]}"
+
+
+def saved_shards(stream: dict) -> int | None:
+  """The shard count of a saved stream definition: its "data.shards", or, in one saved before that
+  key, its "process_count" (each process was one shard); None in one that has neither."""
+  return stream.get("data.shards", stream.get("process_count"))
+
+
+def data_shards(data_config, process_count: int, saved_stream: dict | None = None,
+                saved_step: int | None = None) -> int:
+  """The number of data shards of this run: config.data.shards, or where it is 0 the one of the
+  newest checkpoint's stream (`saved_stream`, saved at step `saved_step`) if there is one, else
+  the process count.
+
+  Raises:
+    ConfigError (one line, naming config.data.shards): a process count that does not divide it (with
+      the counts that do), or config.data.batch_size not divisible by it.
+  """
+  shards, whence = data_config.shards, ""
+  if not shards and saved_stream is not None and saved_shards(saved_stream):
+    shards, whence = saved_shards(saved_stream), f" (saved in checkpoint {saved_step})"
+  if not shards:
+    shards = process_count
+  if shards % process_count:
+    raise ConfigError(f"config.data.shards={shards}{whence}: a run on {process_count} processes cannot read it; "
+                      f"use {_divisors(shards)} processes")
+  if data_config.batch_size % shards:
+    raise ConfigError(f"config.data.batch_size={data_config.batch_size} is not divisible by "
+                      f"config.data.shards={shards}{whence}")
+  return shards
 
 
 def eval_batches(corpus, tok, data_config, batch_size: int, process_index: int = 0, process_count: int = 1):
@@ -265,14 +385,17 @@ def eval_batches(corpus, tok, data_config, batch_size: int, process_index: int =
   return rows.batch(batch_size, batch_fn=pad).map(rows_to_batch)
 
 
-def stream_definition(data_config, process_count: int) -> dict:
-  """What fixes the training stream; saved with each checkpoint and compared on resume."""
+def stream_definition(data_config, shard_count: int) -> dict:
+  """What fixes the training stream (the STREAM_FIELDS and the shard count data_shards gave); saved
+  with each checkpoint and compared on resume. The process count is not part of it."""
   fields = STREAM_FIELDS + (SFT_STREAM_FIELDS if data_config.format == "sft" else ())
-  return {**{f"data.{k}": data_config[k] for k in fields}, "process_count": process_count}
+  return {**{f"data.{k}": data_config[k] for k in fields}, "data.shards": shard_count}
 
 
 def stream_changes(saved: dict, current: dict) -> list[str]:
-  """What differs between a checkpoint's stream definition and this run's, as 'key: saved -> now'."""
+  """What differs between a checkpoint's stream definition and this run's, as 'key: saved -> now'
+  (a "process_count" saved before data.shards counts as that many shards)."""
+  saved = {**saved, "data.shards": saved_shards(saved)}
   return [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in current if saved.get(k) != current[k]]
 
 
@@ -333,7 +456,9 @@ def main():
     if not path:
       raise ConfigError("give --workdir (a run with a tokenizer.model) or --config.data.tokenizer_path")
     tok = tok_lib.load_tokenizer(path)
-    batches = train_batches(open_corpus(config.data, "train_corpus"), tok, config.data)
+    # One process reading every shard: the global batches of a run.
+    batches = process_batches(open_corpus(config.data, "train_corpus"), tok, config.data,
+                              data_shards(config.data, 1))
     if show.value:
       print(show_rows(next(iter(batches)), tok, show.value))
     if stats.value:

@@ -66,6 +66,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     # init_from seeds a new run only: a workdir with checkpoints of its own resumes from them, even
     # where the run it started from has moved away.
     resuming = ckpt_lib.has_checkpoints(workdir)
+    shards = data_lib.data_shards(config.data, jax.process_count(), *_newest_stream(workdir, resuming))
     init_from = run_setup.check_init_from(config) if config.init_from and not resuming else None
     if not config.init_from and config.data.format == "sft":
       metrics_lib.log("warning: fine-tuning from random weights (config.init_from is empty)")
@@ -73,7 +74,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     paths.makedirs(workdir)
     started = []  # non-empty once the first step runs: from then on what the workdir holds is the run's
     try:
-      return _train_and_evaluate(config, workdir, setup, llama, init_from, stop_after, started, watch)
+      return _train_and_evaluate(config, workdir, setup, llama, init_from, shards, stop_after, started, watch)
     except BaseException:
       # A new run refused (bad data, tokenizer, sample prompt, a signal...) before its first step
       # leaves the workdir as it found it, so the corrected command starts clean.
@@ -103,8 +104,16 @@ def _remove_new_entries(workdir: str, before: set[str] | None):
       pass
 
 
-def _train_and_evaluate(config, workdir, setup, llama, init_from, stop_after, started, watch):
-  """train_and_evaluate after its checks, in an existing workdir; appends to `started` at the first step."""
+def _newest_stream(workdir: str, resuming: bool) -> tuple[dict | None, int | None]:
+  """(stream definition, step) of the newest checkpoint in `workdir` that holds a data position;
+  (None, None) for a new run or when none does (an HF import)."""
+  found = ckpt_lib.newest_stream(workdir) if resuming else None
+  return (found[1], found[0]) if found else (None, None)
+
+
+def _train_and_evaluate(config, workdir, setup, llama, init_from, shards, stop_after, started, watch):
+  """train_and_evaluate after its checks, in an existing workdir, reading `shards` data shards
+  (data.data_shards); appends to `started` at the first step."""
   train_corpus = data_lib.open_corpus(config.data, "train_corpus")
   eval_corpora = eval_lib.open_eval_sets(config.data)
   tok = run_setup.prepare_tokenizer(config, workdir, train_corpus, llama, init_from and init_from[0])
@@ -114,10 +123,10 @@ def _train_and_evaluate(config, workdir, setup, llama, init_from, stop_after, st
   stop_ids = run_setup.inherit_stop_ids(config, workdir, tok, llama, init_from and init_from[0])
   tasks = eval_lib.TaskEvaluator.from_config(setup, tok, stop_ids)  # None without config.eval.tasks
   sampler = generate_lib.TextSampler(setup, tok, config.sample, stop_ids)
-  stream = data_lib.stream_definition(config.data, jax.process_count())
+  stream = data_lib.stream_definition(config.data, shards)
   overlong = data_lib.Overlong()
-  train_iter = iter(data_lib.train_batches(train_corpus, tok, config.data, jax.process_index(),
-                                           jax.process_count(), overlong))
+  train_iter = data_lib.process_batches(train_corpus, tok, config.data, shards, jax.process_index(),
+                                        jax.process_count(), overlong)
   checkpointer = ckpt_lib.Checkpointer(workdir, config.train)
   writer = metrics_lib.MetricWriter(workdir)
   previous_hook = sys.unraisablehook

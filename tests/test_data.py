@@ -230,7 +230,7 @@ from test_data import _data_config
 from llama_jax import checkpoint as ckpt_lib, corpus as corpus_lib, data as data_lib
 for name, spec in {specs!r}.items():
   corpus = corpus_lib.open_corpus(spec, tfds_data_dir={data_dir!r})
-  it = iter(data_lib.train_batches(corpus, ByteTokenizer(), _data_config()))
+  it = data_lib.process_batches(corpus, ByteTokenizer(), _data_config(), 1)
   ck = ckpt_lib.Checkpointer({workdir!r} + "/" + name, read_only=True)
   ck.restore_data(ck.latest_step(), it)
   batches = [next(it) for _ in range({n})]
@@ -245,12 +245,11 @@ def test_resume_in_a_new_process_continues_the_stream_exactly(sources, tmp_path)
   specs["mix"] = f"mix:{specs['jsonl']}=2,{specs['text']}=1,{specs['tfds']}=1"
   config = tiny_test_config()
   for name, spec in specs.items():
-    batches = data_lib.train_batches(_open(sources, spec), TOK, _data_config())
-    straight = iter(batches)
+    straight = iter(data_lib.train_batches(_open(sources, spec), TOK, _data_config()))
     expected = [next(straight) for _ in range(k + n)][k:]
     np.savez(tmp_path / f"{name}_expected.npz",
              **{f"{i}_{key}": v for i, b in enumerate(expected) for key, v in b.items()})
-    it = iter(batches)
+    it = data_lib.process_batches(_open(sources, spec), TOK, _data_config(), 1)
     for _ in range(k):
       next(it)
     checkpointer = ckpt_lib.Checkpointer(str(tmp_path / name), tiny_test_config(**{"train.async_checkpoint": True}).train)
@@ -365,7 +364,7 @@ def test_the_stream_definition_names_what_changes_the_order_and_nothing_else():
   saved = data_lib.stream_definition(_data_config(), 1)
   assert data_lib.stream_changes(saved, data_lib.stream_definition(_data_config(read_threads=7), 1)) == []
   changed = data_lib.stream_definition(_data_config(seq_len=16), 2)
-  assert data_lib.stream_changes(saved, changed) == ["data.seq_len: 32 -> 16", "process_count: 1 -> 2"]
+  assert data_lib.stream_changes(saved, changed) == ["data.seq_len: 32 -> 16", "data.shards: 1 -> 2"]
 
 
 def test_inspect_a_pipeline_from_the_command_line(tmp_path):

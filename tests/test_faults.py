@@ -143,7 +143,7 @@ def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(tmp_path):
   assert "preemption notice: saved step" in last, out
   saved = int(last.split("saved step ")[1].split()[0])
   step_dir = tmp_path / "b" / "checkpoints" / str(saved)
-  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(step_dir / "data"))
+  assert {"shard-00000-of-00002.json", "shard-00001-of-00002.json"} <= set(os.listdir(step_dir / "data"))
   out = pair(tmp_path / "b")
   assert f"resumed from step {saved}" in out
   assert 5 <= saved < 60
