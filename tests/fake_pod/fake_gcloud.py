@@ -11,8 +11,8 @@ Environment: FAKE_GCLOUD_STATE (the state folder; required), FAKE_GCLOUD_PYTHON 
 the gcloud wrapper runs this script with it, and the workers' `python` is it, with its packages),
 FAKE_GCLOUD_CPU_DEVICES (jax CPU devices per worker; default 1), FAKE_GCLOUD_CREATE_S (seconds a slice stays
 CREATING; default 0.2), FAKE_GCLOUD_QUEUE_S (seconds a queued resource waits, then provisions; default 0.5),
-CLOUDSDK_CORE_PROJECT (the project when --project is not given; default "fake-project"). The last four are
-read when a slice is made.
+CLOUDSDK_CORE_PROJECT (the project when --project is not given; default "fake-project"). The call that
+makes a slice or queued resource reads the FAKE_GCLOUD_* values it needs from its own environment.
 
 State folder:
   calls.jsonl                one line per call, {"argv": [...], "exit": code} (code -N: killed by signal N;
@@ -165,10 +165,15 @@ def _next_incarnation(root):
   return value
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+def _free_port(root):
+  """A port free now on 127.0.0.1 and given to no other slice of this state folder."""
+  taken = {n["port"] for n in all_nodes(root)}
+  while True:
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      port = s.getsockname()[1]
+    if port not in taken:
+      return port
 
 
 def make_worker_python(worker):
@@ -209,7 +214,7 @@ def make_node(root, name, zone, project, accelerator_type, version, spot, queued
     make_worker_python(worker)
   node = {"name": name, "zone": zone, "project": project, "state": "CREATING",
           "acceleratorType": accelerator_type, "runtimeVersion": version, "spot": bool(spot),
-          "port": _free_port(), "incarnation": _next_incarnation(root), "workers": workers,
+          "port": _free_port(root), "incarnation": _next_incarnation(root), "workers": workers,
           "cpu_devices": int(os.environ.get("FAKE_GCLOUD_CPU_DEVICES") or 1), "python": sys.executable,
           "queuedResource": queued_resource,
           "ready_at": time.time() + float(os.environ.get("FAKE_GCLOUD_CREATE_S") or 0.2)}
