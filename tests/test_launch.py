@@ -317,6 +317,7 @@ class ScriptedGcloud(gcloud.Runner):
 
   def run(self, argv):
     self.calls.append(argv)
+    assert len(self.calls) < 500, f"the launcher goes round in circles: {self.kinds()[-6:]}"  # a hang guard
     path, positionals, flag_values = _parse(argv)
     if path == ("tpu-vm", "describe"):
       if self.describe_hook:
@@ -445,6 +446,34 @@ def test_max_restarts_gives_up_with_the_last_reason(small_repo, tmp_path):
   assert lines[-1] == "[launch] gave up after 2 restarts: worker 0 exited with status 1 (RuntimeError: boom)"
   assert runner.kinds().count("ssh 0") == 3
   assert sorted(os.listdir(os.path.join(workdir, "launch"))) == ["attempt-0", "attempt-1", "attempt-2"]
+
+
+def test_a_failed_describe_while_the_workers_run_does_not_end_the_attempt(small_repo, tmp_path):
+  real_run = ScriptedGcloud.run
+
+  def run(self, argv):
+    if self.kinds()[-1:] == ["ssh 1"] or self.kinds()[-2:] == ["ssh 1", "describe"]:  # the watch's first two
+      self.calls.append(argv)
+      return gcloud.Result(1, "", "ERROR: (gcloud.compute.tpus.tpu-vm.describe) UNAVAILABLE: try again")
+    return real_run(self, argv)
+
+  runner = ScriptedGcloud(lambda k, i, r: FakeProc(["x\n"], 0, polls=4))
+  runner.run = run.__get__(runner)
+  code, lines, _ = _launch(small_repo, runner, tmp_path)
+  assert code == 0 and lines[-1] == "[launch] done after 0 restarts"
+  assert sum("UNAVAILABLE: try again (exit status 1) (looking again in 0 s)" in line for line in lines) == 2
+
+
+def test_ctrl_c_kills_the_workers_and_the_leftovers_and_copies_the_logs(small_repo, tmp_path):
+  class Interrupted(FakeProc):
+    def poll(self):
+      raise KeyboardInterrupt
+
+  runner = ScriptedGcloud(lambda k, i, r: Interrupted(["started\n"], None) if i == 0 else FakeProc(["w1\n"], None))
+  code, lines, workdir = _launch(small_repo, runner, tmp_path)
+  assert code == 130 and lines[-1] == "[launch] interrupted after 0 restarts"
+  assert runner.kinds()[-2:] == ["describe", "ssh all kill"] and runner.procs[1].killed
+  assert open(os.path.join(workdir, "launch", "attempt-0", "worker-1.log")).read() == "w1\n"
 
 
 def test_queued_resources_are_created_and_recreated_when_suspended(small_repo, tmp_path):

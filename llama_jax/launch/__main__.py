@@ -7,9 +7,12 @@ relaunches it (it resumes from its last checkpoint) after a preemption or a dead
 
 --dry_run prints every command it would run and runs none (no gcloud needed). Bad input (an unknown
 accelerator type, a command that is not a llama_jax entry point, train.py without --workdir, no gcloud)
-is one line on stderr and exit status 1. llama_jax/launch/supervisor.py describes what it does.
+is one line on stderr and exit status 1. Ctrl-C or SIGTERM ends the launch: the local ssh processes and
+the command on a READY slice are killed, the logs copied, exit status 130. llama_jax/launch/supervisor.py
+describes what it does.
 """
 
+import signal
 import sys
 
 from absl import app, flags
@@ -38,7 +41,13 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print every command it would run
 flags.mark_flags_as_required(["tpu", "zone", "accelerator_type"])
 
 
+def _interrupt(signum, frame):
+  del signum, frame
+  raise KeyboardInterrupt  # a SIGTERM ends the launch as Ctrl-C does: workers' leftovers killed, logs copied
+
+
 def main(argv):
+  signal.signal(signal.SIGTERM, _interrupt)
   options = supervisor.Options(
       tpu=_TPU.value, zone=_ZONE.value, accelerator_type=_ACCELERATOR_TYPE.value, project=_PROJECT.value,
       spot=_SPOT.value, queued_resources=_QUEUED.value, version=_VERSION.value, max_restarts=_MAX_RESTARTS.value,

@@ -21,6 +21,7 @@ After --max_restarts relaunches the launch gives up. The last line says why: `do
 `gave up after N restarts: REASON`, `bad input: LINE` or `interrupted after K restarts`.
 """
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -187,6 +188,7 @@ class _Supervisor:
     workers_run = _Workers(self, k, workers)
     try:
       failed = workers_run.watch()
+      exited = workers_run.failed_workers()  # before the others are killed
     finally:
       workers_run.stop()
       self._copy_logs(k, workers)
@@ -197,7 +199,7 @@ class _Supervisor:
       return reason
     node = self._describe()
     if node is not None and node.state == gcloud.READY:
-      for i in workers_run.failed_workers():
+      for i in exited:
         line = workers_run.last_lines[i]
         if line.startswith("error: "):
           self._kill_leftovers(node)
@@ -207,6 +209,7 @@ class _Supervisor:
     return f"{reason}; slice {node.state if node else 'deleted'}"
 
   def _describe(self) -> gcloud.Node | None:
+    """The slice's Node (None: it is gone); state UNKNOWN when gcloud fails to say."""
     try:
       return gcloud.describe_node(self.runner, self.where)
     except gcloud.GcloudError as e:
@@ -261,7 +264,7 @@ class _Workers:
         if line.strip() and not _TRANSPORT_LINE.match(line):
           self.last_lines[i] = line.strip()
         if i == 0:
-          with self.supervisor.lock:
+          with self.supervisor.lock, contextlib.suppress(OSError, ValueError):  # out closed: the log goes on
             self.supervisor.out.write("[worker 0] " + line if line.endswith("\n") else f"[worker 0] {line}\n")
             self.supervisor.out.flush()
 
@@ -280,13 +283,18 @@ class _Workers:
       if all(c == 0 for c in codes):
         return None
       if time.monotonic() >= next_describe:
-        node = self.supervisor._describe()
-        if node is None or node.state != gcloud.READY:
-          return -1, f"slice {node.state if node else 'deleted'}"
         next_describe = time.monotonic() + poll_s
+        try:
+          node = gcloud.describe_node(self.supervisor.runner, self.supervisor.where)
+        except gcloud.GcloudError as e:  # gcloud's trouble, not the slice's: the workers go on
+          self.supervisor.say(f"{e} (looking again in {poll_s:g} s)")
+        else:
+          if node is None or node.state != gcloud.READY:
+            return -1, f"slice {node.state if node else 'deleted'}"
       time.sleep(min(poll_s, 1.0))
 
   def failed_workers(self) -> list[int]:
+    """The workers whose ssh has exited non-zero."""
     return [i for i, p in enumerate(self.procs) if p.poll() not in (None, 0)]
 
   def stop(self):
