@@ -106,6 +106,18 @@ def gcs_bucket(gcs_server, request):
   return gcs_server.make_bucket(name)
 
 
+@pytest.fixture(scope="session")
+def straight_two_process_run(tmp_path_factory):
+  """(workdir, compilation cache) of test_faults.two_process_config trained without interruption by 2 local
+  processes of 2 CPU devices each: the reference of the tests that stop and resume such a run (a SIGTERM to
+  one process, a preempted simulated pod), trained once per session."""
+  from test_faults import two_process_config, two_process_run  # noqa: PLC0415
+  root = tmp_path_factory.mktemp("straight_two_process")
+  cache = root / "jax-cache"  # later runs of the same program load what this one compiled
+  two_process_run(root / "run", two_process_config(), cache)
+  return root / "run", cache
+
+
 @pytest.fixture
 def one_device():
   return jax.devices()[:1]

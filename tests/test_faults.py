@@ -119,35 +119,42 @@ def test_sigterm_twice_then_finishing_on_gs_equals_a_straight_run_on_disk(tmp_pa
   _assert_same_params(_params(remote, 30), _params(tmp_path / "a", 30))
 
 
-@pytest.mark.slow
-def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(tmp_path):
+def two_process_config(**overrides):
+  """The config of conftest.straight_two_process_run, with `overrides`."""
+  # Enough steps (~80 ms each here) for a preemption notice to cross the coordination service before the end.
+  return _config(**{"train.steps": 60, "train.checkpoint_every": 30, **overrides})
+
+
+def two_process_run(workdir, config, cache, at_step=None, send=None):
+  """train.py on 2 local processes of 2 CPU devices each; send(process 1) when process 0 logs step
+  `at_step` (the run must end with status 0 all the same). Returns process 0's output."""
   import portpicker
-  # Enough steps (~80 ms each here) for the notice to cross the coordination service before the end.
-  config = _config(**{"train.steps": 60, "train.checkpoint_every": 30})
-  env = subprocess_env(compilation_cache=tmp_path / "jax-cache")  # the notice comes after the first step
+  env = subprocess_env(compilation_cache=cache)  # a signal comes after the first step: no compile is cut short
+  port = portpicker.pick_unused_port()
+  cmds = [train_cmd(workdir, config, "--num_cpu_devices=2", f"--coordinator_address=127.0.0.1:{port}",
+                    "--num_processes=2", f"--process_id={i}", "--distributed_timeout_s=60") for i in range(2)]
+  other = subprocess.Popen(cmds[1], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  code, out = _run_until_signalled(cmds[0], at_step, config.train.steps, lambda _: send(other), env)
+  other_out = other.communicate(timeout=120)[0]
+  assert code == 0 and other.returncode == 0, out + other_out
+  return out
 
-  def pair(workdir, at_step=None):
-    port = portpicker.pick_unused_port()
-    cmds = [train_cmd(workdir, config, "--num_cpu_devices=2", f"--coordinator_address=127.0.0.1:{port}",
-                 "--num_processes=2", f"--process_id={i}", "--distributed_timeout_s=60") for i in range(2)]
-    other = subprocess.Popen(cmds[1], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    send = lambda _: other.send_signal(signal.SIGTERM)  # process 1 only; process 0 logs
-    code, out = _run_until_signalled(cmds[0], at_step, 60, send, env)
-    other_out = other.communicate(timeout=120)[0]
-    assert code == 0 and other.returncode == 0, out + other_out
-    return out
 
-  pair(tmp_path / "a")
-  out = pair(tmp_path / "b", at_step=5)
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(tmp_path, straight_two_process_run):
+  straight, cache = straight_two_process_run
+  config = two_process_config()
+  sigterm = lambda other: other.send_signal(signal.SIGTERM)  # process 1 only; process 0 logs
+  out = two_process_run(tmp_path / "b", config, cache, at_step=5, send=sigterm)
   last = out.strip().splitlines()[-1]
   assert "preemption notice: saved step" in last, out
   saved = int(last.split("saved step ")[1].split()[0])
   step_dir = tmp_path / "b" / "checkpoints" / str(saved)
   assert {"shard-00000-of-00002.json", "shard-00001-of-00002.json"} <= set(os.listdir(step_dir / "data"))
-  out = pair(tmp_path / "b")
+  out = two_process_run(tmp_path / "b", config, cache)
   assert f"resumed from step {saved}" in out
   assert 5 <= saved < 60
-  assert _metrics(tmp_path / "b") == _metrics(tmp_path / "a")  # every step, exactly
+  assert _metrics(tmp_path / "b") == _metrics(straight)  # every step, exactly
 
 
 # ------------------------------------------------------------------ damaged and unfinished checkpoints
