@@ -232,12 +232,17 @@ def test_dry_run_for_v5p_64_prints_create_copy_install_and_8_runs(tmp_path):
   assert "warning" not in done.stdout  # a gs:// workdir
 
 
-def test_bad_input_on_the_command_line_is_one_line_on_stderr(tmp_path):
+@pytest.mark.parametrize("args,start", [
+    (["--accelerator_type=v9-8", "--", *TRAIN], "error: --accelerator_type=v9-8: unknown accelerator type"),
+    (["--accelerator_type=v4-8", *TRAIN], "error: Unknown command line flag 'config' (the command to run goes after --)"),
+    (["--accelerator_type=v4-8", "--", "python", "-m", "llama_jax.trainer"], "error: the command after -- must be"),
+])
+def test_bad_input_on_the_command_line_is_one_line_on_stderr(tmp_path, args, start):
   env = dict(os.environ, PATH=_path_with_git_only(tmp_path))
-  done = subprocess.run([sys.executable, "-m", "llama_jax.launch", "--tpu=t", "--zone=z", "--accelerator_type=v9-8",
-                         "--", *TRAIN], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+  done = subprocess.run([sys.executable, "-m", "llama_jax.launch", "--tpu=t", "--zone=z", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=60)
   assert done.returncode == 1 and done.stdout == ""
-  assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: --accelerator_type=v9-8: unknown")
+  assert done.stderr.count("\n") == 1 and done.stderr.startswith(start), done.stderr
 
 
 def _options(**kw):

@@ -59,5 +59,14 @@ def main(argv):
     return 1
 
 
+def _parse_flags(argv):
+  """absl's parsing, a bad or unknown flag reported in one line (the command's own flags go after --)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    hint = " (the command to run goes after --)" if "Unknown command line flag" in str(e) else ""
+    sys.exit(f"error: {e}{hint}")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -45,12 +45,17 @@ def archive_argv(out_path: str) -> list[str]:
   return ["git", "archive", "--format=tar.gz", f"--output={out_path}", "HEAD"]
 
 
+def list_argv() -> list[str]:
+  """The command that lists the working copy's files to pack (tracked and untracked, not ignored)."""
+  return ["git", "ls-files", "-co", "--exclude-standard", "-z"]
+
+
 def make_archive(repo_dir: str, out_path: str, working_tree: bool = False) -> Archive:
   """Packs the checkout at repo_dir into out_path (tar.gz); ConfigError when it is not a git checkout with a
   commit or lacks a requirement file."""
   digest = requirements_hash(repo_dir, working_tree)
   if working_tree:
-    files = [f for f in _git(repo_dir, "ls-files", "-co", "--exclude-standard", "-z").split("\0") if f]
+    files = [f for f in _git(repo_dir, *list_argv()[1:]).split("\0") if f]
     with tarfile.open(out_path, "w:gz") as tar:
       for f in files:
         if os.path.lexists(os.path.join(repo_dir, f)):  # a tracked file deleted in the working copy is left out

@@ -73,7 +73,8 @@ def launch(options: Options, command_argv: list[str], runner: gcloud.Runner | No
 
   Bad input raises ConfigError (one line) before any command runs: an unknown accelerator type, a command
   that is not a llama_jax entry point, train.py without --workdir, no gcloud on PATH (unless dry_run or a
-  runner is given), a checkout that cannot be packed. A workdir that is not gs:// on a multi-worker slice is
+  runner is given), a checkout that cannot be packed; and after the first describe, a slice of that name
+  with another accelerator type. A workdir that is not gs:// on a multi-worker slice is
   a warning. `runner` runs the gcloud commands (default: gcloud.Runner, subprocesses); `out` gets the
   launcher's lines and worker 0's output (default: sys.stdout)."""
   out = out or sys.stdout
@@ -115,9 +116,10 @@ def dry_run_plan(options: Options, accelerator: accelerators.Accelerator, comman
   archive = "LOCAL_DIR/" + ship.ARCHIVE
   digest = ship.requirements_hash(repo_dir, options.ship_working_tree)
   steps += [
-      ("pack the committed tree (--ship_working_tree: the working copy's files)" if not options.ship_working_tree
-       else "pack the working copy's files (git ls-files -co --exclude-standard)", ship.archive_argv(archive)),
-      (f"copy it to all {accelerator.hosts} workers", where.scp(archive, f"~/{ship.ARCHIVE}")),
+      ("pack the committed tree (LOCAL_DIR: a new temporary folder)", ship.archive_argv(archive))
+      if not options.ship_working_tree else
+      (f"list the working copy's files, packed into {archive}", ship.list_argv()),
+      (f"copy it to every worker ({accelerator.hosts})", where.scp(archive, f"~/{ship.ARCHIVE}")),
       ("unpack into ~/llama_jax, install the requirements once per VM", where.ssh("all", ship.setup_command(
           digest, options.python)))]
   steps += [(f"run on worker {i} of {accelerator.hosts}", where.ssh(i, command.remote(options.python)))
