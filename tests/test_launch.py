@@ -444,6 +444,40 @@ def test_bad_input_in_a_worker_stops_without_relaunch(small_repo, tmp_path):
   assert runner.kinds().count("ssh 0") == 1 and runner.kinds()[-1] == "ssh all kill"
 
 
+def test_an_old_python_on_the_workers_stops_without_relaunch(small_repo, tmp_path):
+  error = ("error: --python python3 on worker t1-w-0 is Python 3.10.12; llama_jax needs Python 3.11 or newer "
+           "with pip there: pass --python a path to one")
+
+  class OldPython(ScriptedGcloud):
+    def run(self, argv):
+      result = super().run(argv)
+      if self.kinds()[-1] == "ssh all setup":
+        return gcloud.Result(1, error + "\n", "ERROR: (gcloud.compute.tpus.tpu-vm.ssh) [/usr/bin/ssh] exited with "
+                                              "return code [1].\n")
+      return result
+
+  runner = OldPython(lambda k, i, r: FakeProc(["ok\n"], 0))
+  code, lines, _ = _launch(small_repo, runner, tmp_path)
+  assert code == 1 and lines[-1] == f"[launch] bad input: {error}"
+  assert runner.kinds() == ["describe", "create", "describe", "scp", "ssh all setup"]  # nothing ran, once
+
+
+@pytest.mark.parametrize("version_check_exit, expected", [(0, None), (1, "is Python 3.10.12")])
+def test_the_python_check_in_bash(tmp_path, version_check_exit, expected):
+  python = tmp_path / "py"
+  python.write_text(f'#!/bin/sh\n[ "$1" = -V ] && echo "Python 3.10.12" && exit 0\nexit {version_check_exit}\n')
+  python.chmod(0o755)
+  done = subprocess.run(["bash", "-c", ship.python_check(str(python)) + " && echo fine"], capture_output=True,
+                        text=True)
+  if expected is None:
+    assert done.returncode == 0 and done.stdout == "fine\n"
+  else:
+    assert done.returncode == 1 and done.stdout.startswith(f"error: --python {python} on worker ")
+    assert expected in done.stdout and "llama_jax needs Python 3.11 or newer" in done.stdout
+  real = subprocess.run(["bash", "-c", ship.python_check(sys.executable)], capture_output=True, text=True)
+  assert real.returncode == 0, real.stdout  # this interpreter is new enough
+
+
 def test_max_restarts_gives_up_with_the_last_reason(small_repo, tmp_path):
   runner = ScriptedGcloud(lambda k, i, r: FakeProc([f"attempt {k}\n", "RuntimeError: boom\n"], 1 if i == 0 else None))
   code, lines, workdir = _launch(small_repo, runner, tmp_path, max_restarts=2)
@@ -534,7 +568,7 @@ def test_setup_installs_once_per_vm_and_replaces_the_code(small_repo, tmp_path):
   home = tmp_path / "home"
   home.mkdir()
   python = tmp_path / "py"  # records what pip would install
-  python.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/installs\n')
+  python.write_text(f'#!/bin/sh\n[ "$1" = -c ] && exit 0\necho "$@" >> {tmp_path}/installs\n')  # -c: the version check
   python.chmod(0o755)
   archive = ship.make_archive(small_repo, str(tmp_path / "a.tar.gz"))
   line = ship.setup_command(archive.requirements_hash, str(python))

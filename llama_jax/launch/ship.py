@@ -100,11 +100,25 @@ def kill_command() -> str:
           f'rm -f ~/{PID_FILE}; fi; true')
 
 
+MIN_PYTHON = (3, 11)  # jax 0.10.2's oldest Python (its wheels are built for 3.11 and newer)
+
+
+def python_check(python: str) -> str:
+  """Bash that ends with a one-line "error: ..." and status 1 when `python` on the worker is missing or older
+  than MIN_PYTHON (the stock TPU images have Python 3.10, on which the pins do not install)."""
+  want = ".".join(map(str, MIN_PYTHON))
+  py = shlex.quote(python)
+  return (f"{{ {py} -c 'import sys; sys.exit(sys.version_info < {MIN_PYTHON})' 2>/dev/null || "
+          f"{{ echo \"error: --python {python} on worker $(hostname) is $({py} -V 2>&1 | head -1); llama_jax needs "
+          f"Python {want} or newer with pip there: pass --python a path to one\"; exit 1; }}; }}")
+
+
 def setup_command(requirements_hash: str, python: str) -> str:
-  """Bash for every worker once the archive is there: end a leftover run, unpack into ~/REMOTE_DIR (replacing
-  it), install the requirements unless this VM's marker for their hash is there."""
+  """Bash for every worker once the archive is there: end a leftover run, check that `python` is new enough
+  (python_check), unpack into ~/REMOTE_DIR (replacing it), install the requirements unless this VM's marker for
+  their hash is there."""
   marker = f"~/.llama_jax_installed_{requirements_hash}"
   install = shlex.join([python, "-m", "pip", "install", "-r", REQUIREMENTS[0], "-r", REQUIREMENTS[1]])
-  return (f"{{ {kill_command()}; }} && rm -rf ~/{REMOTE_DIR} && mkdir -p ~/{REMOTE_DIR} && "
+  return (f"{{ {kill_command()}; }} && {python_check(python)} && rm -rf ~/{REMOTE_DIR} && mkdir -p ~/{REMOTE_DIR} && "
           f"tar -xzf ~/{ARCHIVE} -C ~/{REMOTE_DIR} && rm -f ~/{ARCHIVE} && cd ~/{REMOTE_DIR} && "
           f"{{ [ -f {marker} ] || {{ {install} && touch {marker}; }}; }}")

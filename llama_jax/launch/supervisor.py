@@ -180,9 +180,14 @@ class _Supervisor:
       self.say(f"slice {self.where.name} READY with {workers} workers: copying the code")
       gcloud.check(self.runner, self.where.scp(self.archive.path, f"~/{ship.ARCHIVE}"), "copy to the workers")
       self.say("unpacking, installing the requirements (once per VM)")
-      gcloud.check(self.runner, self.where.ssh("all", ship.setup_command(self.archive.requirements_hash,
-                                                                         self.options.python)),
-                   "unpack and install on the workers")
+      setup = self.runner.run(self.where.ssh("all", ship.setup_command(self.archive.requirements_hash,
+                                                                        self.options.python)))
+      bad = [line for line in (setup.stdout + setup.stderr).splitlines() if line.startswith("error: ")]
+      if setup.returncode != 0 and bad:  # ship.python_check's line: relaunching would not help
+        raise _Stop(bad[0])
+      if setup.returncode != 0:
+        raise gcloud.GcloudError(f"unpack and install on the workers: "
+                                 f"{gcloud.error_line(setup.stderr + setup.stdout)} (exit status {setup.returncode})")
     except gcloud.GcloudError as e:
       time.sleep(self.options.poll_s)  # the slice may be on its way out: look again later
       return str(e)
