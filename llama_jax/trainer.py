@@ -59,14 +59,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     config_lib.check_workdir(workdir)
     llama = config_lib.check_config(config)
     data_lib.check_data_config(config.data)
+    resuming = ckpt_lib.has_checkpoints(workdir)
+    # Before the mesh: a process count that cannot read the checkpoint's stream is named as such.
+    shards = data_lib.data_shards(config.data, jax.process_count(), *_newest_stream(workdir, resuming))
     eval_lib.check_tasks(config_lib.eval_tasks(config.eval), config.eval.include_path, config.eval.num_fewshot,
                          config.eval.harness_limit or None)  # 0: every document
     setup = run_setup.Setup(config, devices)
     run_setup.check_batch(config, setup.mesh)
     # init_from seeds a new run only: a workdir with checkpoints of its own resumes from them, even
     # where the run it started from has moved away.
-    resuming = ckpt_lib.has_checkpoints(workdir)
-    shards = data_lib.data_shards(config.data, jax.process_count(), *_newest_stream(workdir, resuming))
     init_from = run_setup.check_init_from(config) if config.init_from and not resuming else None
     if not config.init_from and config.data.format == "sft":
       metrics_lib.log("warning: fine-tuning from random weights (config.init_from is empty)")
