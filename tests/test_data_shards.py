@@ -223,3 +223,17 @@ def test_a_process_count_that_does_not_divide_the_shards_stops_with_one_line():
   assert data_lib.stream_changes(saved, data_lib.stream_definition(_data_config(shards=8), 8)) == [
       "data.shards: 4 -> 8"]
   assert data_lib.stream_changes(old, data_lib.stream_definition(_data_config(), 2)) == []
+
+
+def test_data_shards_is_a_count_and_one_process_may_read_every_shard(specs):
+  from llama_jax import config_lib
+  with pytest.raises(ConfigError, match=r"^config.data.shards=-1: must be an integer >= 0$"):
+    config_lib.check_ranges(tiny_test_config(**{"data.shards": -1}))
+  old = tiny_test_config()
+  del old.data["shards"]  # a checkpoint's config of before the key
+  assert config_lib.with_added_keys(old).data.shards == 0
+  # One process reading all 4 shards gives the global batches of 4 processes.
+  config = _data_config(shards=S)
+  batches = data_lib.process_batches(_corpus(specs["jsonl"]), TOK, config, data_lib.data_shards(config, 1))
+  _assert_same(_take(batches, 3), _reference(specs["jsonl"], config, 3), "one process")
+  batches.close()
