@@ -140,7 +140,7 @@ def test_scp_and_ssh_on_every_worker(fake_pod, tmp_path):  # noqa: F811
     home = str(fake_pod.home("pod-f", int(line[0])))
     assert line[1:] == ["4", lines[0][2], "cpu", "1", "shipped", home, home]
   # each worker's python: the image's packages, in a prefix of the worker's own
-  assert sorted(line for line in out.stdout.splitlines() if " " not in line) == [
+  assert sorted(line for line in out.stdout.splitlines() if line and " " not in line) == [
       str(fake_pod.home("pod-f", w).parent) for w in range(4)]
   assert "Attempting to SSH into 1 nodes with a total of 4 workers." in out.stderr
 
