@@ -365,13 +365,13 @@ def data_shards(data_config, process_count: int, saved_stream: dict | None = Non
   if not shards and saved_stream is not None and saved_shards(saved_stream):
     shards, whence = saved_shards(saved_stream), f" (saved in checkpoint {saved_step})"
   if not shards:
-    shards = process_count
+    shards, whence = process_count, " (config.data.shards=0: one per process)"
   if shards % process_count:
     raise ConfigError(f"config.data.shards={shards}{whence}: a run on {process_count} processes cannot read it; "
                       f"use {_divisors(shards)} processes")
   if data_config.batch_size % shards:
-    raise ConfigError(f"config.data.batch_size={data_config.batch_size} is not divisible by "
-                      f"config.data.shards={shards}{whence}")
+    raise ConfigError(f"config.data.batch_size={data_config.batch_size} is not divisible by the {shards} data "
+                      f"shards{whence or f' of config.data.shards={shards}'}")
   return shards
 
 

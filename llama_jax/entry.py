@@ -59,8 +59,8 @@ def parse_flags(argv):
       sys.exit(f"error: {e}")
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f"error: {e}")
+  except flags.Error as e:  # several missing required flags are one line each in absl's message
+    sys.exit("error: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()))
   except (AttributeError, KeyError) as e:  # ml_collections' answer to an unknown config key
     culprit = next((a.split("=")[0] for a in argv[1:] if _names_missing_key(a, str(e))), "in --config.*")
     hint = re.search(r'Did you mean "([^"]+)"', str(e))

@@ -211,7 +211,7 @@ def test_a_process_count_that_does_not_divide_the_shards_stops_with_one_line():
   with pytest.raises(ConfigError) as e:  # the same for an explicit value on a new run
     data_lib.data_shards(_data_config(shards=6, batch_size=12), 4)
   assert str(e.value) == "config.data.shards=6: a run on 4 processes cannot read it; use 1, 2, 3 or 6 processes"
-  with pytest.raises(ConfigError, match=r"^config.data.batch_size=8 is not divisible by config.data.shards=3$"):
+  with pytest.raises(ConfigError, match=r"^config.data.batch_size=8 is not divisible by the 3 data shards of config.data.shards=3$"):
     data_lib.data_shards(_data_config(shards=3), 1)
   old = {**data_lib.stream_definition(_data_config(), 2)}
   old["process_count"] = old.pop("data.shards")  # saved before data.shards: 2 processes were 2 shards

@@ -56,3 +56,13 @@ def test_entry_run_warns_where_malloc_cannot_reuse_freed_memory():
   assert stderr.strip().splitlines() == [
       "warning: malloc cannot be told to reuse freed memory here (not glibc, or mallopt refused): "
       "each step's host buffers are mapped and faulted in afresh"]
+
+
+def test_several_missing_required_flags_are_one_line():
+  """absl names each missing flag on a line of its own; a launcher reading a worker's last line as its
+  error (llama_jax/launch) would see only the last of them."""
+  proc = subprocess.run([sys.executable, "-m", "llama_jax.plan"], cwd=ROOT, env=subprocess_env(),
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: flag --config=None"), proc.stderr
+  assert "--topology=None" in proc.stderr

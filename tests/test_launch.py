@@ -142,7 +142,8 @@ def test_accelerator_table(name, chips, hosts, runtime):
   assert (a.chips, a.hosts, a.runtime_version) == (chips, hosts, runtime)
 
 
-@pytest.mark.parametrize("name", ["v5p-12", "v5p-0", "v7-8", "v5e-8", "v5litepod-2", "v6e-512", "tpu", "", "v4-8x"])
+@pytest.mark.parametrize("name", ["v5p-12", "v5p-0", "v7-8", "v5e-8", "v5litepod-2", "v6e-512", "tpu", "", "v4-8x",
+                                  "v4-08"])
 def test_unknown_accelerator_type_is_one_line_with_the_accepted_forms(name):
   with pytest.raises(ConfigError) as e:
     accelerators.parse(name)
@@ -236,6 +237,10 @@ def test_dry_run_for_v5p_64_prints_create_copy_install_and_8_runs(tmp_path):
     (["--accelerator_type=v9-8", "--", *TRAIN], "error: --accelerator_type=v9-8: unknown accelerator type"),
     (["--accelerator_type=v4-8", *TRAIN], "error: Unknown command line flag 'config' (the command to run goes after --)"),
     (["--accelerator_type=v4-8", "--", "python", "-m", "llama_jax.trainer"], "error: the command after -- must be"),
+    (["--accelerator_type=v4-8", "--", *TRAIN, "--dry_run"], "error: --dry_run comes after --, so it would go to the "
+                                                              "command"),
+    (["--accelerator_type=v4-8", "--tpu=My_tpu", "--", *TRAIN], "error: --tpu=My_tpu: a TPU name is"),
+    (["--accelerator_type=v4-8", "--poll_s=0", "--", *TRAIN], "error: --poll_s=0.0 must be > 0"),
 ])
 def test_bad_input_on_the_command_line_is_one_line_on_stderr(tmp_path, args, start):
   env = dict(os.environ, PATH=_path_with_git_only(tmp_path))
@@ -399,13 +404,14 @@ def test_a_preempted_slice_is_deleted_created_and_the_command_relaunched(small_r
 
   runner = ScriptedGcloud(workers)
   code, lines, workdir = _launch(small_repo, runner, tmp_path)
-  assert code == 0 and lines[-1] == "[launch] done after 1 restarts"
+  assert code == 0 and lines[-1] == "[launch] done after 1 restart"
   assert runner.kinds() == ["describe", "create", "describe", "scp", "ssh all setup", "ssh 0", "ssh 1",
                             "describe",  # the failed attempt: is the slice READY?
                             "describe", "delete", "describe", "create", "describe", "scp", "ssh all setup",
                             "ssh 0", "ssh 1"]
   assert runner.procs[1].killed  # worker 1 of the first attempt, still running, was killed
-  assert any("relaunch 1 of at most 10: worker 0 exited with status 255 (step 1); slice PREEMPTED" in line
+  assert any("relaunch 1 of at most 10: slice PREEMPTED; worker 0's ssh ended with status 255 (connection lost)"
+             in line
              for line in lines)
   assert open(os.path.join(workdir, "launch", "attempt-1", "worker-0.log")).read() == "resumed at step 1\ndone\n"
   assert "[worker 0] resumed at step 1" in lines
@@ -418,7 +424,7 @@ def test_a_slice_that_leaves_ready_while_the_workers_run_ends_the_attempt(small_
 
   runner = ScriptedGcloud(lambda k, i, r: FakeProc(["x\n"], None if k == 0 else 0), describe_hook=describe_hook)
   code, lines, _ = _launch(small_repo, runner, tmp_path)
-  assert code == 0 and lines[-1] == "[launch] done after 1 restarts"
+  assert code == 0 and lines[-1] == "[launch] done after 1 restart"
   assert all(p.killed for p in runner.procs[:2]) and not any(p.killed for p in runner.procs[2:])
   assert any(line.endswith("relaunch 1 of at most 10: slice PREEMPTED") for line in lines)
   # the watch's describe (PREEMPTED), then the next attempt's: PREEMPTED, so delete and create
@@ -429,7 +435,7 @@ def test_a_worker_that_dies_on_a_ready_slice_is_relaunched_after_its_leftovers_a
   runner = ScriptedGcloud(lambda k, i, r: FakeProc(["Traceback\n", "RuntimeError: boom\n"], 1) if (k, i) == (0, 1)
                           else FakeProc(["ok\n"], None if k == 0 else 0))
   code, lines, _ = _launch(small_repo, runner, tmp_path)
-  assert code == 0 and lines[-1] == "[launch] done after 1 restarts"
+  assert code == 0 and lines[-1] == "[launch] done after 1 restart"
   assert runner.kinds()[7:10] == ["describe", "ssh all kill", "describe"]  # the slice is READY: no delete
   assert "delete" not in runner.kinds() and runner.kinds().count("create") == 1
 
@@ -478,6 +484,24 @@ def test_the_python_check_in_bash(tmp_path, version_check_exit, expected):
   assert real.returncode == 0, real.stdout  # this interpreter is new enough
 
 
+def test_a_describe_that_fails_before_the_slice_was_ever_ready_stops_with_gclouds_cause(small_repo, tmp_path):
+  class NoProject(ScriptedGcloud):
+    def run(self, argv):
+      if _parse(argv)[0] == ("tpu-vm", "describe"):
+        self.calls.append(argv)
+        return gcloud.Result(1, "", "ERROR: (gcloud.compute.tpus.tpu-vm.describe) Error parsing [tpu].\n"
+                                    "  The [tpu] resource is not properly specified.\n"
+                                    "  Failed to find attribute [project]. Provide --project.\n")
+      return super().run(argv)
+
+  runner = NoProject(lambda k, i, r: FakeProc(["ok\n"], 0))
+  code, lines, _ = _launch(small_repo, runner, tmp_path)
+  assert code == 1 and runner.kinds() == ["describe"]  # no relaunch, nothing created
+  assert lines[-1] == ("[launch] bad input: gcloud cannot describe the slice: describe t1: ERROR: "
+                       "(gcloud.compute.tpus.tpu-vm.describe) Error parsing [tpu]. The [tpu] resource is not properly "
+                       "specified. Failed to find attribute [project]. Provide --project. (exit status 1)")
+
+
 def test_max_restarts_gives_up_with_the_last_reason(small_repo, tmp_path):
   runner = ScriptedGcloud(lambda k, i, r: FakeProc([f"attempt {k}\n", "RuntimeError: boom\n"], 1 if i == 0 else None))
   code, lines, workdir = _launch(small_repo, runner, tmp_path, max_restarts=2)
@@ -524,7 +548,7 @@ def test_queued_resources_are_created_and_recreated_when_suspended(small_repo, t
 
   runner = ScriptedGcloud(workers)
   code, lines, _ = _launch(small_repo, runner, tmp_path, queued_resources=True, spot=True)
-  assert code == 0 and lines[-1] == "[launch] done after 1 restarts"
+  assert code == 0 and lines[-1] == "[launch] done after 1 restart"
   kinds = runner.kinds()
   assert kinds[:4] == ["queued describe", "queued create", "queued describe", "describe"]
   assert kinds[kinds.index("ssh 1") + 1:][:5] == ["describe", "queued describe", "queued delete", "queued describe",

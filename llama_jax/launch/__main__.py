@@ -12,6 +12,7 @@ the command on a READY slice are killed, the logs copied, exit status 130. llama
 describes what it does.
 """
 
+import re
 import signal
 import sys
 
@@ -46,6 +47,26 @@ def _interrupt(signum, frame):
   raise KeyboardInterrupt  # a SIGTERM ends the launch as Ctrl-C does: workers' leftovers killed, logs copied
 
 
+_OWN_FLAGS = (_TPU, _ZONE, _ACCELERATOR_TYPE, _PROJECT, _SPOT, _QUEUED, _VERSION, _MAX_RESTARTS, _POLL_S,
+              _SHIP_WORKING_TREE, _PYTHON, _DRY_RUN)
+_TPU_NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")  # a Cloud TPU node name (a GCE resource name)
+
+
+def _check(command_argv):
+  """ConfigError for a launcher flag given after -- (it would go to the command, and --dry_run there would
+  not keep the launch from running), a --tpu that is no TPU name, a --poll_s that is not positive."""
+  own = {f.name for f in _OWN_FLAGS} | {f"no{f.name}" for f in _OWN_FLAGS}
+  for arg in command_argv:
+    if arg.startswith("-") and arg.lstrip("-").split("=", 1)[0] in own:
+      raise ConfigError(f"{arg} comes after --, so it would go to the command, which does not take it: "
+                        "the launcher's flags go before --")
+  if not _TPU_NAME.fullmatch(_TPU.value):
+    raise ConfigError(f"--tpu={_TPU.value}: a TPU name is 1-63 lowercase letters, digits and hyphens, starting "
+                      "with a letter and not ending with a hyphen")
+  if _POLL_S.value <= 0:
+    raise ConfigError(f"--poll_s={_POLL_S.value} must be > 0 (seconds between looks at the slice)")
+
+
 def main(argv):
   signal.signal(signal.SIGTERM, _interrupt)
   options = supervisor.Options(
@@ -53,6 +74,7 @@ def main(argv):
       spot=_SPOT.value, queued_resources=_QUEUED.value, version=_VERSION.value, max_restarts=_MAX_RESTARTS.value,
       poll_s=_POLL_S.value, ship_working_tree=_SHIP_WORKING_TREE.value, python=_PYTHON.value, dry_run=_DRY_RUN.value)
   try:
+    _check(argv[1:])
     return supervisor.launch(options, argv[1:])
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)

@@ -42,7 +42,7 @@ class Accelerator:
 
 def parse(accelerator_type: str) -> Accelerator:
   """The Accelerator of a type name; ConfigError naming the accepted forms for anything else."""
-  match = re.fullmatch(r"(v2|v3|v4|v5p|v5litepod|v6e)-([0-9]+)", accelerator_type or "")
+  match = re.fullmatch(r"(v2|v3|v4|v5p|v5litepod|v6e)-([1-9][0-9]*)", accelerator_type or "")
   n = int(match.group(2)) if match else 0
   if match and match.group(1) in ("v5litepod", "v6e"):
     ok = n in _LITE_SIZES

@@ -77,6 +77,6 @@ def parse(argv: list[str]) -> Command:
 def workdir_warning(command: Command, hosts: int) -> str | None:
   """A one-line warning when a multi-host slice runs with a workdir that is not on object storage."""
   if hosts > 1 and command.workdir and not command.workdir.startswith("gs://"):
-    return (f"warning: --workdir={command.workdir} is not gs:// on a {hosts}-worker slice: the workers share no "
+    return (f"warning: --workdir={command.workdir} is not gs:// on a slice of {hosts} workers: the workers share no "
             "disk unless it is a mount on each (NFS, GCS FUSE)")
   return None

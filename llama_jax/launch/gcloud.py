@@ -33,7 +33,12 @@ ACTIVE = "ACTIVE"
 
 
 class GcloudError(RuntimeError):
-  """A gcloud command that failed: the command's subject and gcloud's first line of error."""
+  """A gcloud command that failed: the command's subject and gcloud's first line of error. `describe` is
+  True for a describe that failed otherwise than NOT_FOUND (no project, no credentials, a bad zone, ...)."""
+
+  def __init__(self, message: str, describe: bool = False):
+    super().__init__(message)
+    self.describe = describe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,10 +133,20 @@ def _not_found(result: Result) -> bool:
   return result.returncode != 0 and "NOT_FOUND" in result.stderr
 
 
-def error_line(text: str) -> str:
-  """gcloud's `ERROR: ...` line in its output, else the output's last non-empty line."""
+def error_line(text: str, max_chars: int = 400) -> str:
+  """gcloud's `ERROR: ...` message in its output as one line (with the lines that go on from it, where
+  gcloud often puts the cause: "Error parsing [tpu]." then "Failed to find attribute [project]..."), else
+  the output's last non-empty line; at most max_chars."""
   lines = [line.strip() for line in text.splitlines() if line.strip()]
-  return next((line for line in lines if line.startswith("ERROR:")), lines[-1] if lines else "no output")
+  start = next((i for i, line in enumerate(lines) if line.startswith("ERROR:")), None)
+  if start is None:
+    return lines[-1][:max_chars] if lines else "no output"
+  message = [lines[start]]
+  for line in lines[start + 1:]:
+    if line.startswith(("ERROR:", "WARNING:")):
+      break
+    message.append(line)
+  return " ".join(message)[:max_chars]
 
 
 def _failure(what: str, result: Result) -> GcloudError:
@@ -144,7 +159,7 @@ def describe_node(runner: Runner, where: Slice) -> Node | None:
   if _not_found(result):
     return None
   if result.returncode != 0:
-    raise _failure(f"describe {where.name}", result)
+    raise GcloudError(str(_failure(f"describe {where.name}", result)), describe=True)
   try:
     info = json.loads(result.stdout)
   except json.JSONDecodeError:
@@ -158,7 +173,7 @@ def describe_queued(runner: Runner, where: Slice) -> str | None:
   if _not_found(result):
     return None
   if result.returncode != 0:
-    raise _failure(f"describe queued resource {where.name}", result)
+    raise GcloudError(str(_failure(f"describe queued resource {where.name}", result)), describe=True)
   try:
     return json.loads(result.stdout)["state"]["state"]
   except (json.JSONDecodeError, KeyError, TypeError):

@@ -64,6 +64,10 @@ def default_repo_dir() -> str:
   return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _restarts(n: int) -> str:
+  return f"{n} restart" + ("" if n == 1 else "s")
+
+
 class _Stop(Exception):
   """An attempt that ends the launch: bad input found in a worker's output."""
 
@@ -138,6 +142,8 @@ class _Supervisor:
     self.where = gcloud.Slice(options.tpu, options.zone, options.project)
     self.version = options.version or accelerator.runtime_version
     self.lock = threading.Lock()
+    self.seen_ready = False  # until the slice is first READY, a failing describe is taken as bad input
+    self.copy_logs = bool(command.workdir)
 
   def say(self, line: str):
     with self.lock:
@@ -148,6 +154,12 @@ class _Supervisor:
       self.say(self.archive.note)
     self.say(f"worker logs in {self.local_dir}" + (f", copied to {self._remote_logs()}/" if self.command.workdir
                                                    else ""))
+    if self.copy_logs and paths.is_remote(self.command.workdir):
+      try:
+        paths.check_bucket(self.command.workdir, "--workdir")
+      except ConfigError as e:  # the workers may reach it with their own credentials: a warning, not a stop
+        self.copy_logs = False
+        self.say(f"warning: {e}: worker logs stay in {self.local_dir} only")
     restarts = 0
     try:
       while True:
@@ -157,16 +169,16 @@ class _Supervisor:
           self.say(f"bad input: {stop}")
           return 1
         if reason is None:
-          self.say(f"done after {restarts} restarts")
+          self.say(f"done after {_restarts(restarts)}")
           return 0
         if restarts >= self.options.max_restarts:
-          self.say(f"gave up after {restarts} restarts: {reason}")
+          self.say(f"gave up after {_restarts(restarts)}: {reason}")
           return 1
         restarts += 1
         self.say(f"relaunch {restarts} of at most {self.options.max_restarts}: {reason}")
     except KeyboardInterrupt:
       self._kill_leftovers()
-      self.say(f"interrupted after {restarts} restarts")
+      self.say(f"interrupted after {_restarts(restarts)}")
       return 130
 
   def _remote_logs(self) -> str:
@@ -177,6 +189,7 @@ class _Supervisor:
     try:
       workers = provision.ensure_ready(self.runner, self.where, self.accelerator, self.version, self.options.spot,
                                        self.options.queued_resources, self.options.poll_s, self.say)
+      self.seen_ready = True
       self.say(f"slice {self.where.name} READY with {workers} workers: copying the code")
       gcloud.check(self.runner, self.where.scp(self.archive.path, f"~/{ship.ARCHIVE}"), "copy to the workers")
       self.say("unpacking, installing the requirements (once per VM)")
@@ -189,6 +202,8 @@ class _Supervisor:
         raise gcloud.GcloudError(f"unpack and install on the workers: "
                                  f"{gcloud.error_line(setup.stderr + setup.stdout)} (exit status {setup.returncode})")
     except gcloud.GcloudError as e:
+      if e.describe and not self.seen_ready:  # no project, no credentials, a bad zone: no relaunch mends it
+        raise _Stop(f"gcloud cannot describe the slice: {e}") from None
       time.sleep(self.options.poll_s)  # the slice may be on its way out: look again later
       return str(e)
     self.say(f"attempt {k}: running {shlex.join([self.options.python, *self.command.args])} on {workers} workers")
@@ -213,7 +228,7 @@ class _Supervisor:
           raise _Stop(f"worker {i}: {line}")
       self._kill_leftovers(node)
       return reason
-    return f"{reason}; slice {node.state if node else 'deleted'}"
+    return f"slice {node.state if node else 'deleted'}; {reason}"
 
   def _describe(self) -> gcloud.Node | None:
     """The slice's Node (None: it is gone); state UNKNOWN when gcloud fails to say."""
@@ -233,7 +248,7 @@ class _Supervisor:
       self.say(f"could not end the leftovers on every worker: {gcloud.error_line(result.stderr + result.stdout)}")
 
   def _copy_logs(self, k: int, workers: int):
-    if not self.command.workdir:
+    if not self.copy_logs:
       return
     for i in range(workers):
       dst = paths.join(self._remote_logs(), f"attempt-{k}", f"worker-{i}.log")
@@ -286,6 +301,8 @@ class _Workers:
       if failed is not None:
         self.readers[failed[0]].join(_READER_JOIN_S)
         last = self.last_lines[failed[0]]
+        if failed[1] == 255:  # ssh's own status: the connection went (a preempted or lost VM), not the command
+          return failed[0], f"worker {failed[0]}'s ssh ended with status 255 (connection lost)"
         return failed[0], f"worker {failed[0]} exited with status {failed[1]}" + (f" ({last})" if last else "")
       if all(c == 0 for c in codes):
         return None
