@@ -129,7 +129,9 @@ def test_scp_and_ssh_on_every_worker(fake_pod, tmp_path):  # noqa: F811
     assert (fake_pod.home("pod-f", w) / "again.txt").read_text() == "shipped\n"
 
   show = ('echo "$JAX_PROCESS_ID $JAX_NUM_PROCESSES $JAX_COORDINATOR_ADDRESS $JAX_PLATFORMS $PIP_NO_INDEX '
-          '$(cat code.txt) $HOME $PWD"; python -c "import sys; print(sys.prefix)"')
+          '$(cat code.txt) $HOME $PWD"; python -c "import sys; sys.stdout.write(sys.prefix + chr(10))"')
+  # each line one write: the workers share gcloud's stdout, and print() unbuffered (PYTHONUNBUFFERED) writes
+  # a line's text and its newline apart, so two workers' lines could interleave
   out = fake_pod.gcloud(*TPU_VM, "ssh", "pod-f", ZONE, "--worker=all", f"--command={show}",
                         "--strict-host-key-checking=no")
   assert out.returncode == 0, out.stderr
@@ -140,7 +142,7 @@ def test_scp_and_ssh_on_every_worker(fake_pod, tmp_path):  # noqa: F811
     home = str(fake_pod.home("pod-f", int(line[0])))
     assert line[1:] == ["4", lines[0][2], "cpu", "1", "shipped", home, home]
   # each worker's python: the image's packages, in a prefix of the worker's own
-  assert sorted(line for line in out.stdout.splitlines() if line and " " not in line) == [
+  assert sorted(line for line in out.stdout.splitlines() if " " not in line) == [
       str(fake_pod.home("pod-f", w).parent) for w in range(4)]
   assert "Attempting to SSH into 1 nodes with a total of 4 workers." in out.stderr
 
