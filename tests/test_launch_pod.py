@@ -36,8 +36,8 @@ def test_a_twice_preempted_run_ends_like_a_straight_run(fake_pod, gcs_bucket, st
        *[f"--config.{k}={v}" for k, v in _flat(config).items()]],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   rng = np.random.default_rng()
-  at = [int(rng.integers(3, 20))]
-  at.append(at[0] + int(rng.integers(6, 30)))  # after the resumed run has passed the first
+  at = [int(rng.integers(3, 12))]
+  at.append(at[0] + int(rng.integers(6, 14)))  # after the resumed run has passed the first; before step 30
   lines, preempted = [], 0
   try:
     for line in launcher.stdout:
