@@ -153,31 +153,41 @@ def _failure(what: str, result: Result) -> GcloudError:
   return GcloudError(f"{what}: {error_line(result.stderr + result.stdout)} (exit status {result.returncode})")
 
 
-def describe_node(runner: Runner, where: Slice) -> Node | None:
-  """The slice's Node, or None when it does not exist; GcloudError when gcloud fails otherwise."""
-  result = runner.run(where.describe())
+def _described(runner: Runner, argv: list[str], what: str) -> dict | None:
+  """The JSON a describe prints, or None when gcloud says NOT_FOUND; GcloudError (describe=True) when it fails
+  otherwise, GcloudError when it prints no JSON object."""
+  result = runner.run(argv)
   if _not_found(result):
     return None
   if result.returncode != 0:
-    raise GcloudError(str(_failure(f"describe {where.name}", result)), describe=True)
+    raise GcloudError(str(_failure(what, result)), describe=True)
   try:
     info = json.loads(result.stdout)
   except json.JSONDecodeError:
-    raise GcloudError(f"describe {where.name}: not JSON: {result.stdout[:200]!r}") from None
+    info = None
+  if not isinstance(info, dict):
+    raise GcloudError(f"{what}: not a JSON object: {result.stdout[:200]!r}")
+  return info
+
+
+def describe_node(runner: Runner, where: Slice) -> Node | None:
+  """The slice's Node, or None when it does not exist; GcloudError when gcloud fails otherwise."""
+  info = _described(runner, where.describe(), f"describe {where.name}")
+  if info is None:
+    return None
   return Node(info.get("state", "UNKNOWN"), info.get("acceleratorType", ""), len(info.get("networkEndpoints") or []))
 
 
 def describe_queued(runner: Runner, where: Slice) -> str | None:
   """The queued resource's state (`ACTIVE`, `WAITING_FOR_RESOURCES`, ...), or None when it does not exist."""
-  result = runner.run(where.queued_describe())
-  if _not_found(result):
+  what = f"describe queued resource {where.name}"
+  info = _described(runner, where.queued_describe(), what)
+  if info is None:
     return None
-  if result.returncode != 0:
-    raise GcloudError(str(_failure(f"describe queued resource {where.name}", result)), describe=True)
   try:
-    return json.loads(result.stdout)["state"]["state"]
-  except (json.JSONDecodeError, KeyError, TypeError):
-    raise GcloudError(f"describe queued resource {where.name}: no state in {result.stdout[:200]!r}") from None
+    return info["state"]["state"]
+  except (KeyError, TypeError):
+    raise GcloudError(f"{what}: no state in {json.dumps(info)[:200]!r}") from None
 
 
 def check(runner: Runner, argv: list[str], what: str) -> Result:

@@ -99,7 +99,7 @@ def launch(options: Options, command_argv: list[str], runner: gcloud.Runner | No
     out.flush()
     return 0
   local_dir = tempfile.mkdtemp(prefix=f"llama_jax-launch-{options.tpu}-")
-  archive = ship.make_archive(repo_dir, os.path.join(local_dir, ship.ARCHIVE), options.ship_working_tree)
+  archive = ship.make_archive(repo_dir, paths.join(local_dir, ship.ARCHIVE), options.ship_working_tree)
   return _Supervisor(options, accelerator, command, archive, local_dir, runner or gcloud.Runner(), out).run()
 
 
@@ -260,7 +260,7 @@ class _Supervisor:
         return
 
   def _log_path(self, k: int, i: int) -> str:
-    return os.path.join(self.local_dir, f"attempt-{k}", f"worker-{i}.log")
+    return paths.join(self.local_dir, f"attempt-{k}", f"worker-{i}.log")
 
 
 class _Workers:
@@ -268,7 +268,7 @@ class _Workers:
 
   def __init__(self, supervisor: _Supervisor, k: int, workers: int):
     self.supervisor = supervisor
-    os.makedirs(os.path.dirname(supervisor._log_path(k, 0)), exist_ok=True)
+    paths.makedirs(paths.parent(supervisor._log_path(k, 0)))
     self.last_lines = [""] * workers
     self.procs, self.readers = [], []
     for i in range(workers):
