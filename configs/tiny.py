@@ -19,6 +19,8 @@ def get_config():
   c = ml_collections.ConfigDict()
   c.seed = 0  # parameter initialisation
   c.init_from = ""  # WORKDIR[:STEP]: start from that run's params (fresh optimizer, step 0); "": random
+  c.init_from_state = False  # with init_from: also take its optimizer state, step and data position
+  #   (a branch of that run, e.g. a WSD cool-down from a stable-phase checkpoint)
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = 1024  # must equal the tokenizer's vocabulary
@@ -69,21 +71,28 @@ def get_config():
   #   that divides it. 0: the process count at the run's start, or on resume the checkpoint's (llama_jax/data.py)
 
   c.optim = ml_collections.ConfigDict()
+  c.optim.optimizer = "adamw"  # "adamw", "adafactor", "lion" or "muon" (llama_jax/optim.py)
   c.optim.learning_rate = 4e-3  # peak learning rate
   c.optim.warmup_steps = 200  # linear warmup from 0
-  c.optim.min_lr_ratio = 0.1  # cosine decays to learning_rate * min_lr_ratio at train.steps
-  c.optim.b1 = 0.9  # AdamW
-  c.optim.b2 = 0.95
+  c.optim.schedule = "cosine"  # after warmup: "cosine", "wsd" (warmup-stable-decay), "linear" or "constant"
+  c.optim.min_lr_ratio = 0.1  # cosine, linear and wsd decay to learning_rate * min_lr_ratio at train.steps
+  c.optim.decay_fraction = 0.2  # wsd: the last this-fraction of train.steps decays (the rest is stable)
+  c.optim.decay_shape = "linear"  # wsd: the decay's shape, "linear", "cosine" or "1-sqrt"
+  c.optim.b1 = 0.9  # AdamW, Lion and Muon's first moment
+  c.optim.b2 = 0.95  # AdamW and Lion's second
   c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.1  # not applied to norms and the embedding
+  c.optim.weight_decay = 0.1  # decoupled weight decay, not applied to the groups of optim.decay_mask
+  c.optim.decay_mask = ("norms", "embedding")  # parameter groups without weight decay: "norms",
+  #   "embedding", "lm_head" (an untied head)
   c.optim.grad_clip = 1.0  # global-norm clipping
+  c.optim.z_loss = 0.0  # coefficient of the auxiliary z-loss, mean log(Z)^2 over targets (0: off)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1800  # total optimizer steps
   c.train.grad_accum_steps = 1  # micro-batches per step (data.batch_size must divide evenly)
   c.train.loss_chunk_size = 0  # positions whose logits exist at once in the loss (0: all T)
   c.train.log_every = 100  # steps between log lines / metrics.jsonl train events
-  c.train.eval_every = 0  # steps between held-out evaluations (0: only at the end)
+  c.train.eval_every = 300  # steps between held-out evaluations (0: only at the end)
   c.train.checkpoint_every = 500  # steps between checkpoints (and one at the end, and on SIGTERM)
   c.train.checkpoint_every_minutes = 0.0  # also save when this many minutes have passed (0: off)
   c.train.keep_checkpoints = 3  # newest checkpoints kept
@@ -92,6 +101,15 @@ def get_config():
   c.train.storage_retries = 6  # tensorstore's retries of a failed checkpoint request on gs:// (~1 min; checkpoint.py)
   c.train.skip_nonfinite_steps = 0  # skip up to this many non-finite updates in a row (0: stop at the first)
   c.train.allow_config_change = False  # resume even if the model, data order or seeds changed
+  c.train.profile_steps = ()  # (first, last): a jax.profiler trace of these steps in WORKDIR/profile (): none
+
+  c.metrics = ml_collections.ConfigDict()
+  c.metrics.trackers = ("jsonl", "tensorboard")  # where metrics go: "jsonl" (metrics.jsonl, always),
+  #   "tensorboard", "wandb" (Weights & Biases, process 0)
+  c.metrics.wandb_project = "llama_jax"
+  c.metrics.wandb_entity = ""  # "": the W&B account's default
+  c.metrics.wandb_name = ""  # the run's display name ("": the workdir's name)
+  c.metrics.wandb_mode = "online"  # "online", or "offline": files under WORKDIR/wandb for `wandb sync` later
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # data-parallel replicas

@@ -128,6 +128,8 @@ _RANGES = (
     ("optim.eps", _REAL, 0, None, True),
     ("optim.weight_decay", _REAL, 0, None, False),
     ("optim.grad_clip", _REAL, 0, None, True),
+    ("optim.decay_fraction", _REAL, 0, 1, False),
+    ("optim.z_loss", _REAL, 0, None, False),
     ("train.steps", _INT, 1, None, False),
     ("train.grad_accum_steps", _INT, 1, None, False),
     ("train.loss_chunk_size", _INT, 0, None, False),
@@ -341,7 +343,7 @@ def changed_on_resume(saved: ml_collections.ConfigDict, config: ml_collections.C
 # Keys added to the config after checkpoints were first written, with the values that keep an
 # older checkpoint's run as it was (eval.py and generation read a checkpoint's own config).
 _ADDED_KEYS = {
-    "init_from": "",
+    "init_from": "", "init_from_state": False,
     "data.format": "text", "data.prompt_field": "prompt", "data.response_field": "response",
     "data.sft_overlong": "truncate_prompt", "data.tfds_data_dir": "", "data.skip_bad_documents": False,
     "data.tokenizer_sample_bytes": 100_000_000, "data.shuffle_window": 0, "data.pack_bins": 64,
@@ -353,6 +355,11 @@ _ADDED_KEYS = {
     "data.eval_corpora": {},
     "eval.tasks": (), "eval.harness_every": 0, "eval.harness_limit": 0, "eval.num_fewshot": None,
     "eval.include_path": "", "eval.harness_batch_size": 8,
+    "optim.optimizer": "adamw", "optim.schedule": "cosine", "optim.decay_fraction": 0.2,
+    "optim.decay_shape": "linear", "optim.decay_mask": ("norms", "embedding"), "optim.z_loss": 0.0,
+    "train.profile_steps": (),
+    "metrics.trackers": ("jsonl", "tensorboard"), "metrics.wandb_project": "llama_jax",
+    "metrics.wandb_entity": "", "metrics.wandb_name": "", "metrics.wandb_mode": "online",
 }
 # Values an older checkpoint's config may hold, and what they are called now: its two attention
 # paths computed what the xla kernel computes.
