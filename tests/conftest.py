@@ -135,6 +135,36 @@ class ByteTokenizer:
     return bytes(int(i) - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
 
 
+# `make test` runs the suite on 2 pytest-xdist workers (--dist loadgroup): each test module is one unit of
+# work, so its module fixtures are made once. The modules whose tests run several jax processes that talk
+# to each other form one unit, so that two such tests never run at once: a process whose peers are slowed
+# by other processes past gloo's fixed 30 s wait for them fails (jaxlib's CPU collectives take no timeout).
+# That unit also makes the straight two-process run that test_faults and test_launch_pod share
+# (conftest.straight_two_process_run) once. Units start longest first (a worker that gets a long unit last
+# finishes long after the other): these, in this order, then the rest as collected.
+_MULTI_PROCESS = "multi_process"
+_UNITS = {m: _MULTI_PROCESS for m in ("test_faults", "test_launch_pod", "test_multiprocess", "test_fake_pod",
+                                     "test_harness_lm")}
+_LONGEST_FIRST = (_MULTI_PROCESS, "test_convert_cli", "test_train", "test_plan", "test_aot", "test_gcs_faults",
+                  "test_eval_sets", "test_bench", "test_sft", "test_sharding", "test_data", "test_gcs_data",
+                  "test_data_shards")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+  def unit(item):
+    module = item.module.__name__.rpartition(".")[2]
+    return _UNITS.get(module, module)
+
+  def rank(item):
+    name = unit(item)
+    return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
+
+  for item in items:
+    item.add_marker(pytest.mark.xdist_group(unit(item)))
+  items.sort(key=rank)  # stable: the order within a unit and among the rest is the collection's
+
+
 def pytest_terminal_summary(terminalreporter):
   """Skipped tests are named in the last lines, never passed over in silence."""
   skipped = terminalreporter.stats.get("skipped", [])
