@@ -4,6 +4,7 @@ fraction of the roof; optionally the input pipeline beside it, and a Hugging Fac
   python -m llama_jax.bench --config configs/tiny.py [--steps 20] [--config.model.dtype=bfloat16]
   python -m llama_jax.bench --config configs/peer_tiny.py --data [--workdir runs/peer_tiny]
   python -m llama_jax.bench --config configs/peer_tiny.py --peer hf [--steps 20] [--rounds 3]
+  python -m llama_jax.bench --config configs/tiny.py --profile DIR
 
 Step times are the median of --steps timed steps after two warm-up steps, each step waited for.
 Model FLOPs per token are 6 * N_matmul + 6 * L * T * D (llama_jax/flops.py); the roof is the
@@ -19,6 +20,11 @@ writes to --workdir, which may be local or `gs://` (run_setup.prepare_tokenizer)
 cores) and times its train step (forward with labels, backward, clipping, AdamW) on the same
 tokens, alternating --rounds rounds of --steps steps each: ours, then HF's. Needs the test
 requirements (torch, transformers).
+
+--profile DIR (local or `gs://`) traces the timed steps, every round (HF's too with --peer), with
+jax.profiler into DIR/plugins/profile/<time>/ (llama_jax/profiler.py). Each of our steps is
+annotated "train" with its number in this process: the two warm-up steps are 1 and 2, the timed
+ones follow. Tracing costs host time: the step times printed beside a trace are slower than without.
 
 The config is checked as train.py checks it (config_lib.check_config) before anything compiles;
 --rounds and --hf_attention without --peer, and --data_batches and --workdir without --data, are
@@ -38,6 +44,7 @@ from llama_jax import config_lib
 from llama_jax import data as data_lib
 from llama_jax import entry
 from llama_jax import flops
+from llama_jax import profiler
 from llama_jax import run_setup
 from llama_jax.errors import ConfigError
 
@@ -51,6 +58,8 @@ _HF_ATTENTION = flags.DEFINE_enum("hf_attention", "eager", ["eager", "sdpa"],
                                   "equally fast on peer-tiny on a 2-core CPU).")
 _DATA = flags.DEFINE_bool("data", False, "Also time the input pipeline alone.")
 _DATA_BATCHES = flags.DEFINE_integer("data_batches", 200, "Batches the pipeline is timed on.", lower_bound=1)
+_PROFILE = flags.DEFINE_string("profile", None, "Trace the timed steps with jax.profiler into this directory "
+                               "(local or gs://; view with xprof --logdir DIR).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "With --data: a run's workdir (local or gs://), for (or to "
                                "receive) its tokenizer.model (default: a local temporary directory).")
 flags.mark_flags_as_required(["config"])
@@ -74,10 +83,11 @@ def compile_train_step(config, windows):
     start = time.perf_counter()
     compiled = setup.jit_train_step().lower(state, batch).compile()
     compile_s = time.perf_counter() - start
-  current = {"state": state}  # the state is donated: each step replaces it
+  current = {"state": state, "steps": 0}  # the state is donated: each step replaces it
 
   def step():
-    with jax.set_mesh(setup.mesh):
+    current["steps"] += 1
+    with jax.set_mesh(setup.mesh), jax.profiler.StepTraceAnnotation("train", step_num=current["steps"]):
       current["state"], metrics = compiled(current["state"], batch)
       jax.block_until_ready(metrics)
 
@@ -131,16 +141,23 @@ def time_steps(step, n: int) -> list[float]:
   return times
 
 
-def time_rounds(step, peer_step, steps: int, rounds: int) -> tuple[list[float], list[float]]:
+def time_rounds(step, peer_step, steps: int, rounds: int, trace: profiler.Trace | None = None
+                ) -> tuple[list[float], list[float]]:
   """Step seconds of ours and of the peer (if any) after warm-up, in alternating rounds so that a
-  busy moment of the machine hits both."""
+  busy moment of the machine hits both; the timed rounds inside `trace` if given."""
   steps_to_time = [s for s in (step, peer_step) if s]
   for s in steps_to_time:
     time_steps(s, WARMUP_STEPS)
   times = [[], []]
-  for _ in range(rounds):
-    for i, s in enumerate(steps_to_time):
-      times[i] += time_steps(s, steps)
+  if trace:
+    trace.start()
+  try:
+    for _ in range(rounds):
+      for i, s in enumerate(steps_to_time):
+        times[i] += time_steps(s, steps)
+  finally:
+    if trace:
+      trace.stop()
   return times[0], times[1]
 
 
@@ -181,6 +198,8 @@ def check_flags(config):
       raise ConfigError(f"--{flag} is only read with --{needs}")
   if _WORKDIR.value:
     config_lib.check_workdir(_WORKDIR.value)
+  if _PROFILE.value:
+    profiler.check_trace_dir(_PROFILE.value, "--profile")
 
 
 def main(argv):
@@ -193,7 +212,8 @@ def main(argv):
     windows = random_windows(config)
     peer = hf_train_step(config, windows, _HF_ATTENTION.value) if _PEER.value else None  # a missing torch: now
     setup, step, compile_s = compile_train_step(config, windows)
-    ours_s, peer_s = time_rounds(step, peer and peer[1], _STEPS.value, _ROUNDS.value if peer else 1)
+    trace = profiler.Trace(_PROFILE.value) if _PROFILE.value else None
+    ours_s, peer_s = time_rounds(step, peer and peer[1], _STEPS.value, _ROUNDS.value if peer else 1, trace)
 
     step_s = float(np.median(ours_s))
     tokens_per_sec = B * T / step_s
@@ -214,6 +234,8 @@ def main(argv):
     print(f"of the roof  {fraction} (model FLOPs); {fraction} counting matmul FLOPs only: the same number, "
           "as the formula counts nothing but matmuls")
     print(f"peak memory  {'n/a (not reported by this backend)' if memory is None else f'{memory / 2**20:,.0f} MiB'}")
+    if trace:
+      print(f"profile      {trace.describe()}")
 
     if peer:
       peer_step_s = float(np.median(peer_s))

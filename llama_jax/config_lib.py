@@ -13,8 +13,11 @@ import ml_collections
 from llama_jax import attention as attention_lib
 from llama_jax import config_file
 from llama_jax import model as model_lib
+from llama_jax import optim
 from llama_jax import paths
+from llama_jax import profiler
 from llama_jax import tokenizer as tok_lib
+from llama_jax import trackers
 from llama_jax.errors import ConfigError
 
 # The compute dtypes a run may take (model.dtype, the --dtype flags).
@@ -222,6 +225,12 @@ def check_config(config: ml_collections.ConfigDict, tokenizer: bool = True):
     raise ConfigError(f"config.model.dtype={llama.dtype!r} is not one of {list(COMPUTE_DTYPES)}")
   eval_set_specs(config.data)
   eval_tasks(config.eval)
+  if config.init_from_state and not config.init_from:
+    raise ConfigError("config.init_from_state=True needs config.init_from=WORKDIR[:STEP] (the run whose "
+                      "train state it takes)")
+  optim.check_config(config)
+  profiler.check_profile_steps(config.train)
+  trackers.check_trackers(config.metrics)
   return llama
 
 

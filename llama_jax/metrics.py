@@ -1,30 +1,23 @@
-"""Where metrics go: WORKDIR/metrics.jsonl (one JSON object per event, each with "step"),
-TensorBoard event files under WORKDIR/tensorboard, and a log line. Only process 0 writes.
+"""Where metrics go: WORKDIR/metrics.jsonl (one JSON object per event, each with "step"), the
+trackers of config.metrics.trackers besides it (trackers.py: TensorBoard event files under
+WORKDIR/tensorboard, a Weights & Biases run), and a log line. Only process 0 writes.
 
 Non-finite values (an infinite perplexity, a NaN throughput) are kept, not dropped or clipped:
 JSON has no numbers for them (Python's `Infinity`/`NaN` are not JSON and strict parsers refuse
 them), so metrics.jsonl and eval_<step>.json write them as the strings "inf", "-inf" and "nan"
-(`dumps`), which `number` and `float()` read back; TensorBoard gets the float itself.
+(`dumps`), which `number` and `float()` read back; TensorBoard and W&B get the float itself.
 
 A workdir on object storage (`gs://`) has no append, and an object there takes about one update a
 second, so MetricWriter keeps the events in memory and sends them together (`flush`): once
 `flush_secs` have passed since the last upload (checked at each event), when the trainer saves a
 checkpoint, and at the end of the run. metrics.jsonl grows by paths.append (a compose: only the
-new lines travel), and so does the run's TensorBoard event file,
-WORKDIR/tensorboard/events.out.tfevents.<time>.<host>: its records (tensorboardX's Event protos
-in TFRecord framing, as its SummaryWriter writes them to a local file) are made here and appended
-whole, so TensorBoard reads complete records there at any moment. tensorboardX's own `gs://`
-writer was not taken: it uploads the whole event file again on every flush (traffic growing with
-the run's length) through google-cloud-storage's Client, and its SummaryWriter writes from a
-queue in a thread of its own, so that no flush of ours could say which events are in. A process
-that dies without a word (SIGKILL, a lost machine) loses the events since the last flush; those
-after its last checkpoint are logged again by the resumed run.
+new lines travel), and so does the TensorBoard event file (trackers.TensorBoard). A process that
+dies without a word (SIGKILL, a lost machine) loses the events since the last flush; those after
+its last checkpoint are logged again by the resumed run.
 """
 
 import json
 import math
-import socket
-import struct
 import sys
 import time
 
@@ -33,10 +26,13 @@ import numpy as np
 
 from llama_jax import errors
 from llama_jax import paths
+from llama_jax import trackers as trackers_lib
 from llama_jax.errors import ConfigError
 
 # Seconds between uploads of the metrics of a workdir on object storage (see the module docstring).
 FLUSH_SECS = 10.0
+# The trackers of a MetricWriter made without a config (configs/tiny.py's default).
+DEFAULT_TRACKERS = ("jsonl", "tensorboard")
 
 
 class MetricsError(ConfigError):
@@ -44,40 +40,56 @@ class MetricsError(ConfigError):
 
 
 class MetricWriter:
+  """metrics.jsonl and the trackers of `config.metrics.trackers` (DEFAULT_TRACKERS without a config)
+  behind one set of calls; on processes other than 0 every call does nothing.
 
-  def __init__(self, workdir: str, flush_secs: float = FLUSH_SECS):
+  Args:
+    config: the run's config: config.metrics picks the trackers (checked by
+      trackers.check_trackers, through config_lib.check_config); W&B logs all of it.
+  Raises trackers.TrackerError when W&B cannot start (metrics.jsonl is closed again first).
+  """
+
+  def __init__(self, workdir: str, config=None, flush_secs: float = FLUSH_SECS):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
+    names = DEFAULT_TRACKERS if config is None else tuple(config.metrics.trackers)
     self._remote = paths.is_remote(workdir)
     self._jsonl_path = metrics_path(workdir)
+    self._flush_secs, self._flushed_at, self._failed = flush_secs, time.monotonic(), False
+    self._trackers = []
     if self._remote:
       self._lines = []  # events not yet appended to metrics.jsonl
-      self._tb = _TensorBoardRecords()
-      self._tb_path = paths.join(workdir, "tensorboard",
-                                 f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}")
-      self._flush_secs, self._flushed_at, self._failed = flush_secs, time.monotonic(), False
     else:
-      from tensorboardX import SummaryWriter  # imported here: processes > 0 never need it
       self._jsonl = paths.open(self._jsonl_path, "a")
-      self._tb = SummaryWriter(paths.join(workdir, "tensorboard"))
+    try:
+      if "tensorboard" in names:
+        self._trackers.append(trackers_lib.TensorBoard(workdir))
+      if "wandb" in names:
+        run = trackers_lib.Wandb(workdir, config)
+        self._trackers.append(run)
+        log(run.describe())
+    except BaseException:
+      self.close(failed=True)
+      raise
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _to_python(v) for k, v in metrics.items()}}
     self._add_line(dumps(record))
-    for k, v in record.items():
-      if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-        self._tb.add_scalar(k, v, step)
+    values = {k: v for k, v in record.items() if k != "step"}
+    for tracker in self._trackers:
+      tracker.write(step, values)
     self._written()
 
   def write_text(self, step: int, tag: str, text: str):
-    """A text (a sample) as {"step", tag: text} in metrics.jsonl and under `tag` in TensorBoard."""
+    """A text (a sample) as {"step", tag: text} in metrics.jsonl and under `tag` in each tracker."""
     if not self.enabled:
       return
     self._add_line(dumps({"step": int(step), tag: text}))
-    self._tb.add_text(tag, text, step)
+    for tracker in self._trackers:
+      tracker.write_text(step, tag, text)
     self._written()
 
   def _add_line(self, line: str):
@@ -88,9 +100,7 @@ class MetricWriter:
       self._jsonl.flush()
 
   def _written(self):
-    if not self._remote:
-      self._tb.flush()
-    elif time.monotonic() - self._flushed_at >= self._flush_secs:
+    if self._remote and time.monotonic() - self._flushed_at >= self._flush_secs:
       self.flush()
 
   def flush(self):
@@ -104,56 +114,30 @@ class MetricWriter:
       if self._lines:
         paths.append(path, "".join(self._lines))
         self._lines = []
-      path = self._tb_path
-      records = self._tb.take()
-      if records:
-        paths.append(path, records)
+      for tracker in self._trackers:
+        path = tracker.path
+        tracker.flush()
     except Exception as e:  # noqa: BLE001  (gcsfs and aiohttp raise many kinds)
       self._failed = True
       reason = errors.first_line(e)
       raise MetricsError(f"writing {path} failed: {reason}") from e
     self._flushed_at = time.monotonic()
 
-  def close(self):
-    """Sends what is left (object storage), or closes the files."""
+  def close(self, failed: bool = False):
+    """Sends what is left (object storage), or closes metrics.jsonl, and closes every tracker (a W&B
+    run ends as failed when `failed`: the run stopped on an error), whatever fails; then raises the
+    first failure."""
     if not self.enabled:
       return
-    if self._remote:
-      self.flush()
-    else:
-      self._jsonl.close()
-      self._tb.close()
-
-
-class _TensorBoardRecords:
-  """TensorBoard events kept in memory as the bytes of an event file: the records tensorboardX's
-  SummaryWriter writes (its summary protos; a length, the data and their masked CRC32Cs, little-endian),
-  starting with the file-version event that opens each file."""
-
-  def __init__(self):
-    from tensorboardX.proto import event_pb2  # noqa: PLC0415  (imported here: processes > 0 never need it)
-    self._event = event_pb2.Event
-    self._pending = bytearray()
-    self._add(self._event(wall_time=time.time(), file_version="brain.Event:2"))
-
-  def add_scalar(self, tag: str, value: float, step: int):
-    from tensorboardX import summary  # noqa: PLC0415
-    self._add(self._event(wall_time=time.time(), step=int(step), summary=summary.scalar(tag, value)))
-
-  def add_text(self, tag: str, text: str, step: int):
-    from tensorboardX import summary  # noqa: PLC0415
-    self._add(self._event(wall_time=time.time(), step=int(step), summary=summary.text(tag, text)))
-
-  def _add(self, event):
-    from tensorboardX.record_writer import masked_crc32c  # noqa: PLC0415
-    data = event.SerializeToString()
-    header = struct.pack("<Q", len(data))
-    self._pending += header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
-
-  def take(self) -> bytes:
-    """The records added since the last take."""
-    records, self._pending = bytes(self._pending), bytearray()
-    return records
+    first = None
+    for close in [self.flush if self._remote else self._jsonl.close,
+                  *[lambda t=t: t.close(failed) for t in self._trackers]]:
+      try:
+        close()
+      except BaseException as e:  # noqa: BLE001  (raised below, once all are closed)
+        first = first or e
+    if first is not None:
+      raise first
 
 
 def _to_python(v):

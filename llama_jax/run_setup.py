@@ -6,6 +6,7 @@ Training (trainer.py), evaluation (evaluate.py), generation, the benchmark, AOT 
 HF conversion all start here; this module imports none of them.
 """
 
+import functools
 import json
 import time
 
@@ -157,7 +158,7 @@ class Setup:
   def jit_train_step(self):
     t = self.config.train
     step = step_lib.make_train_step(self.graphdef, self.tx, self.schedule, t.grad_accum_steps, t.loss_chunk_size,
-                                    t.skip_nonfinite_steps)
+                                    t.skip_nonfinite_steps, self.config.optim.z_loss)
     return jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
                    out_shardings=(self.state_sharding, None), donate_argnums=0)
 
@@ -238,9 +239,16 @@ def parse_init_from(init_from: str) -> tuple[str, int | None]:
   return init_from, None
 
 
+# The keys that shape the optimizer state (optim.make_optimizer): a train state taken over with
+# config.init_from_state needs the values it was made with.
+_OPT_STATE_KEYS = ("optim.optimizer", "train.skip_nonfinite_steps")
+
+
 def check_init_from(config) -> tuple[str, int]:
   """(workdir, step) of config.init_from after checking, before anything compiles, that it holds a
-  checkpoint of the architecture this config builds."""
+  checkpoint of the architecture this config builds and a tokenizer; with config.init_from_state,
+  also that the checkpoint holds a data position (not an HF import) and was made with this config's
+  _OPT_STATE_KEYS. Raises ConfigError naming config.init_from (and the key) otherwise."""
   workdir, step = parse_init_from(config.init_from)
   name = f"config.init_from={config.init_from}"
   if not paths.isdir(ckpt_lib.checkpoint_dir(workdir)):
@@ -257,13 +265,30 @@ def check_init_from(config) -> tuple[str, int]:
       step = max(steps)
     if step not in steps:
       raise config_lib.ConfigError(f"{name}: no checkpoint {'saved yet' if step is None else step} (have {steps})")
-    changes = config_lib.model_changes(checkpointer.restore_config(step), config)
+    saved = checkpointer.restore_config(step)
+    has_data = checkpointer.has_data(step)
   finally:
     checkpointer.close()
+  changes = config_lib.model_changes(saved, config)
   if changes:
     raise config_lib.ConfigError(f"{name}: its model differs from config.model: {'; '.join(changes)}")
   if not paths.isfile(tokenizer_path(workdir)):
     raise config_lib.ConfigError(f"{name}: no tokenizer.model in {workdir}")
+  if config.init_from_state:
+    if not has_data:
+      raise config_lib.ConfigError(f"{name}: checkpoint {step} holds no data position (an HF import?): "
+                                   "config.init_from_state=True has no run to continue (False: start from its params)")
+    saved = config_lib.with_added_keys(saved)
+    value = lambda c, key: functools.reduce(lambda node, k: node[k], key.split("."), c)
+    changed = [f"{k}: {value(saved, k)!r} -> {value(config, k)!r}" for k in _OPT_STATE_KEYS
+               if value(saved, k) != value(config, k)]
+    if changed:
+      raise config_lib.ConfigError(f"{name} with config.init_from_state=True: its optimizer state is of another "
+                                   f"optimizer ({'; '.join(changed)}); keep the same, or init_from_state=False "
+                                   "for a fresh optimizer state")
+    if config.train.steps <= step:
+      raise config_lib.ConfigError(f"{name} with config.init_from_state=True: config.train.steps="
+                                   f"{config.train.steps} does not go past its step {step}")
   return workdir, step
 
 

@@ -179,12 +179,18 @@ def param_shardings(mesh, abstract_model):
 
 
 def state_shardings(mesh, abstract_state, params_sharding, tx):
-  """Shardings of the train state: optimizer moments follow their params, the rest is replicated."""
+  """Shardings of the train state: optimizer moments follow their params, the rest is replicated
+  (so is a moment shaped unlike its param: adafactor's factored row and column statistics). A param
+  that a branch of optax.partition (muon) does not hold is a MaskedNode in its state, and stays one."""
   replicated = jax.sharding.NamedSharding(mesh, P())
+
+  def moment(a, s, p):
+    return a if isinstance(a, optax.MaskedNode) else s if a.shape == p.shape else replicated
+
   opt_sharding = optax.tree_map_params(
-      tx, lambda _, s: s, abstract_state["opt_state"], params_sharding,
+      tx, moment, abstract_state["opt_state"], params_sharding, abstract_state["params"],
       transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+      is_leaf=lambda x: isinstance(x, (jax.sharding.NamedSharding, optax.MaskedNode)))
   return {"step": replicated, "params": params_sharding, "opt_state": opt_sharding}
 
 

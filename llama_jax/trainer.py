@@ -24,6 +24,7 @@ from llama_jax import metrics as metrics_lib
 from llama_jax import model as model_lib
 from llama_jax import paths
 from llama_jax import preemption
+from llama_jax import profiler
 from llama_jax import run_setup
 from llama_jax import sharding as sh
 from llama_jax.errors import StopRun
@@ -39,6 +40,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   Held-out sets are scored every train.eval_every steps and at the end; config.eval.tasks (lm-eval,
   checked before anything compiles) every eval.harness_every steps and at the end, on the live params,
   written to metrics.jsonl and TensorBoard as "<task>/<metric>" at that step.
+
+  A new run with config.init_from and config.init_from_state continues that checkpoint's run in
+  `workdir`: its params, optimizer state, step and data position (a branched WSD cool-down, README);
+  train.steps and optim may differ, the model, seed and data stream may not (ConfigError).
 
   A new run (no checkpoints in `workdir`) stopped by an error before its first step, e.g. a ConfigError
   about its data, tokenizer or sample prompt, or SIGTERM / Ctrl-C (while a tokenizer is trained, say),
@@ -60,15 +65,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     llama = config_lib.check_config(config)
     data_lib.check_data_config(config.data)
     resuming = ckpt_lib.has_checkpoints(workdir)
+    # init_from seeds a new run only: a workdir with checkpoints of its own resumes from them, even
+    # where the run it started from has moved away.
+    init_from = run_setup.check_init_from(config) if config.init_from and not resuming else None
     # Before the mesh: a process count that cannot read the checkpoint's stream is named as such.
-    shards = data_lib.data_shards(config.data, jax.process_count(), *_newest_stream(workdir, resuming))
+    saved_stream = (_init_from_stream(init_from) if init_from and config.init_from_state
+                    else _newest_stream(workdir, resuming))
+    shards = data_lib.data_shards(config.data, jax.process_count(), *saved_stream)
     eval_lib.check_tasks(config_lib.eval_tasks(config.eval), config.eval.include_path, config.eval.num_fewshot,
                          config.eval.harness_limit or None)  # 0: every document
     setup = run_setup.Setup(config, devices)
     run_setup.check_batch(config, setup.mesh)
-    # init_from seeds a new run only: a workdir with checkpoints of its own resumes from them, even
-    # where the run it started from has moved away.
-    init_from = run_setup.check_init_from(config) if config.init_from and not resuming else None
     if not config.init_from and config.data.format == "sft":
       metrics_lib.log("warning: fine-tuning from random weights (config.init_from is empty)")
     before = set(paths.listdir(workdir)) if paths.isdir(workdir) else None
@@ -112,6 +119,16 @@ def _newest_stream(workdir: str, resuming: bool) -> tuple[dict | None, int | Non
   return (found[1], found[0]) if found else (None, None)
 
 
+def _init_from_stream(init_from: tuple[str, int]) -> tuple[dict, int]:
+  """(stream definition, step) of config.init_from's checkpoint (run_setup.check_init_from's (workdir,
+  step)), whose stream a run with config.init_from_state continues."""
+  checkpointer = ckpt_lib.Checkpointer(init_from[0], read_only=True)
+  try:
+    return checkpointer.restore_stream(init_from[1]), init_from[1]
+  finally:
+    checkpointer.close()
+
+
 def _train_and_evaluate(config, workdir, setup, llama, init_from, shards, stop_after, started, watch):
   """train_and_evaluate after its checks, in an existing workdir, reading `shards` data shards
   (data.data_shards); appends to `started` at the first step."""
@@ -126,10 +143,10 @@ def _train_and_evaluate(config, workdir, setup, llama, init_from, shards, stop_a
   sampler = generate_lib.TextSampler(setup, tok, config.sample, stop_ids)
   stream = data_lib.stream_definition(config.data, shards)
   overlong = data_lib.Overlong()
+  writer = metrics_lib.MetricWriter(workdir, config)  # before the data threads: a W&B that cannot start stops here
   train_iter = data_lib.process_batches(train_corpus, tok, config.data, shards, jax.process_index(),
                                         jax.process_count(), overlong)
   checkpointer = ckpt_lib.Checkpointer(workdir, config.train)
-  writer = metrics_lib.MetricWriter(workdir)
   previous_hook = sys.unraisablehook
   sys.unraisablehook = _quiet_abandoned_reads(previous_hook)
   quiet, handlers = _StorageTracebacks(), list(logging.getLogger().handlers)  # absl's, in an entry point
@@ -139,6 +156,10 @@ def _train_and_evaluate(config, workdir, setup, llama, init_from, shards, stop_a
   try:
     resumed = checkpointer.restore_latest(
         lambda step: _restore(checkpointer, step, setup, config, stream, train_iter))
+    branched = resumed is None and config.init_from_state  # a new run continuing init_from's (a WSD cool-down)
+    if branched:
+      init_from = init_from or run_setup.check_init_from(config)  # every checkpoint here was unreadable
+      resumed = _restore_init_state(init_from, setup, config, stream, train_iter)
     batches = itertools.chain([next(train_iter)], train_iter)  # unreadable data shows up now, before compiling
     if resumed is None and config.init_from:
       init_from = init_from or run_setup.check_init_from(config)  # every checkpoint here was unreadable
@@ -152,7 +173,9 @@ def _train_and_evaluate(config, workdir, setup, llama, init_from, shards, stop_a
       metrics_lib.log(f"{model_lib.count_params(llama):,} parameters; training from scratch")
     else:
       start, state = resumed
-      metrics_lib.log(f"resumed from step {start} in {checkpointer.directory}")
+      metrics_lib.log(f"continuing step {start} of {init_from[0]} (config.init_from_state: its params, "
+                      "optimizer state and data position)" if branched
+                      else f"resumed from step {start} in {checkpointer.directory}")
     end = config.train.steps if stop_after is None else min(stop_after, config.train.steps)
     watch.check()
     started.append(start)
@@ -187,7 +210,7 @@ def _train_and_evaluate(config, workdir, setup, llama, init_from, shards, stop_a
     failed = True
     raise
   finally:  # an error still finishes the save in flight, sends the metrics not sent yet, and stops the data threads
-    _close_all([train_iter.close, checkpointer.wait, checkpointer.close, writer.close,
+    _close_all([train_iter.close, checkpointer.wait, checkpointer.close, functools.partial(writer.close, failed=failed),
                 lambda: setattr(sys, "unraisablehook", previous_hook),
                 *[functools.partial(handler.removeFilter, quiet) for handler in handlers]], failed)
 
@@ -234,15 +257,16 @@ def _quiet_abandoned_reads(previous):
   return hook
 
 
-def _restore(checkpointer, step, setup, config, stream, train_iter):
+def _restore(checkpointer, step, setup, config, stream, train_iter, doing: str = ""):
   """The state of checkpoint `step`, with the data iterator moved to its position. A resume that
   would silently be another run (a changed model or seed: config_lib; a changed data stream:
-  data.stream_changes) stops with one line listing every change, unless train.allow_config_change."""
+  data.stream_changes) stops with one line listing every change, unless train.allow_config_change;
+  the line starts with `doing` (default "resuming from checkpoint STEP")."""
   has_data = checkpointer.has_data(step)  # an HF import has no data position yet
   changes = config_lib.changed_on_resume(checkpointer.restore_config(step), config)
   stream_changes = data_lib.stream_changes(checkpointer.restore_stream(step), stream) if has_data else []
   if (changes or stream_changes) and not config.train.allow_config_change:
-    raise config_lib.ConfigError(f"resuming from checkpoint {step} with a changed config: "
+    raise config_lib.ConfigError(f"{doing or f'resuming from checkpoint {step}'} with a changed config: "
                                  f"{'; '.join(sorted(changes + stream_changes))} "
                                  "(--config.train.allow_config_change=True to resume anyway)")
   checkpointer.check_structure(step, setup.abstract_state)
@@ -253,12 +277,27 @@ def _restore(checkpointer, step, setup, config, stream, train_iter):
   return checkpointer.restore_state(step, setup.abstract_state)
 
 
+def _restore_init_state(init_from: tuple[str, int], setup, config, stream, train_iter):
+  """(step, state) for config.init_from_state: the whole train state (params, optimizer state, step)
+  of checkpoint init_from[1] of run init_from[0], with the data iterator moved to its position, after
+  the checks of a resume (_restore: a changed model, seed or data stream is a ConfigError)."""
+  workdir, step = init_from
+  checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
+  try:
+    doing = f"config.init_from_state=True from checkpoint {step} of {workdir}"
+    return step, _restore(checkpointer, step, setup, config, stream, train_iter, doing)
+  finally:
+    checkpointer.close()
+
+
 @jax.jit
 def _accumulate(totals, metrics, step):
-  """One dispatch per step: the loss sum since the last log line, skipped updates, and the first
-  step whose update was not finite (0: none)."""
+  """One dispatch per step: the sums since the last log line of the loss and of each other metric
+  that `totals` holds a "<name>_sum" of (z_loss), skipped updates, and the first step whose update
+  was not finite (0: none)."""
   bad = (totals["first_bad"] == 0) & metrics["nonfinite"]
-  return {"loss_sum": totals["loss_sum"] + metrics["loss"], "skipped": totals["skipped"] + metrics["skipped"],
+  sums = {k: v + metrics[k[:-len("_sum")]] for k, v in totals.items() if k.endswith("_sum")}
+  return {**sums, "skipped": totals["skipped"] + metrics["skipped"],
           "first_bad": jnp.where(bad, step, totals["first_bad"])}
 
 
@@ -281,8 +320,9 @@ def _sample(sampler, params, step, writer):
 
 def _train_loop(config, setup, state, start, end, batches, train_iter, stream, checkpointer, writer, watch,
                 evaluator, tasks, sampler, train_corpus, overlong):
-  """Steps start+1 .. end; saves per the policy, at the end, and when preempted. Returns
-  (state, whether a preemption stopped it). Nothing non-finite is ever saved."""
+  """Steps start+1 .. end, tracing train.profile_steps (profiler.ProfileWindow); saves per the policy,
+  at the end, and when preempted. Returns (state, whether a preemption stopped it). Nothing
+  non-finite is ever saved."""
   t = config.train
   llama = setup.llama
   tokens_per_step = config.data.batch_size * config.data.seq_len
@@ -293,6 +333,8 @@ def _train_loop(config, setup, state, start, end, batches, train_iter, stream, c
   # Sums and flags stay on the device between log lines: no host sync per step.
   zero_loss = jnp.zeros((), jnp.float32)
   totals = {"loss_sum": zero_loss, "skipped": jnp.zeros((), jnp.int32), "first_bad": jnp.zeros((), jnp.int32)}
+  if config.optim.z_loss:  # logged as the loss is: its mean over the steps since the last log line
+    totals["z_loss_sum"] = zero_loss
   logged_at = start
 
   def check_finite():
@@ -302,17 +344,21 @@ def _train_loop(config, setup, state, start, end, batches, train_iter, stream, c
       raise StopRun(f"loss or gradient norm is not finite at step {bad}; stopped without saving it; last good "
                     f"checkpoint: step {checkpointer.latest_step()} in {checkpointer.directory}")
 
-  with jax.set_mesh(setup.mesh):
+  # The profile window (train.profile_steps) stops its trace however the loop ends.
+  with jax.set_mesh(setup.mesh), profiler.ProfileWindow(t.profile_steps, start, checkpointer.workdir) as window:
     for step in range(start, end):
-      state, metrics = train_step(state, setup.global_batch(next(batches)))
       done = step + 1
+      window.before(done, state)
+      with jax.profiler.StepTraceAnnotation("train", step_num=done):  # names the step in a trace
+        state, metrics = train_step(state, setup.global_batch(next(batches)))
+      window.after(done, state)
       totals = _accumulate(totals, metrics, np.int32(done))
       preempted = watch.reached(done)
       if done % t.log_every == 0 or done == end or preempted:
         check_finite()
-        metrics = sh.replicated_to_host(dict(metrics, loss=totals["loss_sum"] / (done - logged_at),
-                                             skipped_steps=totals["skipped"]))
-        totals, logged_at = dict(totals, loss_sum=zero_loss), done
+        means = {k[:-len("_sum")]: v / (done - logged_at) for k, v in totals.items() if k.endswith("_sum")}
+        metrics = sh.replicated_to_host(dict(metrics, **means, skipped_steps=totals["skipped"]))
+        totals, logged_at = dict(totals, **{f"{k}_sum": zero_loss for k in means}), done
         metrics = {k: v for k, v in metrics.items() if k not in ("nonfinite", "skipped")}
         metrics["tokens_per_sec"] = progress.tokens_per_sec(done, tokens_per_step)
         metrics["mfu"] = metrics["tokens_per_sec"] * flops_per_token / peak_flops if peak_flops else float("nan")

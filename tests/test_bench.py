@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from conftest import with_torch
+from test_profiler import executions, step_numbers, trace_files
 from test_train import ROOT, subprocess_env
 
 pytest.importorskip("torch")
@@ -19,12 +20,13 @@ TINY = ["--config.model.vocab_size=320", "--config.model.dim=32", "--config.mode
 
 def test_bench_prints_the_figures_and_the_hf_ratio(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "llama_jax.bench", "--config=configs/tiny.py", *TINY, "--steps=10",
-                         "--rounds=1", "--peer=hf", "--data", "--data_batches=20", f"--workdir={tmp_path}"],
+                         "--rounds=1", "--peer=hf", "--data", "--data_batches=20", f"--workdir={tmp_path}",
+                         f"--profile={tmp_path / 'profile'}"],
                         cwd=ROOT, env=with_torch(subprocess_env()), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr
   out = proc.stdout
   for label in ("compile", "step", "tokens/s", "model FLOPs", "achieved", "roof", "of the roof", "peak memory",
-                "ours", "hf", "ours / hf", "pipeline"):
+                "ours", "hf", "ours / hf", "pipeline", "profile"):
     assert re.search(rf"^{re.escape(label)} ", out, re.M), f"no '{label}' line in:\n{out}"
   assert "median of 10 timed steps" in out
   ours = float(re.search(r"^ours .* \| ([\d,]+) tokens/s", out, re.M).group(1).replace(",", ""))
@@ -36,3 +38,6 @@ def test_bench_prints_the_figures_and_the_hf_ratio(tmp_path):
   n_matmul = 2 * (32 * 8 * (2 * 4 + 2 * 2) + 3 * 32 * 64) + 32 * 320
   flops = 6 * n_matmul + 6 * 2 * 32 * 32
   assert f"{flops / 1e6:,.2f} MFLOP per token" in out
+  (trace,) = trace_files(tmp_path / "profile")  # the timed steps only: 10 after the 2 warm-up steps
+  assert step_numbers(trace) == list(range(3, 13))
+  assert len(executions(trace, "jit_train_step")) == 10

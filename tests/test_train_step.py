@@ -95,7 +95,7 @@ def test_weight_decay_skips_norms_and_the_embedding():
   from flax import nnx
   from llama_jax import model as model_lib, optim
   params = nnx.to_pure_dict(nnx.state(model_lib.abstract_model(model_lib.PRESETS["tiny"]), nnx.Param))
-  mask = optim.decay_mask(params)
+  mask = optim.decay_mask(params, ("norms", "embedding"))
   assert not mask["embed_VD"] and not mask["final_norm"]["scale"]
   assert not mask["blocks"]["attn_norm"]["scale"] and not mask["blocks"]["mlp_norm"]["scale"]
   assert mask["blocks"]["attn"]["wq_DNH"] and mask["blocks"]["mlp"]["w_down_FD"]
@@ -125,3 +125,88 @@ def test_hand_written_loss_gradient_equals_autodiff_of_optax(tie_embeddings):
   np.testing.assert_allclose(ours, ref, rtol=1e-6)
   # fp32 rounding only: the tolerance of test_chunked_loss_equals_whole_sequence_loss.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, ref_grads)
+
+
+def _reference_objective(graphdef, batch):
+  """The mean cross-entropy plus z_loss * mean lse^2 over the weighted targets, written plainly on the
+  full fp32 logits (optax's cross-entropy, jax.nn.logsumexp) and differentiated by JAX: PaLM's
+  z-loss (Chowdhery et al. 2022, sec. 5). objective(params, z_loss) -> (value, (cross-entropy, logits))."""
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+
+  def objective(params, z_loss):
+    model = nnx.merge(graphdef, params)
+    logits_BTV = model.logits(model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"]))
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    weights_BT = batch["weights"].astype(jnp.float32)
+    xent = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"]) * weights_BT)
+    lse_sq = jnp.sum(jnp.square(jax.nn.logsumexp(logits_BTV, axis=-1)) * weights_BT)
+    n = jnp.sum(weights_BT)
+    return xent / n + z_loss * lse_sq / n, (xent / n, logits_BTV)
+  return objective
+
+
+def _gradient_keeper():
+  """An optax transform whose state is the last gradient it was given (and whose update is 0): the
+  train step's gradient, read exactly from the state it returns."""
+  import jax.numpy as jnp
+  import optax
+  return optax.GradientTransformation(
+      init=lambda params: jax.tree.map(jnp.zeros_like, params),
+      update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
+
+
+def test_z_loss_is_the_logged_term_and_its_gradient_that_of_loss_plus_z_loss():
+  """PaLM's z-loss against _reference_objective, the step run in 4 micro-batches of 8-position loss
+  chunks: its sums are chunked and accumulated (a whole batch runs the same custom VJP once)."""
+  from llama_jax import train_step as step_lib
+  c = 0.01  # lse ~ log(320) ~ 5.8 at init: the term's gradient is ~10% of the cross-entropy's
+  config = tiny_test_config(**{"optim.z_loss": c})
+  setup = run_setup.Setup(config, jax.devices()[:1])
+  params = jax.device_get(setup.init_state()["params"])
+  batch = _batch()
+  reference = jax.jit(jax.value_and_grad(_reference_objective(setup.graphdef, batch), has_aux=True))
+  (objective, (xent, logits_BTV)), ref_grads = jax.device_get(reference(params, c))
+  (objective_0, _), ref_grads_0 = jax.device_get(reference(params, 0.0))
+  # c * mean lse^2, lse computed here in float64 from the model's logits.
+  logits = np.asarray(logits_BTV, np.float64)
+  top = logits.max(-1)
+  lse = top + np.log(np.exp(logits - top[..., None]).sum(-1))
+  w = batch["weights"].astype(np.float64)
+  expected_z_loss = c * (w * lse**2).sum() / w.sum()
+  np.testing.assert_allclose(objective - objective_0, expected_z_loss, rtol=1e-5)
+  z_part = jax.tree.map(lambda a, b: np.abs(a - b).max(), ref_grads, ref_grads_0)
+  assert max(jax.tree.leaves(z_part)) > 1e-4  # 1000x the tolerance below: the z-loss moves the gradient
+
+  step = step_lib.make_train_step(setup.graphdef, _gradient_keeper(), setup.schedule, grad_accum_steps=4,
+                                  loss_chunk_size=8, z_loss=config.optim.z_loss)
+  state = {"step": np.int32(3), "params": params, "opt_state": jax.tree.map(np.zeros_like, params)}
+  new_state, metrics = jax.device_get(jax.jit(step)(state, batch))
+  # The logged term is the z-loss, by which the objective moved; the loss stays the cross-entropy;
+  # the gradient is that of cross-entropy + z-loss (fp32 rounding only), and its norm is logged.
+  np.testing.assert_allclose(metrics["z_loss"], expected_z_loss, rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss"], xent, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), new_state["opt_state"],
+               ref_grads)
+  norm = np.sqrt(sum((np.asarray(g, np.float64)**2).sum() for g in jax.tree.leaves(ref_grads)))
+  np.testing.assert_allclose(metrics["grad_norm"], norm, rtol=1e-5)
+
+
+def test_z_loss_zero_traces_the_step_it_replaced():
+  """optim.z_loss=0 compiles the train step of a config without the key (make_train_step's default):
+  the same jaxpr, no z_loss metric; a positive coefficient adds both."""
+  from llama_jax import train_step as step_lib
+  setup = run_setup.Setup(tiny_test_config(**{"optim.z_loss": 0.0, "train.grad_accum_steps": 2}), jax.devices()[:1])
+  state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), setup.abstract_state)
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _batch())
+
+  def traced(**z_loss):
+    step = step_lib.make_train_step(setup.graphdef, setup.tx, setup.schedule, 2, **z_loss)
+    return jax.make_jaxpr(step, return_shape=True)(state, batch)
+
+  (default, default_out), (zero, zero_out), (positive, positive_out) = traced(), traced(z_loss=0.0), traced(z_loss=1e-4)
+  assert str(zero) == str(default)
+  assert set(zero_out[1]) == {"loss", "grad_norm", "learning_rate", "num_targets", "nonfinite", "skipped"}
+  assert set(positive_out[1]) == set(zero_out[1]) | {"z_loss"}
+  assert str(positive) != str(zero)
