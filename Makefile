@@ -30,7 +30,7 @@ demo: .venv/.deps
 
 test: .venv-test/.test-deps
 	PYTHON=.venv-test/bin/python bash tests/fetch_tokenizers.sh  # the real Llama tokenizers; no silent skips
-	.venv-test/bin/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=15 tests  # 2 workers; the 15 slowest tests listed at the end
+	.venv-test/bin/python -m pytest -q -n 2 --no-loadscope-reorder --durations=15 tests  # 2 workers; the 15 slowest tests listed at the end
 
 clean:
 	rm -rf .venv .venv-test runs

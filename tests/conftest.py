@@ -28,6 +28,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 def pytest_configure(config):
+  _subprocesses_without_torch(config)
   # A program compiled for a TPU topology without a TPU (test_aot, test_plan) is stored in the cache too,
   # but no TPU client is here to load it back: jax says so in this warning and compiles it again, as it
   # would with no cache. Any other failure to read an entry is still shown.
@@ -36,8 +37,15 @@ def pytest_configure(config):
 
 # Subprocesses start without torch (tests/no_torch/sitecustomize.py says why); with_torch undoes it.
 NO_TORCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "no_torch")
-_PYTHONPATH = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-os.environ["PYTHONPATH"] = os.pathsep.join([NO_TORCH, *_PYTHONPATH])
+
+
+def _subprocesses_without_torch(config):
+  """Puts NO_TORCH first on the PYTHONPATH of the subprocesses of the processes that run tests: not in
+  pytest-xdist's controller (-n), whose subprocesses are the workers, which compare with torch."""
+  if config.getoption("numprocesses", default=None) and not os.environ.get("PYTEST_XDIST_WORKER"):
+    return
+  kept = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+  os.environ["PYTHONPATH"] = os.pathsep.join([NO_TORCH, *kept])
 
 
 def with_torch(env: dict) -> dict:
@@ -135,34 +143,49 @@ class ByteTokenizer:
     return bytes(int(i) - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
 
 
-# `make test` runs the suite on 2 pytest-xdist workers (--dist loadgroup): each test module is one unit of
-# work, so its module fixtures are made once. The modules whose tests run several jax processes that talk
-# to each other form one unit, so that two such tests never run at once: a process whose peers are slowed
-# by other processes past gloo's fixed 30 s wait for them fails (jaxlib's CPU collectives take no timeout).
-# That unit also makes the straight two-process run that test_faults and test_launch_pod share
-# (conftest.straight_two_process_run) once. Units start longest first (a worker that gets a long unit last
-# finishes long after the other): these, in this order, then the rest as collected.
+# `make test` runs the suite on 2 pytest-xdist workers, each test module one unit of work (_Units), so its
+# module fixtures are made once. The modules whose tests run several jax processes that talk to each other
+# form one unit, so that two such tests never run at once: a process whose peers are slowed by other
+# processes past gloo's fixed 30 s wait for them fails (jaxlib's CPU collectives take no timeout). That unit
+# also makes the straight two-process run that test_faults and test_launch_pod share
+# (conftest.straight_two_process_run) once. libtpu, which describes TPU topologies, takes a lock file that
+# one process at a time may hold: its tests are one unit too. Units start longest first (a worker that gets
+# a long unit last finishes long after the other; --no-loadscope-reorder keeps this order): these, in this
+# order, then the rest as collected.
 _MULTI_PROCESS = "multi_process"
-_UNITS = {m: _MULTI_PROCESS for m in ("test_faults", "test_launch_pod", "test_multiprocess", "test_fake_pod",
-                                     "test_harness_lm")}
-_LONGEST_FIRST = (_MULTI_PROCESS, "test_convert_cli", "test_train", "test_plan", "test_aot", "test_gcs_faults",
+_UNITS = {**{m: _MULTI_PROCESS for m in ("test_faults", "test_launch_pod", "test_multiprocess", "test_fake_pod",
+                                         "test_harness_lm")},
+          "test_aot": "libtpu", "test_plan": "libtpu"}
+_LONGEST_FIRST = (_MULTI_PROCESS, "test_convert_cli", "test_train", "libtpu", "test_gcs_faults",
                   "test_eval_sets", "test_bench", "test_sft", "test_sharding", "test_data", "test_gcs_data",
                   "test_data_shards")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(config, items):
-  def unit(item):
-    module = item.module.__name__.rpartition(".")[2]
-    return _UNITS.get(module, module)
+def _unit(nodeid: str) -> str:
+  """The unit of work of a test, from its node id (tests/test_x.py::test_y[...])."""
+  module = nodeid.split("::")[0].rpartition("/")[2].removesuffix(".py")
+  return _UNITS.get(module, module)
 
+
+def pytest_collection_modifyitems(items):
   def rank(item):
-    name = unit(item)
-    return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
-
-  for item in items:
-    item.add_marker(pytest.mark.xdist_group(unit(item)))
+    unit = _unit(item.nodeid)
+    return _LONGEST_FIRST.index(unit) if unit in _LONGEST_FIRST else len(_LONGEST_FIRST)
   items.sort(key=rank)  # stable: the order within a unit and among the rest is the collection's
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's
+def pytest_xdist_make_scheduler(config, log):
+  """xdist's scheduling by scope (whole scopes to a worker, the next when it runs low), the scope a unit
+  of _UNITS. (xdist's own --dist loadgroup marks node ids with their group, which pytest 9 no longer lets
+  a plugin change.)"""
+  from xdist.scheduler import LoadScopeScheduling  # noqa: PLC0415
+
+  class _Units(LoadScopeScheduling):
+    def _split_scope(self, nodeid):
+      return _unit(nodeid)
+
+  return _Units(config, log)
 
 
 def pytest_terminal_summary(terminalreporter):

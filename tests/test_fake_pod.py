@@ -8,6 +8,7 @@ not know, ssh's 255 for a lost connection), and the hosts per slice those of Clo
 import json
 import signal
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -276,6 +277,10 @@ def test_no_process_outlives_kill_all(tmp_path):
   # a command that leaves its own session, and the ssh that runs it, both still running
   ssh = pod.popen(*TPU_VM, "ssh", "pod-l", ZONE, "--command=setsid sleep 600 & echo started; sleep 600")
   assert ssh.stdout.readline() == "started\n"
+  for _ in range(600):  # the ssh, its shell and the setsid sleep; the shell may not have started its own sleep yet
+    if len(pod.processes()) >= 3:
+      break
+    time.sleep(0.1)
   assert len(pod.processes()) >= 3
   pod.kill_all()
   assert pod.processes() == []
