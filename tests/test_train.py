@@ -169,8 +169,8 @@ def subprocess_env(compilation_cache=None):
 
   compilation_cache: a directory for a JAX compilation cache that the processes of one test share, so
   that from the second on they load what the first compiled (most of a tiny train.py's time on a CPU).
-  Only where no process is killed: jax writes an entry from process 0 alone, right after its compile,
-  and not atomically (jax/_src/lru_cache.py). A SIGTERM after a run's first step cuts no write short
+  Only where no process is killed while it compiles: jax writes an entry from process 0 alone, right after
+  its compile, and not atomically (jax/_src/lru_cache.py). A SIGTERM after a run's first step cuts no write short
   (it sets a flag; preemption.py), and a torn entry would be a warning and a fresh compile in the
   process that reads it (jax/_src/compiler.py: _cache_read), never a wrong program.
   """

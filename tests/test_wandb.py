@@ -1,13 +1,17 @@
-"""Weights & Biases offline (issue 20, acceptance 1): a run stopped part way and resumed logs to one
-W&B run id, and the train loss and held-out bits/byte read back from W&B's own offline files equal
+"""Weights & Biases offline (issue 20, acceptance 1): a run stopped part way (or SIGKILLed) and resumed logs
+to one W&B run id, and the train loss and held-out bits/byte read back from W&B's own offline files equal
 metrics.jsonl's; bad tracker settings are one ConfigError line. Nothing reaches the network: W&B
 runs offline, its directories and settings in the test's temporary directory."""
 
+import contextlib
 import glob
 import json
 import os
+import signal
 import struct
+import subprocess
 import sys
+import threading
 import zlib
 
 import jax
@@ -16,8 +20,8 @@ import pytest
 from conftest import tiny_test_config
 from llama_jax import checkpoint as ckpt_lib, config_lib, metrics as metrics_lib, paths, trainer, trackers
 from llama_jax.errors import ConfigError
+from test_train import ROOT, subprocess_env, train_cmd
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELDOUT = "text:" + os.path.join(ROOT, "tests", "data", "heldout_sample.txt")
 
 
@@ -44,8 +48,11 @@ def _wandb_config(**overrides):
                              "metrics.wandb_project": "llama_jax_tests", **overrides})
 
 
-def read_wandb_records(path):
+def read_wandb_records(path, cut_short=False):
   """The records of a W&B transaction log (run-<id>.wandb), read with wandb's protos.
+
+  cut_short: the log of a killed process may end inside a record: then its complete records (the ones
+  before a chunk that runs past the end of the file) are returned, and the cut record is dropped.
 
   The format, as wandb's writer lays it out (leveldb's log format with CRC-32, not CRC-32C): a 7-byte
   header (b":W&B", magic 0xBEE1 little-endian, version 0), then 32 KiB blocks of chunks, each with a
@@ -60,6 +67,8 @@ def read_wandb_records(path):
       pos += block - pos % block
       continue
     crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+    if cut_short and pos + 7 + length > len(data):
+      break
     chunk = data[pos + 7:pos + 7 + length]
     pos += 7 + length
     if kind == 0 and length == 0:  # zero padding at the end of a block
@@ -100,8 +109,14 @@ def _only(records, kind):
 
 
 def _offline_runs(wandb_dir):
-  """The offline run directories under `wandb_dir`, in the order they started (their names' times)."""
+  """The offline run directories under `wandb_dir`, in the order they started (their names' times; a
+  second start in the same second gets the suffix -1, wandb_init.py: set_sync_dir_suffix)."""
   return sorted(glob.glob(os.path.join(wandb_dir, "offline-run-*")))
+
+
+def _run_id_of(run_dir):
+  """The W&B run id in an offline run directory's name: offline-run-<YYYYMMDD_HHMMSS>-<id>[-<n>]."""
+  return os.path.basename(run_dir).split("-")[3]
 
 
 def test_a_stopped_and_resumed_run_logs_to_one_wandb_run_with_the_values_of_metrics_jsonl(tmp_path):
@@ -115,7 +130,7 @@ def test_a_stopped_and_resumed_run_logs_to_one_wandb_run_with_the_values_of_metr
   assert not os.path.exists(os.path.join(workdir, "tensorboard"))  # not a tracker of this run
   run_id = open(os.path.join(workdir, "wandb_run_id")).read().strip()
   runs = _offline_runs(os.path.join(workdir, "wandb"))
-  assert [os.path.basename(r).rsplit("-", 1)[1] for r in runs] == [run_id, run_id]
+  assert [_run_id_of(r) for r in runs] == [run_id, run_id]
   records = [read_wandb_records(os.path.join(r, f"run-{run_id}.wandb")) for r in runs]
   first, resumed = (_only(r, "run") for r in records)
   assert first.run_id == resumed.run_id == run_id
@@ -147,6 +162,97 @@ def test_a_stopped_and_resumed_run_logs_to_one_wandb_run_with_the_values_of_metr
     assert written["columns"] == ["set", "loss", "bits_per_byte", "perplexity", "num_tokens"]
     assert written["data"] == [["", event["eval_loss"], event["eval_bits_per_byte"], event["eval_perplexity"],
                                 event["eval_num_tokens"]]]
+
+
+def _wandb_cores_of(pid: int) -> list[int]:
+  """The live wandb-core processes that process `pid` started (wandb passes them its pid: --pid PID)."""
+  found = []
+  for entry in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{entry}/cmdline", "rb") as f:
+        args = f.read().decode().split("\0")
+    except (OSError, ValueError):  # not a process, or gone
+      continue
+    if os.path.basename(args[0]) == "wandb-core" and f"\0--pid\0{pid}\0" in "\0".join(args) + "\0":
+      found.append(int(entry))
+  return found
+
+
+@contextlib.contextmanager
+def _train_py(cmd, env):
+  """train.py running `cmd`, its output (and that of the wandb-core it starts, which inherits it) on
+  .stdout; killed after 300 s (a hang guard), and at the end, with any wandb-core of its still running."""
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  guard = threading.Timer(300, proc.kill)
+  guard.start()
+  try:
+    yield proc
+  finally:
+    guard.cancel()
+    proc.kill()
+    proc.wait()
+    for pid in _wandb_cores_of(proc.pid):
+      os.kill(pid, signal.SIGKILL)
+    proc.stdout.close()
+
+
+def test_a_killed_run_resumed_appends_to_its_wandb_run_with_the_values_of_metrics_jsonl(tmp_path):
+  """train.py SIGKILLed after step 6 (its last checkpoint: step 4), then run again to the end: both starts
+  write to the one W&B run id, and the rows of both offline logs (the killed one's as far as it was
+  written) hold the train losses and bits/byte of metrics.jsonl, steps 5 and 6 twice."""
+  workdir = tmp_path / "run"
+  config = _wandb_config(**{"data.eval_corpus": HELDOUT, "train.eval_every": 2,  # an eval right after step 6
+                            "data.tokenizer_sample_bytes": 300_000})
+  cmd = train_cmd(workdir, config)
+  env = subprocess_env(compilation_cache=tmp_path / "jax-cache")  # the kill comes after the last compile
+  env.pop("WANDB_SERVICE", None)  # a wandb service of its own, never this process's
+
+  with _train_py(cmd, env) as killed:
+    out = []
+    for line in killed.stdout:
+      out.append(line)
+      if " step 6/8 " in line:
+        assert _wandb_cores_of(killed.pid), "".join(out)
+        killed.send_signal(signal.SIGKILL)
+        break
+    # The end of the output: when wandb-core exits too, which it does by itself once its parent is gone.
+    out.append(killed.communicate(timeout=120)[0])
+    assert killed.returncode == -signal.SIGKILL, "".join(out)
+    assert not _wandb_cores_of(killed.pid)
+  with _train_py(cmd, env) as resumed:
+    out = resumed.communicate(timeout=120)[0]
+    assert resumed.returncode == 0, out
+    assert "resumed from step 4 " in out
+    assert not _wandb_cores_of(resumed.pid)  # stopped at the run's end
+
+  run_id = (workdir / "wandb_run_id").read_text().strip()
+  runs = _offline_runs(str(workdir / "wandb"))
+  assert [_run_id_of(r) for r in runs] == [run_id, run_id]  # the two starts
+  killed_log, resumed_log = (os.path.join(r, f"run-{run_id}.wandb") for r in runs)
+  records = [read_wandb_records(killed_log, cut_short=True), read_wandb_records(resumed_log)]
+  assert records[0], (f"{killed_log}: not one record of the killed run in its {os.path.getsize(killed_log)} bytes "
+                      "(wandb-core had not written them from its buffer when it stopped)")
+  assert [_only(r, "run").run_id for r in records] == [run_id, run_id]
+  assert [r for r in records[0] if r.WhichOneof("record_type") == "exit"] == []  # killed: never finished
+  assert _only(records[1], "exit").exit_code == 0
+
+  # metrics.jsonl: the killed run's events to step 6 (7 or 8 too, were they logged before the kill landed),
+  # then the resumed run's from step 5: steps 5 and 6 twice.
+  events = metrics_lib.read_events(str(workdir / "metrics.jsonl"))
+  cut = next(i for i in range(1, len(events)) if events[i]["step"] < events[i - 1]["step"])
+  killed_steps = [e["step"] for e in events[:cut] if "loss" in e]
+  assert killed_steps == list(range(1, len(killed_steps) + 1)) and len(killed_steps) >= 6
+  assert [e["step"] for e in events[cut:] if "loss" in e] == [5, 6, 7, 8]
+  # W&B: the same values, row for row. Of the killed run, its log as far as wandb-core wrote it before
+  # it stopped (the rest was in its buffer), but at least up to the checkpoint of step 4.
+  killed_rows, resumed_rows = (history_rows(r) for r in records)
+  for key in ("loss", "eval_bits_per_byte"):
+    expected = [(e["step"], e[key]) for e in events[:cut] if key in e]
+    logged = [(r["step"], r[key]) for r in killed_rows if key in r]
+    assert logged == expected[:len(logged)], key
+    assert len(logged) >= len([s for s, _ in expected if s <= 4]), (key, logged, expected)
+    assert [(r["step"], r[key]) for r in resumed_rows if key in r] == [(e["step"], e[key]) for e in events[cut:]
+                                                                       if key in e], key
 
 
 def test_samples_and_named_sets_go_to_wandb_in_its_form_and_a_failed_run_finishes_as_failed(tmp_path):
@@ -186,7 +292,7 @@ def test_on_gs_the_run_id_is_kept_in_the_workdir_and_wandb_writes_under_wandb_di
     writer.close()
   run_id = paths.read_text(f"{workdir}/wandb_run_id").strip()
   runs = _offline_runs(str(tmp_path / "local" / "wandb"))
-  assert [os.path.basename(r).rsplit("-", 1)[1] for r in runs] == [run_id, run_id]
+  assert [_run_id_of(r) for r in runs] == [run_id, run_id]
   rows = [row for r in runs for row in history_rows(read_wandb_records(os.path.join(r, f"run-{run_id}.wandb")))]
   assert [(r["step"], r["loss"]) for r in rows] == [(1, 1 / 3), (2, 2 / 3)]
   assert [e["loss"] for e in metrics_lib.read_events(f"{workdir}/metrics.jsonl")] == [1 / 3, 2 / 3]
