@@ -16,6 +16,7 @@ dies without a word (SIGKILL, a lost machine) loses the events since the last fl
 its last checkpoint are logged again by the resumed run.
 """
 
+import contextlib
 import json
 import math
 import sys
@@ -212,9 +213,21 @@ class ProgressLogger:
     self._last_step, self._last_time = start_step, time.perf_counter()
     self._first_step, self._first_time = start_step, self._last_time
 
+  @contextlib.contextmanager
+  def paused(self):
+    """Leaves the wall time spent inside out of `tokens_per_sec` (an eval or a checkpoint save between
+    two log lines is not training throughput); the eta still counts it, as the run will spend it again.
+    The caller syncs with the device first, so that steps still running count as training."""
+    began = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._last_time += time.perf_counter() - began
+
   def tokens_per_sec(self, step: int, tokens_per_step: int) -> float:
-    """Throughput since the previous call (the caller has synced with the device); NaN where no
-    time was measured (the clock did not advance), since no rate follows from a zero interval."""
+    """Throughput (tokens/s) of the steps since the previous call, over the wall time between the
+    calls less that spent `paused` (the caller has synced with the device); NaN where no time was
+    measured (the clock did not advance), since no rate follows from a zero interval."""
     now = time.perf_counter()
     elapsed = now - self._last_time
     rate = (step - self._last_step) * tokens_per_step / elapsed if elapsed > 0 else math.nan

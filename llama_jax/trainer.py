@@ -337,6 +337,12 @@ def _train_loop(config, setup, state, start, end, batches, train_iter, stream, c
     totals["z_loss_sum"] = zero_loss
   logged_at = start
 
+  def off_the_clock():
+    """Evals, samples and checkpoint saves stay out of tokens/s and MFU: the steps dispatched before
+    them are waited for (and counted), then the clock pauses."""
+    jax.block_until_ready(state)
+    return progress.paused()
+
   def check_finite():
     bad = int(sh.replicated_to_host(totals["first_bad"]))
     if bad:
@@ -369,15 +375,19 @@ def _train_loop(config, setup, state, start, end, batches, train_iter, stream, c
         writer.write(done, metrics)
         metrics_lib.log(progress.line(done, metrics))
       if t.eval_every and done % t.eval_every == 0 and done != t.steps:
-        writer.write(done, eval_lib.as_eval_metrics(evaluator(state["params"])))
+        with off_the_clock():
+          writer.write(done, eval_lib.as_eval_metrics(evaluator(state["params"])))
       if tasks is not None and config.eval.harness_every and done % config.eval.harness_every == 0 and done != t.steps:
-        _run_tasks(tasks, state["params"], done, writer)
+        with off_the_clock():
+          _run_tasks(tasks, state["params"], done, writer)
       if config.sample.every and done % config.sample.every == 0 and done != t.steps and config.sample.max_new_tokens:
-        _sample(sampler, state["params"], done, writer)
+        with off_the_clock():
+          _sample(sampler, state["params"], done, writer)
       if preempted or done == end or checkpointer.should_save(done):
         check_finite()
-        writer.flush()  # on object storage: the metrics up to this step go up with its checkpoint
-        checkpointer.save(done, state, config, train_iter, stream, force=True)
+        with off_the_clock():
+          writer.flush()  # on object storage: the metrics up to this step go up with its checkpoint
+          checkpointer.save(done, state, config, train_iter, stream, force=True)
       if preempted:
         checkpointer.wait()
         metrics_lib.log(f"{watch.signal_name}: saved step {done} in {checkpointer.directory}; "

@@ -134,6 +134,17 @@ def test_tokens_per_sec_over_no_time_is_nan_and_the_log_line_says_so(monkeypatch
   assert "| nan tok/s | MFU nan% |" in line and line.endswith("| eta 0:00:00")
 
 
+def test_time_paused_for_an_eval_is_left_out_of_tokens_per_sec_but_not_out_of_the_eta(monkeypatch):
+  clock = iter([0.0, 10.0, 40.0, 50.0, 50.0])  # start; pause from 10 to 40 s; log at 50 s; the eta's read
+  monkeypatch.setattr(metrics_lib.time, "perf_counter", lambda: next(clock))
+  progress = metrics_lib.ProgressLogger(start_step=0, total_steps=20)
+  with progress.paused():  # a 30 s eval between steps
+    pass
+  assert progress.tokens_per_sec(10, 1000) == 10 * 1000 / 20  # 20 s of training, not 50
+  line = progress.line(10, {"loss": 2.0, "tokens_per_sec": 500.0, "mfu": 0.1, "learning_rate": 1e-3, "grad_norm": 1.0})
+  assert line.endswith("| eta 0:00:50")  # 10 more steps at the 5 s each they took, the eval included
+
+
 def test_eta_before_any_step_is_unknown():
   progress = metrics_lib.ProgressLogger(start_step=4, total_steps=10)
   line = progress.line(4, {"loss": 2.0, "tokens_per_sec": 1.0, "mfu": 0.1, "learning_rate": 1e-3, "grad_norm": 1.0})
