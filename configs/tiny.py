@@ -4,9 +4,10 @@
   python eval.py --workdir runs/tiny
 
 On a 2-core CPU, 1800 steps train in about 6 minutes (10.4-11.6k tokens/s here): the logged train
-loss (a mean over 100 steps) falls from 5.76 at step 100 to 2.96 at step 1800, and eval.py
-reports 2.1041 bits/byte (perplexity 28.34 over 217,595 tokens, each play's EOS included) on the
-4 held-out plays (`make demo` from a fresh clone, 2026-11-25: 7.3 min, install included).
+loss (a mean over 100 steps) falls from 5.76 at step 100 to 2.96 at step 1800, the held-out
+bits/byte, evaluated every 300 steps, from 2.50 at step 300 to 2.10, and eval.py reports 2.1038
+bits/byte (perplexity 28.33 over 217,595 tokens, each play's EOS included) on the 4 held-out plays
+(`make demo` from a fresh clone, 2026-12-01: 7.6 min, install included).
 The plays stream through the packed pipeline of llama_jax/data.py; the
 tokenizer (1024-piece BPE with byte fallback) is trained on them at the start of the run and
 saved as runs/tiny/tokenizer.model.
