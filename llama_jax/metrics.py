@@ -238,7 +238,8 @@ class ProgressLogger:
     done = step - self._first_step
     elapsed = time.perf_counter() - self._first_time
     eta = elapsed / done * (self.total_steps - step) if done > 0 else math.nan  # no step timed: unknown
-    line = (f"step {step}/{self.total_steps} | loss {metrics['loss']:.4f} | "
+    z_loss = f" (z_loss {metrics['z_loss']:.4g})" if "z_loss" in metrics else ""  # logged with optim.z_loss > 0
+    line = (f"step {step}/{self.total_steps} | loss {metrics['loss']:.4f}{z_loss} | "
             f"{metrics['tokens_per_sec']:,.0f} tok/s | MFU {metrics['mfu']:.1%} | lr {metrics['learning_rate']:.2e} | "
             f"grad_norm {metrics['grad_norm']:.3f} | eta {_hms(eta)}")
     counts = [f"{metrics[k]:,} {k.replace('_', ' ')}" for k in ("skipped_documents", "truncated_examples",

@@ -376,7 +376,9 @@ def _train_loop(config, setup, state, start, end, batches, train_iter, stream, c
         metrics_lib.log(progress.line(done, metrics))
       if t.eval_every and done % t.eval_every == 0 and done != t.steps:
         with off_the_clock():
-          writer.write(done, eval_lib.as_eval_metrics(evaluator(state["params"])))
+          result = evaluator(state["params"])
+          writer.write(done, eval_lib.as_eval_metrics(result))
+        metrics_lib.log(f"held-out at step {done}: {eval_lib.describe(result)}")
       if tasks is not None and config.eval.harness_every and done % config.eval.harness_every == 0 and done != t.steps:
         with off_the_clock():
           _run_tasks(tasks, state["params"], done, writer)

@@ -1,6 +1,8 @@
 """Named held-out sets (data.eval_corpora) per set with their macro mean, every checkpoint of a run scored
 once (eval.py --all_steps), and lm-eval tasks during training (eval.tasks, eval.harness_every)."""
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -52,13 +54,25 @@ def run(tmp_path_factory):
   with pytest.MonkeyPatch.context() as patch:
     patch.setenv("HF_HUB_OFFLINE", "1")
     patch.setenv("HF_DATASETS_OFFLINE", "1")
-    result = trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    with contextlib.redirect_stdout(io.StringIO()) as log:
+      result = trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    (directory / "stdout.txt").write_text(log.getvalue())  # the run's log lines, read by a test below
     yield workdir, sets, result
 
 
 def _events(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
+
+
+def test_a_mid_run_eval_prints_its_sets_in_the_log(run):
+  workdir, _, _ = run
+  with open(os.path.join(os.path.dirname(workdir), "stdout.txt")) as f:
+    log = f.read()
+  (mid,) = [e for e in _events(workdir) if "eval_loss" in e and e["step"] == 4]
+  assert f"held-out at step 4: loss {mid['eval_loss']:.4f} | perplexity {mid['eval_perplexity']:.3f}" in log, log
+  assert f"code: loss {mid['eval_code_loss']:.4f}" in log, log
+  assert "held-out at step 8" not in log  # the final eval prints as "held-out:" once
 
 
 def test_each_named_set_is_reported_with_the_macro_mean(run):

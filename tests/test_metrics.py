@@ -145,6 +145,13 @@ def test_time_paused_for_an_eval_is_left_out_of_tokens_per_sec_but_not_out_of_th
   assert line.endswith("| eta 0:00:50")  # 10 more steps at the 5 s each they took, the eval included
 
 
+def test_the_log_line_shows_z_loss_only_when_it_is_logged():
+  progress = metrics_lib.ProgressLogger(start_step=0, total_steps=10)
+  metrics = {"loss": 2.0, "tokens_per_sec": 1.0, "mfu": 0.1, "learning_rate": 1e-3, "grad_norm": 1.0}
+  assert "| loss 2.0000 |" in progress.line(1, metrics)
+  assert "| loss 2.0000 (z_loss 0.004712) |" in progress.line(1, dict(metrics, z_loss=0.0047123))
+
+
 def test_eta_before_any_step_is_unknown():
   progress = metrics_lib.ProgressLogger(start_step=4, total_steps=10)
   line = progress.line(4, {"loss": 2.0, "tokens_per_sec": 1.0, "mfu": 0.1, "learning_rate": 1e-3, "grad_norm": 1.0})
