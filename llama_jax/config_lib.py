@@ -343,6 +343,12 @@ def model_changes(saved: ml_collections.ConfigDict, config: ml_collections.Confi
   return _diff(_architecture(saved), _architecture(config))
 
 
+def key_changes(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, keys) -> list[str]:
+  """The values of the dotted `keys` (e.g. "optim.optimizer") that differ between a checkpoint's
+  config and this run's, as 'key: saved -> now'."""
+  return _diff({k: _lookup(saved, k) for k in keys}, {k: _lookup(config, k) for k in keys})
+
+
 def changed_on_resume(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list[str]:
   """The model fields (other than how it is computed) and the seed that differ between a checkpoint's
   config and this run's, as 'key: saved -> now'. Anything else (train.steps, optim, ...) may change."""

@@ -6,7 +6,6 @@ Training (trainer.py), evaluation (evaluate.py), generation, the benchmark, AOT 
 HF conversion all start here; this module imports none of them.
 """
 
-import functools
 import json
 import time
 
@@ -278,10 +277,7 @@ def check_init_from(config) -> tuple[str, int]:
     if not has_data:
       raise config_lib.ConfigError(f"{name}: checkpoint {step} holds no data position (an HF import?): "
                                    "config.init_from_state=True has no run to continue (False: start from its params)")
-    saved = config_lib.with_added_keys(saved)
-    value = lambda c, key: functools.reduce(lambda node, k: node[k], key.split("."), c)
-    changed = [f"{k}: {value(saved, k)!r} -> {value(config, k)!r}" for k in _OPT_STATE_KEYS
-               if value(saved, k) != value(config, k)]
+    changed = config_lib.key_changes(config_lib.with_added_keys(saved), config, _OPT_STATE_KEYS)
     if changed:
       raise config_lib.ConfigError(f"{name} with config.init_from_state=True: its optimizer state is of another "
                                    f"optimizer ({'; '.join(changed)}); keep the same, or init_from_state=False "

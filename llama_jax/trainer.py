@@ -156,13 +156,13 @@ def _train_and_evaluate(config, workdir, setup, llama, init_from, shards, stop_a
   try:
     resumed = checkpointer.restore_latest(
         lambda step: _restore(checkpointer, step, setup, config, stream, train_iter))
+    if resumed is None and config.init_from:
+      init_from = init_from or run_setup.check_init_from(config)  # every checkpoint here was unreadable
     branched = resumed is None and config.init_from_state  # a new run continuing init_from's (a WSD cool-down)
     if branched:
-      init_from = init_from or run_setup.check_init_from(config)  # every checkpoint here was unreadable
       resumed = _restore_init_state(init_from, setup, config, stream, train_iter)
     batches = itertools.chain([next(train_iter)], train_iter)  # unreadable data shows up now, before compiling
     if resumed is None and config.init_from:
-      init_from = init_from or run_setup.check_init_from(config)  # every checkpoint here was unreadable
       start, state = 0, setup.state_from_params(run_setup.restore_init_params(*init_from, setup))
       metrics_lib.log(f"{model_lib.count_params(llama):,} parameters from step {init_from[1]} of {init_from[0]}")
       result = evaluator(state["params"])  # where fine-tuning starts from, on the held-out data
